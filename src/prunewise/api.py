@@ -1,0 +1,224 @@
+"""The Python API: ``prune(recipe)``, ``evaluate(...)`` and ``run(recipe)``, the same calls the CLI makes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .allocation.methods import (ImportanceSampleVisitor, OutlierVisitor, allocate_global, allocate_owl,
+                                 allocate_uniform)
+from .allocation.plan import AllocationPlan
+from .cache import cache_dir
+from .data import calibration_windows, check_no_overlap, evaluation_windows, get_corpus
+from .engine.pruner import PruneVisitor
+from .engine.sequential import SequentialEngine
+from .errors import PrunewiseError
+from .evaluate.perplexity import perplexity
+from .evaluate.sparsity import measure_sparsity
+from .export.save import check_output, save_pruned
+from .models.adapters import get_adapter, prunable_weights
+from .models.loading import load_model, model_fingerprint
+from .recipe import Recipe
+from .scores import check_weight, get_score
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """A pruned model in memory, the plan it followed and the report of what happened."""
+
+    model: nn.Module
+    tokenizer: object
+    recipe: Recipe
+    plan: AllocationPlan
+    report: dict = field(default_factory=dict)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def targeted_numels(model: nn.Module, recipe: Recipe) -> dict[str, int]:
+    """Full name -> weight count of every prunable linear the recipe's targets/ignore select."""
+    weights = prunable_weights(model)
+    keep = {n: w.numel() for n, w in weights.items()
+            if re.search(recipe.targets, n) and not (recipe.ignore and re.search(recipe.ignore, n))}
+    if not keep:
+        raise PrunewiseError(f"no prunable module matches targets={recipe.targets!r} ignore={recipe.ignore!r}; "
+                             f"module names look like {next(iter(weights))}")
+    return keep
+
+
+def _walk_without_data(model, adapter, visitor) -> None:
+    """Visit every linear with no statistics (scores that need no calibration data)."""
+    for i, block in enumerate(adapter.blocks(model)):
+        for name, linear in adapter.linears(block).items():
+            visitor.visit(i, name, linear, None)
+        visitor.end_block(i, block)
+
+
+def build_plan(model, recipe: Recipe, score, structure, numels, windows, progress: bool) -> AllocationPlan:
+    """The allocation plan the recipe asks for (a dense pass over the calibration data where needed)."""
+    adapter = get_adapter(model)
+    prefix = adapter.block_prefix(model)
+    target = float(recipe.sparsity)
+    if recipe.plan:
+        plan = AllocationPlan.load(recipe.plan)
+        plan.check_matches(numels)
+        return plan
+    if recipe.allocation == "uniform":
+        return allocate_uniform(numels, target, structure)
+    if recipe.allocation == "owl":
+        visitor = OutlierVisitor(prefix, set(numels), recipe.owl_m)
+        SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="OWL outliers").run(visitor)
+        blocks = [[f"{prefix}.{i}.{n}" for n in adapter.linears(b) if f"{prefix}.{i}.{n}" in numels]
+                  for i, b in enumerate(adapter.blocks(model))]
+        keep = [j for j, mods in enumerate(blocks) if mods]
+        return allocate_owl([visitor.ratios[j] for j in keep], [blocks[j] for j in keep], numels, target, structure,
+                            recipe.owl_m, recipe.owl_lambda)
+    visitor = ImportanceSampleVisitor(score, prefix, set(numels), seed=recipe.seed)
+    if score.needs is None:
+        _walk_without_data(model, adapter, visitor)
+    else:
+        SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="global scores").run(visitor)
+    return allocate_global(visitor.samples, numels, target, structure, recipe.min_density)
+
+
+def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> PruneResult:
+    """Prune ``recipe.model`` (or the given model, in place) as the recipe says; nothing is written to disk."""
+    if model is None:
+        model, tokenizer = load_model(recipe.model)
+    adapter = get_adapter(model)
+    score = get_score(recipe.score, damp=recipe.damp, blocksize=recipe.blocksize)
+    structure = recipe.structure_obj
+    numels = targeted_numels(model, recipe)
+    weights = prunable_weights(model)
+    for name in numels:
+        check_weight(name, weights[name])
+        structure.check(name, weights[name])
+
+    timings: dict[str, float] = {}
+    windows = None
+    needs_data = score.needs is not None or (recipe.allocation == "owl" and not recipe.plan)
+    if needs_data:
+        t0 = time.perf_counter()
+        corpus = get_corpus(recipe.calibration, "calibration")
+        windows = calibration_windows(tokenizer, corpus, recipe.nsamples, recipe.seqlen, recipe.seed)
+        timings["calibration_data_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    plan = build_plan(model, recipe, score, structure, numels, windows, progress)
+    timings["allocation_s"] = time.perf_counter() - t0
+
+    visitor = PruneVisitor(score, structure, plan, adapter.block_prefix(model))
+    t0 = time.perf_counter()
+    if score.needs is None:
+        _walk_without_data(model, adapter, visitor)
+    else:
+        SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc=f"{recipe.score} prune").run(visitor)
+    timings["prune_s"] = time.perf_counter() - t0
+
+    measured = measure_sparsity(model, list(numels))
+    report = {
+        "prunewise": __version__,
+        "model": recipe.model,
+        "score": recipe.score,
+        "structure": structure.name,
+        "allocation": plan.method,
+        "target_sparsity": recipe.sparsity,
+        "achieved_sparsity": measured["sparsity"],
+        "sparsity_of_all_parameters": measured["sparsity_of_all_parameters"],
+        "timings": timings,
+        "peak_rss_mb": peak_rss_mb(),
+        "modules": {n: {**measured["modules"][n], **visitor.records.get(n, {}), "planned": plan.modules[n]}
+                    for n in numels},
+        "cholesky_retries": {n: r["damp"] for n, r in visitor.records.items() if "damp" in r},
+    }
+    return PruneResult(model, tokenizer, recipe, plan, report)
+
+
+def _dense_cache_path(model_spec: str, corpus, seqlen: int, max_tokens: int) -> Path | None:
+    try:
+        fp = model_fingerprint(model_spec)
+    except PrunewiseError:
+        return None
+    return cache_dir("evals") / f"ppl-{fp}-{corpus.fingerprint[:16]}-{seqlen}-{max_tokens}.json"
+
+
+def evaluate(model: nn.Module, tokenizer, data: list[str], eval_tokens: int = 32768, seqlen: int = 512,
+             calibration: str | None = None, dense_spec: str | None = None, progress: bool = True) -> dict[str, float]:
+    """Perplexity on each evaluation corpus; refuses corpora that overlap the calibration text.
+
+    With ``dense_spec`` (the model is the unmodified named/source model) results are cached on disk.
+    """
+    results = {}
+    calib = get_corpus(calibration, "calibration") if calibration else None
+    for name in data:
+        corpus = get_corpus(name, "evaluation")
+        if calib is not None:
+            check_no_overlap(calib, corpus)
+        cache = _dense_cache_path(dense_spec, corpus, seqlen, eval_tokens) if dense_spec else None
+        if cache is not None and cache.exists():
+            results[name] = json.loads(cache.read_text())["perplexity"]
+            continue
+        windows = evaluation_windows(tokenizer, corpus, seqlen, eval_tokens)
+        results[name] = perplexity(model, windows, progress=progress, desc=f"ppl {name}")
+        if cache is not None:
+            cache.write_text(json.dumps({"perplexity": results[name], "windows": list(windows.shape)}))
+    return results
+
+
+def report_markdown(report: dict, plan: AllocationPlan) -> str:
+    """A readable summary of a pruning run."""
+    lines = [f"# prunewise report: {report['model']}", "",
+             f"- score: **{report['score']}**, structure: **{report['structure']}**, allocation: **{report['allocation']}**",
+             f"- target sparsity {report['target_sparsity']:.4f}, achieved {report['achieved_sparsity']:.4f} "
+             f"(of all parameters: {report['sparsity_of_all_parameters']:.4f})",
+             f"- timings: " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()),
+             f"- peak RSS {report['peak_rss_mb']:.0f} MB", ""]
+    if report.get("perplexity"):
+        lines += ["| data | dense | pruned | ratio |", "|---|---|---|---|"]
+        for name, row in report["perplexity"].items():
+            lines.append(f"| {name} | {row['dense']:.2f} | {row['pruned']:.2f} | {row['pruned'] / row['dense']:.2f}x |")
+        lines.append("")
+    if report.get("cholesky_retries"):
+        lines += ["Cholesky needed more dampening for: " + ", ".join(f"{k} ({v:g})" for k, v in report["cholesky_retries"].items()), ""]
+    lines += ["| module | planned | achieved |", "|---|---|---|"]
+    for name, row in report["modules"].items():
+        lines.append(f"| {name} | {row['planned']:.4f} | {row['sparsity']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(recipe: Recipe, progress: bool = True) -> dict:
+    """The whole job: evaluate dense, prune, evaluate pruned, save (if ``recipe.output``). Returns the report."""
+    if recipe.output:
+        check_output(recipe.output, recipe.overwrite, source=recipe.model)
+    for name in recipe.evaluation:  # refuse overlapping data before any work
+        check_no_overlap(get_corpus(recipe.calibration, "calibration"), get_corpus(name, "evaluation"))
+    model, tokenizer = load_model(recipe.model)
+    dense = evaluate(model, tokenizer, recipe.evaluation, recipe.eval_tokens, recipe.eval_seqlen,
+                     dense_spec=recipe.model, progress=progress) if recipe.evaluation else {}
+    result = prune(recipe, model, tokenizer, progress)
+    pruned = evaluate(result.model, tokenizer, recipe.evaluation, recipe.eval_tokens, recipe.eval_seqlen,
+                      progress=progress) if recipe.evaluation else {}
+    report = result.report
+    report["perplexity"] = {n: {"dense": dense[n], "pruned": pruned[n]} for n in recipe.evaluation}
+    if recipe.output:
+        save_pruned(result.model, tokenizer, recipe.output, {
+            "recipe.yaml": recipe.to_yaml(),
+            "plan.json": result.plan.model_dump_json(indent=1),
+            "report.json": json.dumps(report, indent=1),
+            "report.md": report_markdown(report, result.plan),
+        }, overwrite=recipe.overwrite)
+    return report

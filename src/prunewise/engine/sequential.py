@@ -1,0 +1,192 @@
+"""The sequential engine: the only code that walks a model, one block resident at a time.
+
+The inputs of the first block are captured with a forward pre-hook while the decoder runs with its
+block list truncated to that block; the keyword arguments each block receives (rotary embeddings,
+masks: they differ per block in Gemma 3) are captured from one single-window forward. Then, block
+by block, the calibration activations go through the block with hooks on its linears: a visitor
+receives each linear's input statistics once they are complete and may rewrite the weight; the
+block's outputs, recomputed with the rewritten weights, become the next block's inputs.
+
+Within a block, pruning is *sequential* too: a linear's statistics are only used when every linear
+that ran before it already computed with its final weights. When the calibration set goes through
+a block in one chunk this takes a single pass (each linear is pruned in its pre-hook, just before
+it computes); with several chunks, one extra pass per dependency level.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models.adapters import ArchitectureAdapter
+from ..scores.base import LinearStats
+
+log = logging.getLogger(__name__)
+
+
+class BlockVisitor(Protocol):
+    """What the engine calls back while walking the model."""
+
+    modifies_weights: bool
+
+    def needs(self, block_index: int, name: str) -> str | None:
+        """Statistics wanted for this linear: None (none, handled before the pass), 'sq_norm' or 'hessian'."""
+
+    def visit(self, block_index: int, name: str, linear: nn.Linear, stats: LinearStats | None) -> None:
+        """Called once per linear when its statistics are complete; may rewrite ``linear.weight``."""
+
+    def end_block(self, block_index: int, block: nn.Module) -> None:
+        """Called after a block is finished."""
+
+
+@dataclass
+class Captured:
+    hidden: torch.Tensor          # (n, L, H) inputs of the first block
+    kwargs: list[dict]            # per block: the keyword arguments it is called with
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class SequentialEngine:
+    """Walks the blocks of a causal LM in order over calibration windows."""
+
+    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, windows: torch.Tensor,
+                 chunk_size: int | None = None, progress: bool = True, desc: str = "pruning") -> None:
+        self.model = model
+        self.adapter = adapter
+        self.windows = windows
+        n = windows.shape[0]
+        self.chunk_size = n if not chunk_size or chunk_size >= n else chunk_size
+        self.progress = progress
+        self.desc = desc
+
+    @torch.no_grad()
+    def capture(self) -> Captured:
+        """Inputs of block 0 for every window, and the kwargs of every block (from one window)."""
+        decoder = self.adapter.decoder(self.model)
+        blocks = decoder.layers
+        kwargs: list[dict | None] = [None] * len(blocks)
+        hidden_parts: list[torch.Tensor] = []
+
+        def grab_kwargs(i):
+            def hook(module, args, kw):
+                clean = {k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+                if args[1:]:
+                    raise RuntimeError("blocks called with positional extras are not supported")
+                kwargs[i] = clean
+            return hook
+
+        handles = [b.register_forward_pre_hook(grab_kwargs(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        try:
+            decoder(input_ids=self.windows[:1], use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+
+        def grab_hidden(module, args, kw):
+            hidden_parts.append((args[0] if args else kw["hidden_states"]).detach().clone())
+
+        handle = blocks[0].register_forward_pre_hook(grab_hidden, with_kwargs=True)
+        try:
+            with self.adapter.truncated(self.model, 1):
+                for start in range(0, self.windows.shape[0], self.chunk_size):
+                    decoder(input_ids=self.windows[start:start + self.chunk_size], use_cache=False)
+        finally:
+            handle.remove()
+        return Captured(torch.cat(hidden_parts), kwargs)
+
+    @torch.no_grad()
+    def run(self, visitor: BlockVisitor) -> None:
+        """Walk all blocks with ``visitor``; afterwards the model holds the visitor's weights."""
+        cap = self.capture()
+        hidden = cap.hidden
+        blocks = self.adapter.blocks(self.model)
+        bar = tqdm(range(len(blocks)), desc=self.desc, unit="block", disable=not self.progress)
+        for i in bar:
+            hidden = self._run_block(i, blocks[i], hidden, cap.kwargs[i], visitor)
+            visitor.end_block(i, blocks[i])
+
+    def _run_block(self, index: int, block: nn.Module, hidden: torch.Tensor, kwargs: dict,
+                   visitor: BlockVisitor) -> torch.Tensor:
+        linears = self.adapter.linears(block)
+        pending = {}
+        for name, linear in linears.items():
+            need = visitor.needs(index, name)
+            if need is None:
+                visitor.visit(index, name, linear, None)  # no statistics: done before any pass
+            else:
+                pending[name] = need
+        n_chunks = (hidden.shape[0] + self.chunk_size - 1) // self.chunk_size
+        passes = 0
+        while True:
+            passes += 1
+            out, stale = self._pass(index, block, linears, hidden, kwargs, pending, n_chunks, visitor)
+            if not pending and not stale:
+                if passes > 2:
+                    log.debug("block %d took %d passes", index, passes)
+                return out
+            if passes > 2 * len(linears) + 2:
+                raise RuntimeError(f"block {index}: linears {sorted(pending)} never saw clean inputs")
+
+    def _pass(self, index, block, linears, hidden, kwargs, pending, n_chunks, visitor):
+        """One pass of all chunks through the block. Returns (outputs, whether any linear computed stale)."""
+        by_module = {id(m): n for n, m in linears.items()}
+        stats: dict[str, LinearStats] = {}
+        owner: dict[str, str] = {}             # linear -> the linear whose input feeds its shared stats
+        collecting: dict[str, bool] = {}      # decided on chunk 0: stats of this linear are clean
+        stale_in_pass: set[str] = set()        # linears that computed with weights not yet final
+        seen_inputs: list[tuple[torch.Tensor, str]] = []  # inputs read in this chunk (kept alive: no address reuse)
+        called: list[str] = []                 # linears called so far in this chunk, in order
+        state = {"chunk": 0}
+
+        def pre_hook(module, args):
+            name = by_module[id(module)]
+            x = args[0]
+            chunk = state["chunk"]
+            if name in pending:
+                if chunk == 0:
+                    sibling = next((n for t, n in seen_inputs if t is x), None)
+                    if sibling is not None and sibling in collecting:
+                        collecting[name] = collecting[sibling]   # same input: same cleanliness
+                    else:
+                        collecting[name] = not any(p in stale_in_pass for p in called)
+                    if collecting[name]:
+                        if sibling in stats and pending.get(sibling) == pending[name]:
+                            stats[name], owner[name] = stats[sibling], owner[sibling]
+                        else:
+                            stats[name] = LinearStats(x.shape[-1], hessian=pending[name] == "hessian")
+                            owner[name] = name
+                if collecting[name]:
+                    if owner[name] == name:
+                        stats[name].add(x)
+                    if chunk == n_chunks - 1:
+                        stats[name].check_finite(f"block {index} {name}")
+                        visitor.visit(index, name, module, stats[name])
+                        del pending[name]
+            if name in pending and visitor.modifies_weights:
+                stale_in_pass.add(name)
+            seen_inputs.append((x, name))
+            called.append(name)
+
+        handles = [m.register_forward_pre_hook(pre_hook) for m in linears.values()]
+        outs = []
+        try:
+            for c in range(n_chunks):
+                state["chunk"] = c
+                called.clear()
+                seen_inputs.clear()
+                x = hidden[c * self.chunk_size:(c + 1) * self.chunk_size]
+                outs.append(_block_output(block(x, **kwargs)))
+        finally:
+            for h in handles:
+                h.remove()
+            seen_inputs.clear()
+        stale = bool(stale_in_pass) and visitor.modifies_weights
+        return torch.cat(outs), stale

@@ -1,0 +1,32 @@
+"""Perplexity with the protocol of the pruning papers.
+
+The evaluation text is concatenated, tokenized once, cut into non-overlapping windows; perplexity
+is exp of the mean negative log-likelihood over every predicted token (all but the first of each window).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@torch.inference_mode()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int | None = None, progress: bool = True,
+               desc: str = "perplexity") -> float:
+    """exp(mean NLL) over all predicted tokens of ``windows`` (n, L)."""
+    n, length = windows.shape
+    vocab = model.config.get_text_config().vocab_size
+    if batch_size is None:  # keep the logits of one batch under ~400 MB
+        batch_size = max(1, int(1e8 // (length * vocab)))
+    nll, count = 0.0, 0
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
+        ids = windows[start:start + batch_size]
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
+        nll += float(loss)
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)

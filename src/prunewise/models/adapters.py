@@ -1,0 +1,135 @@
+"""Architecture adapters: the only place that knows where a family keeps its blocks and linears.
+
+Adding a model family means adding one entry to ``ADAPTERS``. Everything else in prunewise
+(engine, scores, allocation, export) asks the adapter instead of hard-coding ``model.model.layers``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import PrunewiseError
+
+LLAMA_LINEARS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+
+
+@dataclass(frozen=True)
+class ArchitectureAdapter:
+    """Where one decoder-only family keeps its decoder, blocks and prunable linears."""
+
+    family: str
+    model_types: tuple[str, ...]
+    linear_names: tuple[str, ...] = LLAMA_LINEARS
+    # candidate attribute paths from the CausalLM to the decoder (the module holding `.layers`)
+    decoder_paths: tuple[str, ...] = ("model", "model.language_model", "language_model.model")
+    coupled: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
+        "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+        "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    })
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The module that owns the embedding, the block list and the final norm."""
+        for path in self.decoder_paths:
+            module = _get_path(model, path)
+            if module is not None and isinstance(getattr(module, "layers", None), nn.ModuleList):
+                return module
+        raise PrunewiseError(
+            f"{type(model).__name__} has no decoder with a `.layers` list at {self.decoder_paths}; "
+            "this checkpoint layout is not supported by the "
+            f"{self.family} adapter"
+        )
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return self.decoder(model).layers
+
+    def block_prefix(self, model: nn.Module) -> str:
+        """Full module name of the block list, e.g. ``model.layers``."""
+        decoder = self.decoder(model)
+        for name, module in model.named_modules():
+            if module is decoder:
+                return f"{name}.layers" if name else "layers"
+        raise PrunewiseError("decoder not found among the model's modules")
+
+    def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
+        """Prunable linears of one block, by name relative to the block, in forward order."""
+        found = {}
+        for name in self.linear_names:
+            module = _get_path(block, name)
+            if module is None:
+                continue
+            if not isinstance(module, nn.Linear):
+                raise PrunewiseError(f"{name} in a {self.family} block is {type(module).__name__}, not nn.Linear; "
+                                     "quantized or fused checkpoints must be dequantized first")
+            found[name] = module
+        if not found:
+            raise PrunewiseError(f"no prunable linears found in a {self.family} block (looked for {self.linear_names})")
+        return found
+
+    def heads(self, config) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head dimension)."""
+        text = getattr(config, "text_config", None) or config
+        n_heads = text.num_attention_heads
+        n_kv = getattr(text, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
+        return n_heads, n_kv, head_dim
+
+    @contextlib.contextmanager
+    def truncated(self, model: nn.Module, n_blocks: int) -> Iterator[None]:
+        """Temporarily keep only the first ``n_blocks`` blocks, so a forward stops early."""
+        decoder = self.decoder(model)
+        full = decoder.layers
+        decoder.layers = nn.ModuleList(list(full)[:n_blocks])
+        try:
+            yield
+        finally:
+            decoder.layers = full
+
+
+ADAPTERS: tuple[ArchitectureAdapter, ...] = (
+    ArchitectureAdapter("llama", ("llama",)),
+    ArchitectureAdapter("mistral", ("mistral",)),
+    ArchitectureAdapter("qwen2", ("qwen2",)),
+    ArchitectureAdapter("qwen3", ("qwen3",)),
+    ArchitectureAdapter("gemma", ("gemma", "gemma2")),
+    ArchitectureAdapter("gemma3", ("gemma3", "gemma3_text")),
+)
+
+
+def get_adapter(model_or_config) -> ArchitectureAdapter:
+    """The adapter for a model (or its config), chosen by ``config.model_type``."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    supported = ", ".join(t for a in ADAPTERS for t in a.model_types)
+    raise PrunewiseError(f"no architecture adapter for model_type '{model_type}'; supported: {supported} "
+                         "(add one to prunewise.models.adapters.ADAPTERS)")
+
+
+def _get_path(root: nn.Module, path: str):
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full name -> weight of every prunable linear, in block order."""
+    adapter = get_adapter(model)
+    prefix = adapter.block_prefix(model)
+    out = {}
+    for i, block in enumerate(adapter.blocks(model)):
+        for name, linear in adapter.linears(block).items():
+            out[f"{prefix}.{i}.{name}"] = linear.weight
+    return out

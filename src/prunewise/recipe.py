@@ -1,0 +1,112 @@
+"""The recipe: one validated object that says what to prune, how, and where to put it.
+
+The CLI and the Python API are thin fronts over it; it round-trips to YAML.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import PrunewiseError
+from .structures.masks import NM, parse_structure
+
+
+class Recipe(BaseModel):
+    """Everything a pruning run needs. Defaults reproduce ``make demo`` minus its evaluation sets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "smollm2-135m"
+    score: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    structure: str = "unstructured"
+    group: Literal["row", "layer"] | None = Field(None, description="comparison group for unstructured; default per score")
+    sparsity: float | None = Field(None, description="fraction of targeted weights removed; N:M implies N/M")
+    allocation: Literal["uniform", "global", "owl"] = "uniform"
+    plan: str | None = Field(None, description="a plan.json to reuse instead of allocating")
+    owl_m: float = Field(5.0, gt=0)
+    owl_lambda: float = Field(0.08, ge=0, lt=0.5)
+    min_density: float = Field(0.1, gt=0, le=1)
+    calibration: str = "wiki"
+    nsamples: int = Field(64, ge=1)
+    seqlen: int = Field(512, ge=2)
+    seed: int = 0
+    damp: float = Field(0.01, gt=0)
+    blocksize: int = Field(128, ge=1)
+    chunk_size: int | None = Field(None, ge=1, description="calibration windows per forward chunk; default all")
+    targets: str = Field(r".*", description="regex a module name must match to be pruned")
+    ignore: str | None = Field(None, description="regex of module names never pruned")
+    evaluation: list[str] = Field(default_factory=lambda: ["wiki-test"])
+    eval_tokens: int = Field(32768, ge=2)
+    eval_seqlen: int = Field(512, ge=2)
+    output: str | None = None
+    overwrite: bool = False
+
+    @field_validator("structure")
+    @classmethod
+    def _structure(cls, v: str) -> str:
+        parse_structure(v)
+        return v.strip().lower()
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {v!r}: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _sparsity(self) -> "Recipe":
+        struct = parse_structure(self.structure)
+        if isinstance(struct, NM):
+            if self.sparsity is None:
+                self.sparsity = struct.sparsity
+            elif abs(self.sparsity - struct.sparsity) > 1e-9:
+                raise ValueError(f"sparsity {self.sparsity} contradicts {struct.name} (= {struct.sparsity:g}); omit --sparsity with N:M")
+            if self.allocation == "global":
+                raise ValueError("global allocation cannot produce N:M levels; use uniform or owl with N:M")
+        if self.sparsity is None:
+            self.sparsity = 0.5
+        if not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity {self.sparsity} is outside [0, 1); give the fraction of weights to remove, e.g. 0.5")
+        return self
+
+    @property
+    def structure_obj(self):
+        return parse_structure(self.structure, self.group or _default_group(self.score))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise PrunewiseError(f"recipe {path} does not exist; write one with `prunewise prune ... --output DIR` (recipe.yaml)") from None
+        except yaml.YAMLError as exc:
+            raise PrunewiseError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        return make_recipe(**data)
+
+
+def _default_group(score: str) -> str:
+    from .scores import SCORES
+    return SCORES[score].default_group
+
+
+def make_recipe(**fields) -> Recipe:
+    """Build a Recipe, turning validation errors into a one-line PrunewiseError."""
+    try:
+        return Recipe(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "recipe"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise PrunewiseError(f"invalid recipe: {where}: {msg}") from None

@@ -1,0 +1,62 @@
+"""What every score shares: input statistics of a linear layer and the score interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..errors import PrunewiseError
+
+
+class LinearStats:
+    """Running statistics of a linear layer's inputs over calibration tokens.
+
+    ``sq_norm[j]`` is the sum over tokens of ``x_j^2`` (Wanda's ``||X_j||_2^2``); ``hessian`` is
+    ``sum_t x_t x_t^T`` (SparseGPT's ``X X^T``, up to a scale that dampening makes irrelevant).
+    """
+
+    def __init__(self, in_features: int, hessian: bool = False) -> None:
+        self.sq_norm = torch.zeros(in_features, dtype=torch.float64)
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32) if hessian else None
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.tokens += x.shape[0]
+        self.sq_norm += x.pow(2).sum(0, dtype=torch.float64)
+        if self.hessian is not None:
+            self.hessian.addmm_(x.t(), x)
+
+    def check_finite(self, module: str) -> None:
+        if not torch.isfinite(self.sq_norm).all():
+            raise PrunewiseError(f"calibration activations entering {module} are NaN or infinite; "
+                                 "check the model weights and use float32")
+
+
+@dataclass
+class PruneOutcome:
+    """A pruned weight and what happened while pruning it (for the report)."""
+
+    weight: torch.Tensor
+    mask: torch.Tensor
+    notes: dict = field(default_factory=dict)
+
+
+class Score(Protocol):
+    """A pruning criterion: ranks weights and prunes a linear layer to a sparsity."""
+
+    name: str
+    needs: str | None  # statistics needed: None, "sq_norm" or "hessian"
+    default_group: str  # comparison group for unstructured sparsity: "row" or "layer"
+
+    def importance(self, weight: torch.Tensor, stats: LinearStats | None) -> torch.Tensor: ...
+
+    def prune(self, weight: torch.Tensor, stats: LinearStats | None, structure, sparsity) -> PruneOutcome: ...
+
+
+def check_weight(module: str, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        raise PrunewiseError(f"weights of {module} contain NaN or infinite values; the source checkpoint is "
+                             "corrupt: re-download or re-convert it")

@@ -1,0 +1,125 @@
+"""Structures for weight-level sparsity: which weights a score's ranking removes.
+
+A structure turns an importance matrix (higher = keep) and a sparsity into a boolean mask
+(True = remove). Counts are exact: a module at sparsity ``s`` loses ``round(s * numel)`` weights,
+spread over rows so that no two rows differ by more than one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PrunewiseError
+
+
+def row_counts(rows: int, cols: int, sparsity: float | torch.Tensor) -> torch.Tensor:
+    """How many weights each row loses.
+
+    A scalar sparsity removes exactly ``round(s * rows * cols)`` weights in total, spread evenly
+    over the rows (each row ``floor`` or ``ceil`` of ``s * cols``). A per-row vector gives each row
+    ``round(s_r * cols)``.
+    """
+    if isinstance(sparsity, torch.Tensor) and sparsity.dim() == 1:
+        return torch.round(sparsity.double() * cols).long().clamp_(0, cols)
+    total = int(round(float(sparsity) * rows * cols))
+    base, extra = divmod(total, rows)
+    counts = torch.full((rows,), base, dtype=torch.long)
+    if extra:
+        # spread the remainder over rows evenly across the matrix (deterministic)
+        idx = torch.div(torch.arange(extra) * rows, extra, rounding_mode="floor")
+        counts[idx] += 1
+    return counts
+
+
+def smallest_per_row(importance: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``counts[r]`` least important entries of each row ``r``."""
+    rows, cols = importance.shape
+    order = torch.argsort(importance, dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(cols, device=order.device).expand(rows, cols))
+    return rank < counts.unsqueeze(1).to(rank.device)
+
+
+def smallest_overall(importance: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the ``count`` least important entries of the whole matrix."""
+    mask = torch.zeros(importance.numel(), dtype=torch.bool, device=importance.device)
+    if count > 0:
+        idx = torch.topk(importance.flatten(), count, largest=False, sorted=False).indices
+        mask[idx] = True
+    return mask.view_as(importance)
+
+
+@dataclass(frozen=True)
+class Unstructured:
+    """Unstructured sparsity; ``group`` is the comparison group: each output row, or the whole layer."""
+
+    group: str = "row"
+
+    @property
+    def name(self) -> str:
+        return "unstructured"
+
+    def check(self, module_name: str, weight: torch.Tensor) -> None:
+        return None
+
+    def mask(self, importance: torch.Tensor, sparsity: float | torch.Tensor) -> torch.Tensor:
+        rows, cols = importance.shape
+        if self.group == "layer" and not (isinstance(sparsity, torch.Tensor) and sparsity.dim() == 1):
+            return smallest_overall(importance, int(round(float(sparsity) * rows * cols)))
+        return smallest_per_row(importance, row_counts(rows, cols, sparsity))
+
+
+@dataclass(frozen=True)
+class NM:
+    """N:M sparsity: exactly ``n`` zeros in every group of ``m`` consecutive inputs of a row."""
+
+    n: int
+    m: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def sparsity(self) -> float:
+        return self.n / self.m
+
+    def check(self, module_name: str, weight: torch.Tensor) -> None:
+        if weight.shape[1] % self.m:
+            raise PrunewiseError(f"{self.name} sparsity needs input width divisible by {self.m}, but {module_name} has "
+                                 f"{weight.shape[1]} inputs; choose an M that divides it or exclude the module")
+
+    def zeros_for(self, sparsity: float) -> int:
+        """N for a layer at ``sparsity`` (mixed N:M under non-uniform allocation)."""
+        n = sparsity * self.m
+        if abs(n - round(n)) > 1e-6:
+            raise PrunewiseError(f"sparsity {sparsity:.4f} is not a multiple of 1/{self.m}; N:M plans must use levels k/{self.m}")
+        return int(round(n))
+
+    def mask(self, importance: torch.Tensor, sparsity: float | torch.Tensor | None = None) -> torch.Tensor:
+        n = self.n if sparsity is None else self.zeros_for(float(sparsity))
+        rows, cols = importance.shape
+        groups = importance.reshape(rows, cols // self.m, self.m)
+        mask = torch.zeros_like(groups, dtype=torch.bool)
+        if n:
+            idx = torch.topk(groups, n, dim=2, largest=False).indices
+            mask.scatter_(2, idx, True)
+        return mask.reshape(rows, cols)
+
+
+def parse_structure(text: str, group: str = "row") -> Unstructured | NM:
+    """``unstructured`` or ``N:M`` (N zeros in every M consecutive weights, 0 < N < M)."""
+    text = text.strip().lower()
+    if text == "unstructured":
+        if group not in ("row", "layer"):
+            raise PrunewiseError(f"unknown comparison group '{group}'; use 'row' or 'layer'")
+        return Unstructured(group)
+    parts = text.split(":")
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        n, m = int(parts[0]), int(parts[1])
+        if 0 < n < m:
+            return NM(n, m)
+        raise PrunewiseError(f"N:M structure '{text}' needs 0 < N < M (N zeros in every M weights), e.g. 2:4")
+    raise PrunewiseError(f"unknown structure '{text}'; use 'unstructured' or 'N:M' such as 2:4")
