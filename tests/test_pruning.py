@@ -1,0 +1,204 @@
+"""Engine, scores, structures and allocation on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_model
+from prunewise.allocation.methods import (ImportanceSampleVisitor, OutlierVisitor, allocate_global, allocate_owl,
+                                          allocate_uniform, owl_block_sparsity)
+from prunewise.allocation.plan import exact_counts
+from prunewise.engine.pruner import PruneVisitor
+from prunewise.engine.sequential import SequentialEngine
+from prunewise.errors import PrunewiseError
+from prunewise.models.adapters import get_adapter, prunable_weights
+from prunewise.scores import LinearStats, get_score, inverse_hessian_factor
+from prunewise.structures.masks import NM, Unstructured, parse_structure
+
+
+def prune_tiny(score_name, structure, sparsity=0.5, chunk=None, windows=None, family="llama", plan=None):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    numels = {n: w.numel() for n, w in prunable_weights(model).items()}
+    score = get_score(score_name)
+    plan = plan or allocate_uniform(numels, sparsity, structure)
+    visitor = PruneVisitor(score, structure, plan, adapter.block_prefix(model))
+    if windows is None:
+        windows = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    SequentialEngine(model, adapter, windows, chunk, progress=False).run(visitor)
+    return model, visitor
+
+
+@pytest.mark.parametrize("score", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 4), (3, 4)])
+def test_nm_mask_has_exactly_n_zeros_in_every_group_of_m(score, nm):
+    n, m = nm
+    model, _ = prune_tiny(score, NM(n, m), sparsity=n / m)
+    for name, w in prunable_weights(model).items():
+        zeros = (w == 0).reshape(w.shape[0], -1, m).sum(-1)
+        assert torch.all(zeros == n), name
+
+
+@pytest.mark.parametrize("score", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_unstructured_per_row_fractions_are_exact(score, sparsity):
+    model, _ = prune_tiny(score, Unstructured("row"), sparsity)
+    for name, w in prunable_weights(model).items():
+        per_row = (w == 0).sum(1)
+        assert per_row.max() - per_row.min() <= 1, name
+        assert int((w == 0).sum()) == round(sparsity * w.numel()), name
+
+
+def test_unstructured_layer_group_is_exact_overall_not_per_row():
+    model, _ = prune_tiny("magnitude", Unstructured("layer"), 0.5)
+    spreads = []
+    for name, w in prunable_weights(model).items():
+        assert int((w == 0).sum()) == round(0.5 * w.numel())
+        per_row = (w == 0).sum(1)
+        spreads.append(int(per_row.max() - per_row.min()))
+    assert max(spreads) > 1  # a per-layer threshold does not equalise rows
+
+
+def _reference_wanda(model, windows, sparsity):
+    """Wanda as its paper defines it, written independently: block by block, every linear's input norm
+    from the dense block (inputs = outputs of the already pruned blocks), ranked per output row."""
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    for i, block in enumerate(blocks):
+        linears = adapter.linears(block)
+        # sequential within the block: linears are pruned in forward order, each seeing the pruned predecessors
+        for name, lin in linears.items():
+            acts = []
+            h = lin.register_forward_hook(lambda mod, inp, out: acts.append(inp[0].detach().reshape(-1, inp[0].shape[-1])))
+            with torch.no_grad():
+                model(input_ids=windows, use_cache=False)
+            h.remove()
+            x = torch.cat(acts)
+            norm = x.double().pow(2).sum(0).sqrt().float()
+            metric = lin.weight.abs() * norm
+            k = int(round(sparsity * lin.in_features))
+            idx = torch.sort(metric, dim=1, stable=True)[1][:, :k]
+            with torch.no_grad():
+                lin.weight.scatter_(1, idx, 0.0)
+    return model
+
+
+def test_wanda_matches_an_independent_reference_implementation():
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
+    ours, _ = prune_tiny("wanda", Unstructured("row"), 0.5, windows=windows)
+    ref = _reference_wanda(tiny_model("llama"), windows, 0.5)
+    for (name, a), b in zip(prunable_weights(ours).items(), prunable_weights(ref).values()):
+        assert torch.equal(a == 0, b == 0), name
+        torch.testing.assert_close(a, b)
+
+
+def test_wanda_statistics_are_input_column_norms():
+    x = torch.randn(3, 5, 7)
+    stats = LinearStats(7)
+    stats.add(x[:2])
+    stats.add(x[2:])
+    torch.testing.assert_close(stats.sq_norm.sqrt().float(), x.reshape(-1, 7).norm(dim=0))
+    w = torch.randn(4, 7)
+    expected = w.abs() * x.reshape(-1, 7).norm(dim=0)
+    torch.testing.assert_close(get_score("wanda").importance(w, stats), expected)
+
+
+def test_chunked_multi_pass_equals_single_chunk():
+    single, _ = prune_tiny("wanda", Unstructured("row"), 0.5, chunk=None)
+    chunked, _ = prune_tiny("wanda", Unstructured("row"), 0.5, chunk=3)
+    for (name, a), b in zip(prunable_weights(single).items(), prunable_weights(chunked).values()):
+        assert torch.equal(a, b), name
+
+
+def _layer_problem(seed=0, rows=48, cols=64, tokens=512):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5 + torch.eye(cols)
+    x = torch.randn(tokens, cols, generator=g) @ mix * (1 + 3 * torch.rand(cols, generator=g))  # correlated, uneven
+    w = torch.randn(rows, cols, generator=g)
+    stats = LinearStats(cols, hessian=True)
+    stats.add(x)
+    return w, x, stats
+
+
+@pytest.mark.parametrize("structure", [Unstructured("row"), Unstructured("layer"), NM(2, 4)])
+def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(structure):
+    w, x, stats = _layer_problem()
+    err = {}
+    for name in ("magnitude", "wanda", "sparsegpt"):
+        out = get_score(name).prune(w, stats, structure, 0.5)
+        assert int(out.mask.sum()) == w.numel() // 2
+        assert torch.all(out.weight[out.mask] == 0)
+        err[name] = float((x @ (w - out.weight).t()).pow(2).sum())
+    assert err["sparsegpt"] < err["wanda"] < err["magnitude"]
+
+
+def test_sparsegpt_retries_cholesky_with_more_dampening_and_reports_it():
+    w, x, _ = _layer_problem(cols=16, tokens=64)
+    stats = LinearStats(16, hessian=True)
+    stats.hessian = torch.diag(torch.tensor([1.0] * 15 + [-0.5]))  # indefinite: needs damp ~ 0.6 of the mean diagonal
+    out = get_score("sparsegpt", damp=0.01).prune(w[:, :16], stats, Unstructured("row"), 0.5, module="m")
+    assert out.notes["damp"] == pytest.approx(1.0)
+    stats.hessian = torch.full((16, 16), float("nan"))
+    with pytest.raises(PrunewiseError, match="Cholesky"):
+        inverse_hessian_factor(stats.hessian, 0.01, "m")
+
+
+def test_owl_layer_sparsities_average_to_target_and_follow_outliers():
+    ratios = [0.01, 0.05, 0.02, 0.09, 0.03]
+    s = owl_block_sparsity(ratios, 0.7, 0.08)
+    assert abs(sum(s) / len(s) - 0.7) < 1e-12
+    assert max(s) - min(s) == pytest.approx(0.16)
+    assert s[3] == min(s) and s[0] == max(s)  # most outliers -> least pruned
+
+
+def test_owl_plan_on_a_model_meets_the_budget_exactly():
+    model = tiny_model("llama", layers=4)
+    adapter = get_adapter(model)
+    prefix = adapter.block_prefix(model)
+    numels = {n: w.numel() for n, w in prunable_weights(model).items()}
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    visitor = OutlierVisitor(prefix, set(numels), m=5.0)
+    SequentialEngine(model, adapter, windows, progress=False).run(visitor)
+    assert len(visitor.ratios) == 4 and all(0 <= r < 1 for r in visitor.ratios)
+    blocks = [[f"{prefix}.{i}.{n}" for n in adapter.linears(b)] for i, b in enumerate(adapter.blocks(model))]
+    plan = allocate_owl(visitor.ratios, blocks, numels, 0.7, Unstructured("row"), 5.0, 0.08)
+    assert sum(plan.pruned_counts().values()) == round(0.7 * sum(numels.values()))
+    assert len(set(round(v, 3) for v in plan.modules.values())) > 1
+    nm_plan = allocate_owl(visitor.ratios, blocks, numels, 0.5, NM(4, 8), 5.0, 0.2)
+    assert all(abs(v * 8 - round(v * 8)) < 1e-9 for v in nm_plan.modules.values())
+    assert sum(plan.numels[m] * v for m, v in nm_plan.modules.items()) == pytest.approx(0.5 * sum(numels.values()))
+
+
+def test_global_allocation_meets_budget_and_keeps_min_density():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    numels = {n: w.numel() for n, w in prunable_weights(model).items()}
+    with torch.no_grad():  # make one module tiny in magnitude: a global threshold would wipe it out
+        adapter.linears(adapter.blocks(model)[0])["mlp.down_proj"].weight.mul_(1e-3)
+    visitor = ImportanceSampleVisitor(get_score("magnitude"), adapter.block_prefix(model), set(numels))
+    for i, block in enumerate(adapter.blocks(model)):
+        for name, lin in adapter.linears(block).items():
+            visitor.visit(i, name, lin, None)
+    plan = allocate_global(visitor.samples, numels, 0.6, Unstructured("layer"), min_density=0.1)
+    assert sum(plan.pruned_counts().values()) == round(0.6 * sum(numels.values()))
+    assert max(plan.modules.values()) <= 0.9 + 1e-9
+    assert plan.modules["model.layers.0.mlp.down_proj"] == pytest.approx(0.9, abs=1e-3)
+
+
+def test_exact_counts_hits_the_total_to_one_weight():
+    numels = {"a": 1000, "b": 333, "c": 7}
+    out = exact_counts({"a": 0.61, "b": 0.7777, "c": 0.5}, numels, 0.65)
+    assert sum(round(out[m] * numels[m]) for m in numels) == round(0.65 * 1340)
+
+
+@pytest.mark.parametrize("text", ["4:4", "0:4", "5:4", "2-4", "dense"])
+def test_bad_structures_are_refused(text):
+    with pytest.raises(PrunewiseError):
+        parse_structure(text)
+
+
+def test_nm_that_does_not_divide_the_input_width_is_refused():
+    with pytest.raises(PrunewiseError, match="divisible by 3"):
+        NM(2, 3).check("x", torch.zeros(4, 64))
