@@ -1,0 +1,449 @@
+"""Text corpora for calibration and evaluation: named offline sets, local files, online sets."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import sysconfig
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cache import cache_dir, pip_download, sha256_file
+from ..errors import PrunewiseError
+from .overlap import shingles
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("calibration", "evaluation")
+
+BIGBENCH_VERSION = "1.0.0"
+_SQUAD_DIR = "bigbench/benchmark_tasks/squad_shifts"
+# canonical name -> file inside the bigbench sdist (SQuAD format)
+_BIGBENCH_FILES = {
+    "wiki": f"{_SQUAD_DIR}/new_wiki_v1.0.json",
+    "wiki-test": f"{_SQUAD_DIR}/squaddev_v1.1.json",
+}
+
+_CODE_EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idle_test"})
+_CODE_TEST_MODULUS = 10
+# a test file sharing more than this share of its 13-word passages with the calibration files is dropped
+_CODE_NEAR_COPY = 0.10
+
+# spec -> (canonical name for calibration, canonical name for evaluation)
+_ROLE_NAMES = {
+    "wiki": ("wiki", "wiki"),
+    "wiki-test": ("wiki-test", "wiki-test"),
+    "code": ("code", "code-test"),
+    "code-train": ("code", "code"),
+    "code-test": ("code-test", "code-test"),
+    "wikitext2": ("wikitext2", "wikitext2-test"),
+    "wikitext2-test": ("wikitext2-test", "wikitext2-test"),
+    "c4": ("c4", "c4-validation"),
+    "c4-validation": ("c4-validation", "c4-validation"),
+}
+
+_DESCRIPTIONS = {
+    "wiki": "Wikipedia paragraphs (SQuAD-shifts new_wiki, from the bigbench 1.0.0 sdist); default calibration set",
+    "wiki-test": "Wikipedia paragraphs (SQuAD v1.1 dev, from the bigbench 1.0.0 sdist); default evaluation set",
+    "code": "Python standard library source, calibration files (or the test files when used for evaluation)",
+    "code-train": "Python standard library source, calibration files (~90% of files, split by path hash)",
+    "code-test": (
+        "Python standard library source, held-out test files "
+        "(~10% of files by path hash, near-copies of calibration files removed)"
+    ),
+    "wikitext2": "wikitext-2-raw-v1 train split (test split for evaluation), joined as in Wanda/SparseGPT; online",
+    "wikitext2-test": "wikitext-2-raw-v1 test split, lines joined as in Wanda/SparseGPT; online",
+    "c4": "allenai/c4 en train shard 00000 (validation shard 00000 for evaluation), as in Wanda; online",
+    "c4-validation": "allenai/c4 en validation shard 00000, first 1100 documents joined as in Wanda; online",
+}
+
+_ONLINE = frozenset({"wikitext2", "wikitext2-test", "c4", "c4-validation"})
+_C4_CALIBRATION_DOCS = 20000  # the first documents of the train shard; plenty for calibration windows
+_C4_EVALUATION_DOCS = 1100  # as in Wanda's C4 perplexity evaluation
+
+
+def _fingerprint(documents: tuple[str, ...]) -> str:
+    """sha256 hex over the documents, each length-prefixed so boundaries count."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        data = doc.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _unique(documents) -> tuple[str, ...]:
+    """Drop empty and repeated documents, keeping the first occurrence's order."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for doc in documents:
+        if doc and doc not in seen:
+            seen.add(doc)
+            out.append(doc)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A named, fingerprinted sequence of unique documents."""
+
+    name: str
+    documents: tuple[str, ...]
+    source: str
+    fingerprint: str
+
+    @classmethod
+    def from_documents(cls, name: str, documents, source: str) -> "Corpus":
+        """Build a corpus from documents (empty and repeated ones dropped), computing its fingerprint."""
+        docs = _unique(documents)
+        return cls(name=name, documents=docs, source=source, fingerprint=_fingerprint(docs))
+
+    def text(self) -> str:
+        """The documents joined by blank lines."""
+        return "\n\n".join(self.documents)
+
+    def __repr__(self) -> str:
+        return (
+            f"Corpus(name={self.name!r}, documents={len(self.documents)}, "
+            f"source={self.source!r}, fingerprint={self.fingerprint[:12]!r})"
+        )
+
+
+# ---------------------------------------------------------------- bigbench (wiki, wiki-test)
+
+
+def _bigbench_cache_dir() -> Path:
+    return cache_dir("corpora", f"bigbench-{BIGBENCH_VERSION}")
+
+
+def _bigbench_stem(member: str) -> str:
+    return Path(member).name.removesuffix(".json")
+
+
+def _read_cached_paragraphs(member: str) -> dict | None:
+    """The newest valid extraction of `member` from the corpora cache, if any.
+
+    The file name carries the archive's sha256 and the record its full value; a hit is trusted without re-hashing
+    the 358 MB archive (PyPI files are immutable), so a cached load costs milliseconds.
+    """
+    stem = _bigbench_stem(member)
+    candidates = sorted(_bigbench_cache_dir().glob(f"{stem}.*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            logger.warning("ignoring unreadable corpus cache file %s", path)
+            continue
+        docs = record.get("documents")
+        if (
+            record.get("version") == BIGBENCH_VERSION
+            and record.get("member") == member
+            and isinstance(docs, list)
+            and record.get("fingerprint") == _fingerprint(tuple(docs))
+        ):
+            return record
+        logger.warning("ignoring stale corpus cache file %s", path)
+    return None
+
+
+def _squad_contexts(data: dict) -> list[str]:
+    """Unique paragraph contexts of a SQuAD-format file, in file order."""
+    contexts = (p["context"].strip() for article in data["data"] for p in article["paragraphs"])
+    return list(_unique(contexts))
+
+
+def _extract_bigbench() -> None:
+    """Download the bigbench sdist once and cache the paragraphs of every file we use (one pass over the tar)."""
+    archive = pip_download("bigbench", BIGBENCH_VERSION)
+    archive_sha = sha256_file(archive)
+    prefix = f"bigbench-{BIGBENCH_VERSION}/"
+    wanted = {prefix + member: member for member in _BIGBENCH_FILES.values()}
+    found: dict[str, list[str]] = {}
+    logger.info("reading %s from %s (once; the result is cached)", ", ".join(wanted.values()), archive.name)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for info in tar:
+                member = wanted.get(info.name)
+                if member is None or not info.isfile():
+                    continue
+                fh = tar.extractfile(info)
+                found[member] = _squad_contexts(json.load(fh))
+                if len(found) == len(wanted):
+                    break
+    except (tarfile.TarError, OSError, ValueError, KeyError) as exc:
+        raise PrunewiseError(
+            f"could not read the bigbench {BIGBENCH_VERSION} sdist at {archive} ({exc}); "
+            "delete it and retry so it is downloaded again"
+        ) from exc
+    missing = sorted(set(wanted.values()) - set(found))
+    if missing:
+        raise PrunewiseError(
+            f"the bigbench {BIGBENCH_VERSION} sdist at {archive} lacks {', '.join(missing)}; "
+            "delete it and retry so it is downloaded again"
+        )
+    out_dir = _bigbench_cache_dir()
+    for member, docs in found.items():
+        record = {
+            "package": "bigbench",
+            "version": BIGBENCH_VERSION,
+            "archive": archive.name,
+            "archive_sha256": archive_sha,
+            "member": member,
+            "fingerprint": _fingerprint(tuple(docs)),
+            "documents": docs,
+        }
+        path = out_dir / f"{_bigbench_stem(member)}.{archive_sha[:16]}.json"
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+        logger.info("cached %d paragraphs of %s in %s", len(docs), member, path)
+
+
+@functools.lru_cache(maxsize=None)
+def _bigbench_corpus(name: str) -> Corpus:
+    member = _BIGBENCH_FILES[name]
+    record = _read_cached_paragraphs(member)
+    if record is None:
+        _extract_bigbench()
+        record = _read_cached_paragraphs(member)
+        if record is None:  # pragma: no cover - only if the cache folder is not writable
+            raise PrunewiseError(
+                f"could not cache the '{name}' corpus under {_bigbench_cache_dir()}; check permissions"
+            )
+    source = f"bigbench=={BIGBENCH_VERSION} sdist: {member} (archive sha256 {record['archive_sha256'][:16]})"
+    return Corpus(name=name, documents=tuple(record["documents"]), source=source, fingerprint=record["fingerprint"])
+
+
+# ---------------------------------------------------------------- code (Python standard library)
+
+
+def code_split(relpath: str) -> str:
+    """'test' or 'train': the deterministic split of a standard-library file by its relative path."""
+    return "test" if int(hashlib.sha1(relpath.encode("utf-8")).hexdigest(), 16) % _CODE_TEST_MODULUS == 0 else "train"
+
+
+def _stdlib_files(root: Path) -> list[str]:
+    """Relative POSIX paths of the standard library's *.py files, sorted, tests and site-packages excluded."""
+    rels: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _CODE_EXCLUDED_DIRS]
+        for filename in filenames:
+            if filename.endswith(".py"):
+                rels.append(Path(dirpath, filename).relative_to(root).as_posix())
+    return sorted(rels)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_corpora() -> dict[str, Corpus]:
+    """Both splits of the standard-library corpus, built together so they can be made disjoint."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise PrunewiseError(f"the Python standard library folder {root} is missing; the 'code' corpus needs it")
+    seen: set[str] = set()
+    files: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
+    skipped = 0
+    for rel in _stdlib_files(root):
+        try:
+            text = (root / rel).read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            skipped += 1
+            logger.debug("code corpus: skipping %s (unreadable or not UTF-8)", rel)
+            continue
+        key = " ".join(text.split())
+        # exact duplicates are dropped before splitting, so no file's text can land in both splits
+        if not key or key in seen:
+            continue
+        seen.add(key)
+        files[code_split(rel)].append((rel, text))
+    # decontaminate: drop test files that are near-copies of calibration files (e.g. the generated codec tables)
+    train_shingles = shingles(text for _, text in files["train"])
+    kept_test = []
+    for rel, text in files["test"]:
+        own = shingles([text])
+        if len(own & train_shingles) > _CODE_NEAR_COPY * len(own):
+            logger.debug("code corpus: dropping test file %s, a near-copy of calibration files", rel)
+        else:
+            kept_test.append((rel, text))
+    dropped = len(files["test"]) - len(kept_test)
+    files["test"] = kept_test
+    version = platform.python_version()
+    rule = f"sha1(relpath) % {_CODE_TEST_MODULUS}"
+    out = {}
+    for split, name in (("train", "code"), ("test", "code-test")):
+        if split == "train":
+            detail = f"{rule} != 0"
+        else:
+            detail = (
+                f"{rule} == 0, less {dropped} near-copies of calibration files "
+                f"(>{_CODE_NEAR_COPY:.0%} shared 13-word passages)"
+            )
+        source = (
+            f"Python {version} standard library {root}: {len(files[split])} *.py files, {split} split ({detail}); "
+            f"unique files, tests and site-packages excluded, {skipped} non-UTF-8 skipped"
+        )
+        out[split] = Corpus.from_documents(name, (text for _, text in files[split]), source)
+    return out
+
+
+# ---------------------------------------------------------------- local files
+
+
+def _local_corpus(spec: str) -> Corpus:
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise PrunewiseError(f"corpus file {spec} does not exist; give a path to an existing .txt or .jsonl file")
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PrunewiseError(f"corpus file {spec} is not valid UTF-8 ({exc.reason}); save it as UTF-8") from exc
+    except OSError as exc:
+        raise PrunewiseError(
+            f"cannot read corpus file {spec} ({exc.strerror}); check the path and permissions"
+        ) from exc
+    if not raw.strip():
+        raise PrunewiseError(f"corpus file {spec} is empty; give a file with text in it")
+    if path.suffix.lower() == ".txt":
+        docs = _paragraphs(raw)
+        source = f"local text file {path.resolve()} (paragraphs split on blank lines)"
+    else:
+        docs = _jsonl_documents(raw, spec)
+        source = f"local JSON-lines file {path.resolve()}"
+    corpus = Corpus.from_documents(spec, docs, source)
+    if not corpus.documents:
+        raise PrunewiseError(f"corpus file {spec} has no text; give a file with text in it")
+    return corpus
+
+
+def _paragraphs(raw: str) -> list[str]:
+    """Paragraphs of a text: split on blank lines, stripped, empty ones dropped."""
+    paragraphs: list[str] = []
+    current: list[str] = []
+    for line in raw.splitlines():
+        if line.strip():
+            current.append(line)
+        elif current:
+            paragraphs.append("\n".join(current).strip())
+            current = []
+    if current:
+        paragraphs.append("\n".join(current).strip())
+    return [p for p in paragraphs if p]
+
+
+def _jsonl_documents(raw: str, spec: str) -> list[str]:
+    """Documents of a JSON-lines file: the 'text' field, or prompt + completion."""
+    docs: list[str] = []
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise PrunewiseError(
+                f"{spec} line {lineno} is not valid JSON ({exc}); write one JSON object per line"
+            ) from exc
+        if not isinstance(obj, dict):
+            raise PrunewiseError(
+                f"{spec} line {lineno} is not a JSON object; write one object per line with a 'text' field"
+            )
+        if "prompt" in obj or "completion" in obj:
+            parts = [obj.get("prompt"), obj.get("completion")]
+        else:
+            parts = [obj.get("text")]
+        for part in parts:
+            if part is not None and not isinstance(part, str):
+                raise PrunewiseError(f"{spec} line {lineno}: text fields must be strings; fix that line")
+        doc = "".join(p for p in parts if p)
+        if doc.strip():
+            docs.append(doc.strip())
+    return docs
+
+
+# ---------------------------------------------------------------- online (datasets)
+
+
+def _load_dataset(name: str, *args, **kwargs):
+    """datasets.load_dataset with clean errors when the package or the network is missing."""
+    try:
+        import datasets  # noqa: PLC0415 - optional dependency, imported lazily
+    except ImportError as exc:
+        raise PrunewiseError(
+            f"corpus '{name}' needs the 'datasets' package; run: pip install 'prunewise[online]' "
+            "(or use the offline corpora 'wiki' / 'wiki-test')"
+        ) from exc
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a download failure for the user
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PrunewiseError(
+            f"corpus '{name}' needs internet to download ({type(exc).__name__}: {detail}); "
+            "offline, use --calibration wiki and --data wiki-test instead"
+        ) from exc
+
+
+def _online_corpus(name: str) -> Corpus:
+    if name in ("wikitext2", "wikitext2-test"):
+        split = "train" if name == "wikitext2" else "test"
+        data = _load_dataset(name, "Salesforce/wikitext", "wikitext-2-raw-v1", split=split)
+        # one document, so text() is exactly "\n\n".join(lines) as in the Wanda / SparseGPT evaluations
+        text = "\n\n".join(data["text"])
+        source = f"datasets: Salesforce/wikitext wikitext-2-raw-v1 {split} split, lines joined by blank lines"
+        return Corpus.from_documents(name, [text], source)
+    if name == "c4":
+        shard = "en/c4-train.00000-of-01024.json.gz"
+        data = _load_dataset(name, "allenai/c4", data_files={"train": shard}, split="train")
+        n = min(_C4_CALIBRATION_DOCS, len(data))
+        return Corpus.from_documents(name, data[:n]["text"], f"datasets: allenai/c4 {shard} (first {n} documents)")
+    shard = "en/c4-validation.00000-of-00008.json.gz"
+    data = _load_dataset(name, "allenai/c4", data_files={"validation": shard}, split="validation")
+    n = min(_C4_EVALUATION_DOCS, len(data))
+    text = " ".join(data[:n]["text"])  # as in Wanda's C4 evaluation
+    return Corpus.from_documents(name, [text], f"datasets: allenai/c4 {shard} (first {n} documents joined by spaces)")
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def _is_local_spec(spec: str) -> bool:
+    return spec.lower().endswith((".txt", ".jsonl"))
+
+
+def list_corpora() -> list[dict]:
+    """One dict per named corpus: name, description, offline, cached."""
+    rows = []
+    for name in _ROLE_NAMES:
+        if name in _BIGBENCH_FILES:
+            cached = any(_bigbench_cache_dir().glob(f"{_bigbench_stem(_BIGBENCH_FILES[name])}.*.json"))
+        else:
+            cached = name not in _ONLINE  # the stdlib is always on disk; online sets live in the datasets cache
+        offline = name not in _ONLINE
+        rows.append({"name": name, "description": _DESCRIPTIONS[name], "offline": offline, "cached": cached})
+    return rows
+
+
+def get_corpus(spec: str | os.PathLike, role: str = "calibration") -> Corpus:
+    """Load a named corpus or a local .txt/.jsonl file for the given role ('calibration' or 'evaluation')."""
+    if role not in ROLES:
+        raise PrunewiseError(f"corpus role must be one of {', '.join(ROLES)}, not {role!r}")
+    spec = os.fspath(spec)
+    if _is_local_spec(spec):
+        return _local_corpus(spec)
+    key = spec.strip().lower()
+    if key not in _ROLE_NAMES:
+        if Path(spec).expanduser().is_file():
+            raise PrunewiseError(
+                f"corpus file {spec} must end in .txt (paragraphs) or .jsonl (a 'text' field per line)"
+            )
+        raise PrunewiseError(
+            f"unknown corpus {spec!r}; choose one of {', '.join(_ROLE_NAMES)}, or give a path to a .txt or .jsonl file"
+        )
+    name = _ROLE_NAMES[key][ROLES.index(role)]
+    if name in _BIGBENCH_FILES:
+        return _bigbench_corpus(name)
+    if name in ("code", "code-test"):
+        return _code_corpora()["test" if name == "code-test" else "train"]
+    return _online_corpus(name)
