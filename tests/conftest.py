@@ -38,3 +38,41 @@ def _isolated_cache(request, tmp_path, monkeypatch):
 def windows():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 256, (8, 32), generator=g)
+
+
+TEXT = ("the quick brown fox jumps over the lazy dog while a small cat sleeps near the warm fire and "
+        "birds sing songs of rain and sun over green hills where rivers run to the sea 0123456789 ")
+
+
+def tiny_tokenizer():
+    """A byte-level BPE (at most 256 tokens) trained offline, so tiny folders are complete checkpoints."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<unk>", "<pad>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator([TEXT] * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def write_paragraphs(path, seed: int, n: int = 40, words: int = 60) -> str:
+    """A .txt of ``n`` random paragraphs from TEXT's words (different seeds give disjoint text)."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = TEXT.split()
+    paras = [" ".join(rng.choice(vocab) for _ in range(words)) + f" {seed}-{i}" for i in range(n)]
+    path.write_text("\n\n".join(paras))
+    return str(path)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """A saved tiny Llama with tokenizer, plus disjoint calibration and evaluation text files."""
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return {"model": str(folder), "calib": write_paragraphs(tmp_path / "calib.txt", 1),
+            "eval": write_paragraphs(tmp_path / "eval.txt", 2)}

@@ -3,4 +3,16 @@
 from .errors import PrunewiseError
 
 __version__ = "0.1.0"
-__all__ = ["PrunewiseError", "__version__"]
+
+
+def __getattr__(name):  # the API imports torch and transformers: load it on first use
+    if name in ("prune", "evaluate", "run", "PruneResult"):
+        from . import api
+        return getattr(api, name)
+    if name in ("Recipe", "make_recipe"):
+        from . import recipe
+        return getattr(recipe, name)
+    raise AttributeError(name)
+
+
+__all__ = ["PrunewiseError", "__version__", "prune", "evaluate", "run", "PruneResult", "Recipe", "make_recipe"]

@@ -93,6 +93,8 @@ class Recipe(BaseModel):
             raise PrunewiseError(f"recipe {path} does not exist; write one with `prunewise prune ... --output DIR` (recipe.yaml)") from None
         except yaml.YAMLError as exc:
             raise PrunewiseError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise PrunewiseError(f"recipe {path} must be a YAML mapping of recipe fields")
         return make_recipe(**data)
 
 

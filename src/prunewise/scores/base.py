@@ -25,9 +25,11 @@ class LinearStats:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
-        self.sq_norm += x.pow(2).sum(0, dtype=torch.float64)
         if self.hessian is not None:
             self.hessian.addmm_(x.t(), x)
+            self.sq_norm = self.hessian.diagonal().double()
+        else:
+            self.sq_norm += torch.linalg.vector_norm(x, dim=0).double().pow(2)
 
     def check_finite(self, module: str) -> None:
         if not torch.isfinite(self.sq_norm).all():

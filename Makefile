@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build the virtualenv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## Prune the default model (smollm2-135m) to 50% with Wanda + OWL; dense vs pruned perplexity on wiki-test and code.
+demo: $(STAMP)
+	$(VENV)/bin/prunewise prune --model smollm2-135m --score wanda --allocation owl --sparsity 0.5 \
+		--calibration wiki --eval wiki-test code --output out/demo --overwrite
+
+## Unit tests and the marked integration tests on the real smollm2-135m.
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+## Unit tests only (seconds).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration"
+
+## The quality grid of bench/quality.py (about an hour on 2 CPU cores).
+bench: $(STAMP)
+	$(PY) bench/quality.py
+
+clean:
+	rm -rf $(VENV) out
