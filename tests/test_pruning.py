@@ -61,34 +61,44 @@ def test_unstructured_layer_group_is_exact_overall_not_per_row():
     assert max(spreads) > 1  # a per-layer threshold does not equalise rows
 
 
-def _reference_wanda(model, windows, sparsity):
-    """Wanda as its paper defines it, written independently: block by block, every linear's input norm
-    from the dense block (inputs = outputs of the already pruned blocks), ranked per output row."""
+def _reference_wanda(model, windows, sparsity, sequential):
+    """Wanda as its paper defines it, written independently with whole-model forwards: block by block
+    (inputs = outputs of the already pruned blocks), |W| * ||X_j||_2 ranked per output row. Sequential:
+    linears pruned in forward order, each measured after its predecessors were pruned; parallel: all
+    linears of a block measured on the dense block (the reference code's order)."""
     adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
-    for i, block in enumerate(blocks):
-        linears = adapter.linears(block)
-        # sequential within the block: linears are pruned in forward order, each seeing the pruned predecessors
-        for name, lin in linears.items():
-            acts = []
-            h = lin.register_forward_hook(lambda mod, inp, out: acts.append(inp[0].detach().reshape(-1, inp[0].shape[-1])))
+    for block in adapter.blocks(model):
+        linears = list(adapter.linears(block).values())
+        groups = [[lin] for lin in linears] if sequential else [linears]
+        for group in groups:
+            acts = {id(lin): [] for lin in group}
+            hooks = [lin.register_forward_hook(lambda mod, inp, out: acts[id(mod)].append(inp[0].reshape(-1, inp[0].shape[-1])))
+                     for lin in group]
             with torch.no_grad():
                 model(input_ids=windows, use_cache=False)
-            h.remove()
-            x = torch.cat(acts)
-            norm = x.double().pow(2).sum(0).sqrt().float()
-            metric = lin.weight.abs() * norm
-            k = int(round(sparsity * lin.in_features))
-            idx = torch.sort(metric, dim=1, stable=True)[1][:, :k]
-            with torch.no_grad():
-                lin.weight.scatter_(1, idx, 0.0)
+            for h in hooks:
+                h.remove()
+            for lin in group:
+                norm = torch.cat(acts[id(lin)]).double().pow(2).sum(0).sqrt().float()
+                metric = lin.weight.abs() * norm
+                k = int(round(sparsity * lin.in_features))
+                idx = torch.sort(metric, dim=1, stable=True)[1][:, :k]
+                with torch.no_grad():
+                    lin.weight.scatter_(1, idx, 0.0)
     return model
 
 
-def test_wanda_matches_an_independent_reference_implementation():
+@pytest.mark.parametrize("within_block", ["sequential", "parallel"])
+def test_wanda_matches_an_independent_reference_implementation(within_block):
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
-    ours, _ = prune_tiny("wanda", Unstructured("row"), 0.5, windows=windows)
-    ref = _reference_wanda(tiny_model("llama"), windows, 0.5)
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    numels = {n: w.numel() for n, w in prunable_weights(model).items()}
+    structure = Unstructured("row")
+    visitor = PruneVisitor(get_score("wanda"), structure, allocate_uniform(numels, 0.5, structure), adapter.block_prefix(model))
+    SequentialEngine(model, adapter, windows, progress=False, sequential=within_block == "sequential").run(visitor)
+    ours = model
+    ref = _reference_wanda(tiny_model("llama"), windows, 0.5, sequential=within_block == "sequential")
     for (name, a), b in zip(prunable_weights(ours).items(), prunable_weights(ref).values()):
         assert torch.equal(a == 0, b == 0), name
         torch.testing.assert_close(a, b)
@@ -105,11 +115,29 @@ def test_wanda_statistics_are_input_column_norms():
     torch.testing.assert_close(get_score("wanda").importance(w, stats), expected)
 
 
-def test_chunked_multi_pass_equals_single_chunk():
-    single, _ = prune_tiny("wanda", Unstructured("row"), 0.5, chunk=None)
-    chunked, _ = prune_tiny("wanda", Unstructured("row"), 0.5, chunk=3)
+@pytest.mark.parametrize("score", ["wanda", "sparsegpt"])
+def test_chunked_multi_pass_equals_single_chunk(score):
+    single, _ = prune_tiny(score, Unstructured("row"), 0.5, chunk=None)
+    chunked, _ = prune_tiny(score, Unstructured("row"), 0.5, chunk=3)
     for (name, a), b in zip(prunable_weights(single).items(), prunable_weights(chunked).values()):
-        assert torch.equal(a, b), name
+        assert torch.equal(a == 0, b == 0), name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_sequential_and_parallel_within_block_differ_after_the_first_linear():
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
+    out = {}
+    for mode in (True, False):
+        model = tiny_model("llama")
+        adapter = get_adapter(model)
+        numels = {n: w.numel() for n, w in prunable_weights(model).items()}
+        st = Unstructured("row")
+        v = PruneVisitor(get_score("wanda"), st, allocate_uniform(numels, 0.5, st), adapter.block_prefix(model))
+        SequentialEngine(model, adapter, windows, progress=False, sequential=mode).run(v)
+        out[mode] = prunable_weights(model)
+    first = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(out[True][first], out[False][first])  # same inputs: block 0's q sees no pruned predecessor
+    assert not torch.equal(out[True]["model.layers.0.mlp.down_proj"], out[False]["model.layers.0.mlp.down_proj"])
 
 
 def _layer_problem(seed=0, rows=48, cols=64, tokens=512):

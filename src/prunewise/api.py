@@ -126,7 +126,8 @@ def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progre
     if score.needs is None:
         _walk_without_data(model, adapter, visitor)
     else:
-        SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc=f"{recipe.score} prune").run(visitor)
+        SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc=f"{recipe.score} prune",
+                         sequential=recipe.within_block == "sequential").run(visitor)
     timings["prune_s"] = time.perf_counter() - t0
 
     measured = measure_sparsity(model, list(numels))

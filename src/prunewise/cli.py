@@ -25,6 +25,7 @@ PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--seqlen": ("seqlen", int, "tokens per calibration window"),
     "--seed": ("seed", int, "seed of the calibration windows"),
     "--damp": ("damp", float, "SparseGPT dampening (share of the mean Hessian diagonal)"),
+    "--within-block": ("within_block", str, "sequential (default) | parallel (statistics from the dense block, as the reference code)"),
     "--chunk-size": ("chunk_size", int, "calibration windows per forward chunk (lower = less memory)"),
     "--targets": ("targets", str, "regex of module names to prune"),
     "--ignore": ("ignore", str, "regex of module names never pruned"),

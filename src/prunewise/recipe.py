@@ -37,6 +37,8 @@ class Recipe(BaseModel):
     seed: int = 0
     damp: float = Field(0.01, gt=0)
     blocksize: int = Field(128, ge=1)
+    within_block: Literal["sequential", "parallel"] = Field(
+        "sequential", description="sequential: each linear sees its pruned predecessors; parallel: all see the dense block")
     chunk_size: int | None = Field(None, ge=1, description="calibration windows per forward chunk; default all")
     targets: str = Field(r".*", description="regex a module name must match to be pruned")
     ignore: str | None = Field(None, description="regex of module names never pruned")

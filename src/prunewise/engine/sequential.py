@@ -58,7 +58,8 @@ class SequentialEngine:
     """Walks the blocks of a causal LM in order over calibration windows."""
 
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, windows: torch.Tensor,
-                 chunk_size: int | None = None, progress: bool = True, desc: str = "pruning") -> None:
+                 chunk_size: int | None = None, progress: bool = True, desc: str = "pruning",
+                 sequential: bool = True) -> None:
         self.model = model
         self.adapter = adapter
         self.windows = windows
@@ -66,6 +67,7 @@ class SequentialEngine:
         self.chunk_size = n if not chunk_size or chunk_size >= n else chunk_size
         self.progress = progress
         self.desc = desc
+        self.sequential = sequential  # False: every linear of a block sees the dense block (reference Wanda/SparseGPT)
 
     @torch.no_grad()
     def capture(self) -> Captured:
@@ -156,7 +158,7 @@ class SequentialEngine:
                     if sibling is not None and sibling in collecting:
                         collecting[name] = collecting[sibling]   # same input: same cleanliness
                     else:
-                        collecting[name] = not any(p in stale_in_pass for p in called)
+                        collecting[name] = not self.sequential or not any(p in stale_in_pass for p in called)
                     if collecting[name]:
                         if sibling in stats and pending.get(sibling) == pending[name]:
                             stats[name], owner[name] = stats[sibling], owner[sibling]
@@ -166,7 +168,7 @@ class SequentialEngine:
                 if collecting[name]:
                     if owner[name] == name:
                         stats[name].add(x)
-                    if chunk == n_chunks - 1:
+                    if chunk == n_chunks - 1 and self.sequential:
                         stats[name].check_finite(f"block {index} {name}")
                         visitor.visit(index, name, module, stats[name])
                         del pending[name]
@@ -188,5 +190,10 @@ class SequentialEngine:
             for h in handles:
                 h.remove()
             seen_inputs.clear()
+        if not self.sequential:  # prune after the pass, from statistics of the dense block
+            for name in [n for n in pending if collecting.get(n)]:
+                stats[name].check_finite(f"block {index} {name}")
+                visitor.visit(index, name, linears[name], stats[name])
+                del pending[name]
         stale = bool(stale_in_pass) and visitor.modifies_weights
         return torch.cat(outs), stale
