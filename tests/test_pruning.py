@@ -230,3 +230,22 @@ def test_bad_structures_are_refused(text):
 def test_nm_that_does_not_divide_the_input_width_is_refused():
     with pytest.raises(PrunewiseError, match="divisible by 3"):
         NM(2, 3).check("x", torch.zeros(4, 64))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma3"])
+@pytest.mark.parametrize("score", ["wanda", "sparsegpt"])
+def test_every_family_prunes_through_its_adapter(family, score):
+    model, visitor = prune_tiny(score, Unstructured("row"), 0.5, family=family)
+    weights = prunable_weights(model)
+    assert len(weights) == 7 * 2 and set(visitor.records) == set(weights)
+    for name, w in weights.items():
+        assert int((w == 0).sum()) == w.numel() // 2, name
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.arange(20)[None]).logits).all()
+
+
+def test_unknown_architecture_is_refused_with_the_supported_list():
+    class Cfg:
+        model_type = "bert"
+    with pytest.raises(PrunewiseError, match="no architecture adapter for model_type 'bert'; supported: llama"):
+        get_adapter(Cfg())

@@ -117,7 +117,7 @@ def _cmd_data(args) -> int:
         print(f"{corpus.name}: {len(corpus.documents)} documents, {len(corpus.text())} characters ({corpus.source})")
         return 0
     for row in list_corpora():
-        print(f"{row['name']:<12}{'offline' if row.get('offline') else 'online':<9}"
+        print(f"{row['name']:<16}{'offline' if row.get('offline') else 'online':<9}"
               f"{'cached' if row.get('cached') else '':<8}{row.get('description', '')}")
     return 0
 

@@ -111,6 +111,8 @@ def make_recipe(**fields) -> Recipe:
         return Recipe(**fields)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "recipe"
+        where = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        raise PrunewiseError(f"invalid recipe: {where}: {msg}") from None
+        if err["type"] == "literal_error":
+            msg = f"{msg}, got {err['input']!r}"
+        raise PrunewiseError(f"invalid recipe: {where + ': ' if where else ''}{msg}") from None

@@ -68,7 +68,11 @@ class SparseGPTScore:
     def prune(self, weight: torch.Tensor, stats: LinearStats, structure, sparsity, module: str = "?") -> PruneOutcome:
         W = weight.detach().float().clone()
         rows, cols = W.shape
-        U, dead, damp_used = inverse_hessian_factor(stats.hessian, self.damp, module)
+        # linears reading the same input (q/k/v, gate/up) share one statistics object: factor once
+        factor = getattr(stats, "factor", None)
+        if factor is None or factor[0] != self.damp:
+            stats.factor = factor = (self.damp, *inverse_hessian_factor(stats.hessian, self.damp, module))
+        _, U, dead, damp_used = factor
         W[:, dead] = 0.0
         mask = torch.zeros(rows, cols, dtype=torch.bool)
 
