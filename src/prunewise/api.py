@@ -127,7 +127,7 @@ def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progre
         _walk_without_data(model, adapter, visitor)
     else:
         SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc=f"{recipe.score} prune",
-                         sequential=recipe.within_block == "sequential").run(visitor)
+                         sequential=recipe.sequential).run(visitor)
     timings["prune_s"] = time.perf_counter() - t0
 
     measured = measure_sparsity(model, list(numels))

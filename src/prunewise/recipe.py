@@ -37,8 +37,9 @@ class Recipe(BaseModel):
     seed: int = 0
     damp: float = Field(0.01, gt=0)
     blocksize: int = Field(128, ge=1)
-    within_block: Literal["sequential", "parallel"] = Field(
-        "sequential", description="sequential: each linear sees its pruned predecessors; parallel: all see the dense block")
+    within_block: Literal["sequential", "parallel"] | None = Field(
+        None, description="sequential: each linear sees its pruned predecessors; parallel: all see the dense block "
+                          "(default: parallel for magnitude/wanda as in the Wanda paper, sequential for sparsegpt)")
     chunk_size: int | None = Field(None, ge=1, description="calibration windows per forward chunk; default all")
     targets: str = Field(r".*", description="regex a module name must match to be pruned")
     ignore: str | None = Field(None, description="regex of module names never pruned")
@@ -79,6 +80,11 @@ class Recipe(BaseModel):
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity {self.sparsity} is outside [0, 1); give the fraction of weights to remove, e.g. 0.5")
         return self
+
+    @property
+    def sequential(self) -> bool:
+        """Within-block order: the recipe's choice, else sequential only for reconstruction (sparsegpt)."""
+        return (self.within_block or ("sequential" if self.score == "sparsegpt" else "parallel")) == "sequential"
 
     @property
     def structure_obj(self):

@@ -7,10 +7,12 @@ by block, the calibration activations go through the block with hooks on its lin
 receives each linear's input statistics once they are complete and may rewrite the weight; the
 block's outputs, recomputed with the rewritten weights, become the next block's inputs.
 
-Within a block, pruning is *sequential* too: a linear's statistics are only used when every linear
-that ran before it already computed with its final weights. When the calibration set goes through
-a block in one chunk this takes a single pass (each linear is pruned in its pre-hook, just before
-it computes); with several chunks, one extra pass per dependency level.
+Within a block there are two orders. *Parallel* (the Wanda and SparseGPT reference code): every
+linear's statistics come from the dense block, then all are pruned and the block is run again for
+its outputs. *Sequential*: a linear's statistics are only used when every linear that ran before it
+already computed with its final weights; with the calibration set in one chunk this takes a single
+pass (each linear is pruned in its pre-hook, just before it computes), with several chunks one
+extra pass per dependency level.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ class SequentialEngine:
         self.model = model
         self.adapter = adapter
         self.windows = windows
-        n = windows.shape[0]
-        self.chunk_size = n if not chunk_size or chunk_size >= n else chunk_size
+        self.requested_chunk = chunk_size
+        self.chunk_size = min(chunk_size or 8, windows.shape[0])
         self.progress = progress
         self.desc = desc
         self.sequential = sequential  # False: every linear of a block sees the dense block (reference Wanda/SparseGPT)
@@ -107,6 +109,11 @@ class SequentialEngine:
     @torch.no_grad()
     def run(self, visitor: BlockVisitor) -> None:
         """Walk all blocks with ``visitor``; afterwards the model holds the visitor's weights."""
+        n = self.windows.shape[0]
+        # Sequential pruning in one chunk takes one pass; otherwise the number of passes does not depend
+        # on the chunk size, and small chunks run faster (the block's activations stay in cache).
+        one_pass = self.sequential and visitor.modifies_weights
+        self.chunk_size = min(self.requested_chunk or (n if one_pass else 8), n)
         cap = self.capture()
         hidden = cap.hidden
         blocks = self.adapter.blocks(self.model)
@@ -178,6 +185,11 @@ class SequentialEngine:
             called.append(name)
 
         handles = [m.register_forward_pre_hook(pre_hook) for m in linears.values()]
+        # A parallel statistics pass throws its outputs away (the weights change after it), so the
+        # last linear of the block, whose output feeds no other linear, need not compute at all.
+        skip = list(linears.values())[-1] if (not self.sequential and pending and visitor.modifies_weights) else None
+        if skip is not None:
+            skip.forward = lambda x, _m=skip: x.new_zeros(*x.shape[:-1], _m.out_features)
         outs = []
         try:
             for c in range(n_chunks):
@@ -189,6 +201,8 @@ class SequentialEngine:
         finally:
             for h in handles:
                 h.remove()
+            if skip is not None:
+                del skip.forward
             seen_inputs.clear()
         if not self.sequential:  # prune after the pass, from statistics of the dense block
             for name in [n for n in pending if collecting.get(n)]:
@@ -196,4 +210,5 @@ class SequentialEngine:
                 visitor.visit(index, name, linears[name], stats[name])
                 del pending[name]
         stale = bool(stale_in_pass) and visitor.modifies_weights
+        assert skip is None or stale, "outputs of a pass that skipped a linear must not be used"
         return torch.cat(outs), stale
