@@ -18,7 +18,8 @@ from .allocation.methods import (ImportanceSampleVisitor, OutlierVisitor, alloca
                                  allocate_uniform)
 from .allocation.plan import AllocationPlan
 from .cache import cache_dir
-from .data import calibration_windows, check_no_overlap, evaluation_windows, get_corpus
+from .data import calibration_corpora, calibration_spec_windows, check_no_overlap, evaluation_windows, get_corpus
+from .data.mixture import CalibrationSpec
 from .engine.pruner import PruneVisitor
 from .engine.sequential import SequentialEngine
 from .errors import PrunewiseError
@@ -113,8 +114,7 @@ def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progre
     needs_data = score.needs is not None or (recipe.allocation == "owl" and not recipe.plan)
     if needs_data:
         t0 = time.perf_counter()
-        corpus = get_corpus(recipe.calibration, "calibration")
-        windows = calibration_windows(tokenizer, corpus, recipe.nsamples, recipe.seqlen, recipe.seed)
+        windows = calibration_spec_windows(tokenizer, recipe.calibration, recipe.nsamples, recipe.seqlen, recipe.seed)
         timings["calibration_data_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -158,16 +158,17 @@ def _dense_cache_path(model_spec: str, corpus, seqlen: int, max_tokens: int) -> 
 
 
 def evaluate(model: nn.Module, tokenizer, data: list[str], eval_tokens: int = 32768, seqlen: int = 512,
-             calibration: str | None = None, dense_spec: str | None = None, progress: bool = True) -> dict[str, float]:
-    """Perplexity on each evaluation corpus; refuses corpora that overlap the calibration text.
+             calibration: CalibrationSpec | None = None, dense_spec: str | None = None,
+             progress: bool = True) -> dict[str, float]:
+    """Perplexity on each evaluation corpus; refuses corpora that overlap the calibration text (every mixture part).
 
     With ``dense_spec`` (the model is the unmodified named/source model) results are cached on disk.
     """
     results = {}
-    calib = get_corpus(calibration, "calibration") if calibration else None
+    calibs = calibration_corpora(calibration) if calibration else []
     for name in data:
         corpus = get_corpus(name, "evaluation")
-        if calib is not None:
+        for calib in calibs:
             check_no_overlap(calib, corpus)
         cache = _dense_cache_path(dense_spec, corpus, seqlen, eval_tokens) if dense_spec else None
         if cache is not None and cache.exists():
@@ -205,8 +206,11 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
     """The whole job: evaluate dense, prune, evaluate pruned, save (if ``recipe.output``). Returns the report."""
     if recipe.output:
         check_output(recipe.output, recipe.overwrite, source=recipe.model)
+    calibs = calibration_corpora(recipe.calibration) if recipe.evaluation else []
     for name in recipe.evaluation:  # refuse overlapping data before any work
-        check_no_overlap(get_corpus(recipe.calibration, "calibration"), get_corpus(name, "evaluation"))
+        corpus = get_corpus(name, "evaluation")
+        for calib in calibs:
+            check_no_overlap(calib, corpus)
     model, tokenizer = load_model(recipe.model)
     dense = evaluate(model, tokenizer, recipe.evaluation, recipe.eval_tokens, recipe.eval_seqlen,
                      dense_spec=recipe.model, progress=progress) if recipe.evaluation else {}

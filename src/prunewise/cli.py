@@ -20,7 +20,8 @@ PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--owl-m": ("owl_m", float, "OWL outlier threshold M (times the mean score)"),
     "--owl-lambda": ("owl_lambda", float, "OWL spread lambda around the target"),
     "--min-density": ("min_density", float, "global allocation: share every module keeps at least"),
-    "--calibration": ("calibration", str, "calibration data: wiki, code, a .txt/.jsonl file, ..."),
+    "--calibration": ("calibration", str, "calibration data: wiki, code, a .txt/.jsonl file, ..., "
+                                          "or a mixture SOURCE:WEIGHT,... (e.g. code:0.7,wiki:0.3)"),
     "--nsamples": ("nsamples", int, "calibration windows"),
     "--seqlen": ("seqlen", int, "tokens per calibration window"),
     "--seed": ("seed", int, "seed of the calibration windows"),
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a model or pruned folder")
     e.add_argument("--model", required=True)
     e.add_argument("--data", nargs="+", default=["wiki-test"])
-    e.add_argument("--calibration", default=None, help="refuse evaluation data overlapping this calibration data")
+    e.add_argument("--calibration", default=None, help="refuse evaluation data overlapping this calibration data "
+                                                             "(a corpus or a mixture SOURCE:WEIGHT,...)")
     e.add_argument("--eval-tokens", type=int, default=32768)
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--no-progress", action="store_true")

@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data.mixture import MixtureItem, mixture_items, parse_calibration
 from .errors import PrunewiseError
 from .structures.masks import NM, parse_structure
 
@@ -31,7 +32,8 @@ class Recipe(BaseModel):
     owl_m: float = Field(5.0, gt=0)
     owl_lambda: float = Field(0.08, ge=0, lt=0.5)
     min_density: float = Field(0.1, gt=0, le=1)
-    calibration: str = "wiki"
+    calibration: str | list[MixtureItem] = Field(
+        "wiki", description="a corpus spec, or a mixture: a list of {source, weight} (or 'code:0.7,wiki:0.3')")
     nsamples: int = Field(64, ge=1)
     seqlen: int = Field(512, ge=2)
     seed: int = 0
@@ -54,6 +56,19 @@ class Recipe(BaseModel):
     def _structure(cls, v: str) -> str:
         parse_structure(v)
         return v.strip().lower()
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _calibration(cls, v):
+        try:
+            if isinstance(v, str):
+                return parse_calibration(v)
+            if isinstance(v, (list, tuple)):
+                return mixture_items(v)
+        except PrunewiseError as exc:
+            raise ValueError(str(exc)) from None
+        raise ValueError(f"must be a corpus spec (e.g. wiki, a .txt file) or a list of {{source, weight}} items, "
+                         f"not {v!r}")
 
     @field_validator("targets", "ignore")
     @classmethod

@@ -10,6 +10,7 @@ import os
 import platform
 import sysconfig
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,7 +294,9 @@ def _code_corpora() -> dict[str, Corpus]:
 # ---------------------------------------------------------------- local files
 
 
-def _local_corpus(spec: str) -> Corpus:
+def read_local_file(spec: str | os.PathLike) -> tuple[Path, str]:
+    """The path and UTF-8 text of a local data file, with one-line errors for missing, unreadable or empty files."""
+    spec = os.fspath(spec)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise PrunewiseError(f"corpus file {spec} does not exist; give a path to an existing .txt or .jsonl file")
@@ -307,6 +310,11 @@ def _local_corpus(spec: str) -> Corpus:
         ) from exc
     if not raw.strip():
         raise PrunewiseError(f"corpus file {spec} is empty; give a file with text in it")
+    return path, raw
+
+
+def _local_corpus(spec: str) -> Corpus:
+    path, raw = read_local_file(spec)
     if path.suffix.lower() == ".txt":
         docs = _paragraphs(raw)
         source = f"local text file {path.resolve()} (paragraphs split on blank lines)"
@@ -334,9 +342,8 @@ def _paragraphs(raw: str) -> list[str]:
     return [p for p in paragraphs if p]
 
 
-def _jsonl_documents(raw: str, spec: str) -> list[str]:
-    """Documents of a JSON-lines file: the 'text' field, or prompt + completion."""
-    docs: list[str] = []
+def iter_jsonl(raw: str, spec: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines text; one-line errors for bad lines."""
     for lineno, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
             continue
@@ -350,6 +357,13 @@ def _jsonl_documents(raw: str, spec: str) -> list[str]:
             raise PrunewiseError(
                 f"{spec} line {lineno} is not a JSON object; write one object per line with a 'text' field"
             )
+        yield lineno, obj
+
+
+def _jsonl_documents(raw: str, spec: str) -> list[str]:
+    """Documents of a JSON-lines file: the 'text' field, or prompt + completion."""
+    docs: list[str] = []
+    for lineno, obj in iter_jsonl(raw, spec):
         if "prompt" in obj or "completion" in obj:
             parts = [obj.get("prompt"), obj.get("completion")]
         else:
