@@ -7,7 +7,7 @@ The same run times one plain forward pass over the calibration tokens, the yards
 Results go to JSON (written after every cell, so an interrupted run resumes) and a markdown table.
 
     python bench/quality.py                 # full grid, ~1 hour on 2 CPU cores
-    python bench/quality.py --cells wanda:unstructured:0.5:uniform
+    python bench/quality.py --cells wanda/unstructured/0.5/uniform
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ GRID = [(score, structure, sparsity, allocation)
 
 
 def cell_key(c) -> str:
-    return ":".join(str(x) for x in c)
+    return "/".join(str(x) for x in c)
 
 
 def run_cell(args, cell: str) -> dict:
@@ -40,7 +40,7 @@ def run_cell(args, cell: str) -> dict:
     from prunewise.models.loading import load_model
     from prunewise.recipe import make_recipe
 
-    score, structure, sparsity, allocation = cell.split(":")
+    score, structure, sparsity, allocation = cell.split("/")
     recipe = make_recipe(model=args.model, score=score, structure=structure, allocation=allocation,
                          sparsity=None if ":" in structure else float(sparsity), calibration=args.calibration,
                          nsamples=args.nsamples, seqlen=args.seqlen, evaluation=args.eval, eval_tokens=args.eval_tokens)
@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval", nargs="+", default=["wiki-test", "code"])
     ap.add_argument("--eval-tokens", type=int, default=32768)
-    ap.add_argument("--cells", nargs="*", help="score:structure:sparsity:allocation (default: the whole grid)")
+    ap.add_argument("--cells", nargs="*", help="score/structure/sparsity/allocation (default: the whole grid)")
     ap.add_argument("--out", default=str(HERE / "results" / "quality.json"))
     ap.add_argument("--fresh", action="store_true", help="ignore finished cells in --out")
     ap.add_argument("--_cell", help=argparse.SUPPRESS)
