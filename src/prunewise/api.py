@@ -16,7 +16,9 @@ from torch import nn
 from . import __version__
 from .allocation.methods import (ImportanceSampleVisitor, OutlierVisitor, allocate_global, allocate_owl,
                                  allocate_uniform)
+from .allocation.knapsack import allocate_from_profile
 from .allocation.plan import AllocationPlan
+from .allocation.profile import compute_profile, plot_profile, weights_fingerprint
 from .cache import cache_dir
 from .data import calibration_corpora, calibration_spec_windows, check_no_overlap, evaluation_windows, get_corpus
 from .data.mixture import CalibrationSpec
@@ -43,6 +45,7 @@ class PruneResult:
     recipe: Recipe
     plan: AllocationPlan
     report: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)  # name -> content that run() saves beside plan.json (profile.json, ...)
 
 
 def peak_rss_mb() -> float:
@@ -69,8 +72,13 @@ def _walk_without_data(model, adapter, visitor) -> None:
         visitor.end_block(i, block)
 
 
-def build_plan(model, recipe: Recipe, score, structure, numels, windows, progress: bool) -> AllocationPlan:
-    """The allocation plan the recipe asks for (a dense pass over the calibration data where needed)."""
+def build_plan(model, recipe: Recipe, score, structure, numels, windows, progress: bool,
+               profile_windows: torch.Tensor | None = None, files: dict | None = None) -> AllocationPlan:
+    """The allocation plan the recipe asks for (a dense pass over the calibration data where needed).
+
+    ``allocation='profile'`` measures (or loads from the cache) a sensitivity profile on
+    ``profile_windows`` and puts ``profile.json`` (and ``profile.png``) into ``files``.
+    """
     adapter = get_adapter(model)
     prefix = adapter.block_prefix(model)
     target = float(recipe.sparsity)
@@ -88,6 +96,20 @@ def build_plan(model, recipe: Recipe, score, structure, numels, windows, progres
         keep = [j for j, mods in enumerate(blocks) if mods]
         return allocate_owl([visitor.ratios[j] for j in keep], [blocks[j] for j in keep], numels, target, structure,
                             recipe.owl_m, recipe.owl_lambda)
+    if recipe.allocation == "profile":
+        if profile_windows is None:
+            if windows is None:
+                raise PrunewiseError("profile allocation needs calibration windows; pass profile_windows to build_plan")
+            profile_windows = windows[:recipe.profile_nsamples, :recipe.profile_seqlen]
+        profile = compute_profile(model, profile_windows, score, structure, numels, unit=recipe.profile_unit,
+                                  levels=recipe.profile_levels, chunk_size=recipe.chunk_size, progress=progress,
+                                  model_fingerprint=weights_fingerprint(model))
+        if files is not None:
+            files["profile.json"] = profile.model_dump_json(indent=1)
+            png = plot_profile(profile)
+            if png is not None:
+                files["profile.png"] = png
+        return allocate_from_profile(profile, target)
     visitor = ImportanceSampleVisitor(score, prefix, set(numels), seed=recipe.seed)
     if score.needs is None:
         _walk_without_data(model, adapter, visitor)
@@ -117,8 +139,16 @@ def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progre
         windows = calibration_spec_windows(tokenizer, recipe.calibration, recipe.nsamples, recipe.seqlen, recipe.seed)
         timings["calibration_data_s"] = time.perf_counter() - t0
 
+    profile_windows = None
+    if recipe.allocation == "profile" and not recipe.plan:  # drawn apart: mixtures are concatenated by source
+        t0 = time.perf_counter()
+        profile_windows = calibration_spec_windows(tokenizer, recipe.calibration, recipe.profile_nsamples,
+                                                   recipe.profile_seqlen, recipe.seed)
+        timings["profile_data_s"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
-    plan = build_plan(model, recipe, score, structure, numels, windows, progress)
+    files: dict = {}
+    plan = build_plan(model, recipe, score, structure, numels, windows, progress, profile_windows, files)
     timings["allocation_s"] = time.perf_counter() - t0
 
     visitor = PruneVisitor(score, structure, plan, adapter.block_prefix(model))
@@ -146,7 +176,7 @@ def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progre
                     for n in numels},
         "cholesky_retries": {n: r["damp"] for n, r in visitor.records.items() if "damp" in r},
     }
-    return PruneResult(model, tokenizer, recipe, plan, report)
+    return PruneResult(model, tokenizer, recipe, plan, report, files)
 
 
 def _dense_cache_path(model_spec: str, corpus, seqlen: int, max_tokens: int) -> Path | None:
@@ -225,5 +255,6 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             "plan.json": result.plan.model_dump_json(indent=1),
             "report.json": json.dumps(report, indent=1),
             "report.md": report_markdown(report, result.plan),
+            **result.files,
         }, overwrite=recipe.overwrite)
     return report

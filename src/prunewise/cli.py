@@ -15,11 +15,12 @@ PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--structure": ("structure", str, "unstructured | N:M (N zeros in every M weights, e.g. 2:4)"),
     "--group": ("group", str, "comparison group for unstructured: row | layer (default per score)"),
     "--sparsity": ("sparsity", float, "fraction of targeted weights removed, in [0, 1)"),
-    "--allocation": ("allocation", str, "uniform | global | owl"),
+    "--allocation": ("allocation", str, "uniform | global | owl | profile (least measured damage per unit)"),
     "--plan": ("plan", str, "reuse an allocation plan (plan.json) instead of allocating"),
     "--owl-m": ("owl_m", float, "OWL outlier threshold M (times the mean score)"),
     "--owl-lambda": ("owl_lambda", float, "OWL spread lambda around the target"),
     "--min-density": ("min_density", float, "global allocation: share every module keeps at least"),
+    "--profile-unit": ("profile_unit", str, "profile allocation: block (one level per block, default) | module"),
     "--calibration": ("calibration", str, "calibration data: wiki, code, a .txt/.jsonl file, ..., "
                                           "or a mixture SOURCE:WEIGHT,... (e.g. code:0.7,wiki:0.3)"),
     "--nsamples": ("nsamples", int, "calibration windows"),

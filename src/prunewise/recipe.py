@@ -27,11 +27,16 @@ class Recipe(BaseModel):
     structure: str = "unstructured"
     group: Literal["row", "layer"] | None = Field(None, description="comparison group for unstructured; default per score")
     sparsity: float | None = Field(None, description="fraction of targeted weights removed; N:M implies N/M")
-    allocation: Literal["uniform", "global", "owl"] = "uniform"
+    allocation: Literal["uniform", "global", "owl", "profile"] = "uniform"
     plan: str | None = Field(None, description="a plan.json to reuse instead of allocating")
     owl_m: float = Field(5.0, gt=0)
     owl_lambda: float = Field(0.08, ge=0, lt=0.5)
     min_density: float = Field(0.1, gt=0, le=1)
+    profile_levels: list[float] | None = Field(
+        None, description="profile allocation: sparsity ladder; default 0.3..0.9, or every k/M for N:M")
+    profile_unit: Literal["module", "block"] = Field("block", description="profile allocation: one level per block or per module")
+    profile_nsamples: int = Field(8, ge=1, description="profile allocation: calibration windows used to measure damage")
+    profile_seqlen: int = Field(256, ge=2, description="profile allocation: tokens per window used to measure damage")
     calibration: str | list[MixtureItem] = Field(
         "wiki", description="a corpus spec, or a mixture: a list of {source, weight} (or 'code:0.7,wiki:0.3')")
     nsamples: int = Field(64, ge=1)
@@ -90,6 +95,12 @@ class Recipe(BaseModel):
                 raise ValueError(f"sparsity {self.sparsity} contradicts {struct.name} (= {struct.sparsity:g}); omit --sparsity with N:M")
             if self.allocation == "global":
                 raise ValueError("global allocation cannot produce N:M levels; use uniform or owl with N:M")
+        if self.profile_levels is not None:
+            from .allocation.profile import check_levels
+            try:
+                self.profile_levels = list(check_levels(self.profile_levels, struct))
+            except PrunewiseError as exc:
+                raise ValueError(str(exc)) from None
         if self.sparsity is None:
             self.sparsity = 0.5
         if not 0 <= self.sparsity < 1:

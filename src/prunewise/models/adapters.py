@@ -30,6 +30,7 @@ class ArchitectureAdapter:
     linear_names: tuple[str, ...] = LLAMA_LINEARS
     # candidate attribute paths from the CausalLM to the decoder (the module holding `.layers`)
     decoder_paths: tuple[str, ...] = ("model", "model.language_model", "language_model.model")
+    final_norm: str = "norm"  # attribute path, from the decoder, of the norm applied after the last block
     coupled: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
         "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
         "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
@@ -72,6 +73,23 @@ class ArchitectureAdapter:
         if not found:
             raise PrunewiseError(f"no prunable linears found in a {self.family} block (looked for {self.linear_names})")
         return found
+
+    def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the last block's output: the decoder's final norm, the output head, and final softcapping.
+
+        Softcapping follows the CausalLM forward of transformers: ``tanh(logits / c) * c`` where the
+        model's own config sets ``final_logit_softcapping`` (Gemma 2/3 text models).
+        """
+        norm = _get_path(self.decoder(model), self.final_norm)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if norm is None or head is None:
+            raise PrunewiseError(f"{type(model).__name__} has no final norm at decoder.{self.final_norm} or no output head; "
+                                 f"set final_norm in the {self.family} adapter")
+        logits = head(norm(hidden))
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def heads(self, config) -> tuple[int, int, int]:
         """(query heads, key/value heads, head dimension)."""
