@@ -63,8 +63,7 @@ def allocate_owl(ratios: list[float], block_modules: list[list[str]], numels: di
     if max(sparsity) >= 1 or min(sparsity) < 0:
         raise PrunewiseError(f"OWL lambda {lam} pushes a layer outside [0, 1) at target {target}; use a smaller --owl-lambda")
     if isinstance(structure, NM):
-        weights = torch.tensor([sum(numels[x] for x in mods) for mods in block_modules], dtype=torch.float64)
-        snapped = quantize_levels(torch.tensor(sparsity), weights, structure.m, target).tolist()
+        snapped = quantize_levels(torch.tensor(sparsity), structure.m, target).tolist()
         modules = {x: s for mods, s in zip(block_modules, snapped) for x in mods}
     else:
         modules = exact_counts({x: s for mods, s in zip(block_modules, sparsity) for x in mods}, numels, target)

@@ -35,12 +35,7 @@ class AllocationPlan(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "AllocationPlan":
-        try:
-            return cls.model_validate_json(Path(path).read_text())
-        except FileNotFoundError:
-            raise PrunewiseError(f"allocation plan {path} does not exist; write one with `prunewise prune ... --output DIR` (plan.json)") from None
-        except ValueError as exc:
-            raise PrunewiseError(f"allocation plan {path} is not a valid plan JSON ({str(exc).splitlines()[0]})") from None
+        return load_json_model(cls, path, "allocation plan", "write one with `prunewise prune ... --output DIR` (plan.json)")
 
     def check_matches(self, numels: dict[str, int]) -> None:
         """Refuse a plan written for another model."""
@@ -53,6 +48,16 @@ class AllocationPlan(BaseModel):
         for m, n in numels.items():
             if self.numels.get(m, n) != n:
                 raise PrunewiseError(f"allocation plan was made for a different shape of {m}; make a plan for this model")
+
+
+def load_json_model(cls: type[BaseModel], path: str | Path, what: str, fix: str):
+    """Read a pydantic artifact from JSON; a missing or invalid file is a one-line PrunewiseError."""
+    try:
+        return cls.model_validate_json(Path(path).read_text())
+    except FileNotFoundError:
+        raise PrunewiseError(f"{what} {path} does not exist; {fix}") from None
+    except ValueError as exc:
+        raise PrunewiseError(f"{what} {path} is not valid {what} JSON ({str(exc).splitlines()[0]})") from None
 
 
 def exact_counts(sparsities: dict[str, float], numels: dict[str, int], target: float,
@@ -83,7 +88,7 @@ def exact_counts(sparsities: dict[str, float], numels: dict[str, int], target: f
     return {m: counts[m] / numels[m] for m in numels}
 
 
-def quantize_levels(values: torch.Tensor, weights: torch.Tensor, levels: int, target: float) -> torch.Tensor:
+def quantize_levels(values: torch.Tensor, levels: int, target: float) -> torch.Tensor:
     """Snap per-unit sparsities to multiples of ``1/levels`` keeping the weighted mean at ``target``.
 
     Used for mixed N:M plans (each layer gets some N/M). Assumes equal-size units for exactness,

@@ -36,6 +36,7 @@ from ..cache import cache_dir
 from ..engine.sequential import SequentialEngine, _block_output
 from ..errors import PrunewiseError
 from ..models.adapters import ArchitectureAdapter, get_adapter
+from .plan import load_json_model
 from ..scores.base import LinearStats
 from ..structures.masks import NM
 
@@ -86,12 +87,7 @@ class SensitivityProfile(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> "SensitivityProfile":
         """Read a profile JSON written by :meth:`save`."""
-        try:
-            return cls.model_validate_json(Path(path).read_text())
-        except FileNotFoundError:
-            raise PrunewiseError(f"sensitivity profile {path} does not exist; compute one with allocation 'profile'") from None
-        except ValueError as exc:
-            raise PrunewiseError(f"sensitivity profile {path} is not a valid profile JSON ({str(exc).splitlines()[0]})") from None
+        return load_json_model(cls, path, "sensitivity profile", "compute one with allocation 'profile'")
 
 
 def default_levels(structure) -> tuple[float, ...]:

@@ -36,8 +36,7 @@ class PruneVisitor:
             return
         start = time.perf_counter()
         check_weight(full, linear.weight)
-        kwargs = {"module": full} if self.score.name == "sparsegpt" else {}
-        outcome = self.score.prune(linear.weight.data, stats, self.structure, sparsity, **kwargs)
+        outcome = self.score.prune(linear.weight.data, stats, self.structure, sparsity, module=full)
         linear.weight.data.copy_(outcome.weight)
         record = {"target": sparsity, "pruned": int(outcome.mask.sum()), "seconds": time.perf_counter() - start}
         record.update(outcome.notes)

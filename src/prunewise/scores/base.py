@@ -55,7 +55,8 @@ class Score(Protocol):
 
     def importance(self, weight: torch.Tensor, stats: LinearStats | None) -> torch.Tensor: ...
 
-    def prune(self, weight: torch.Tensor, stats: LinearStats | None, structure, sparsity) -> PruneOutcome: ...
+    def prune(self, weight: torch.Tensor, stats: LinearStats | None, structure, sparsity,
+              module: str = "?") -> PruneOutcome: ...
 
 
 def check_weight(module: str, weight: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ from .base import LinearStats, PruneOutcome
 class _MaskOnly:
     """Prune by masking the least important weights; the survivors are left as they are."""
 
-    def prune(self, weight, stats, structure, sparsity) -> PruneOutcome:
+    def prune(self, weight, stats, structure, sparsity, module: str = "?") -> PruneOutcome:
         mask = structure.mask(self.importance(weight, stats), sparsity)
         return PruneOutcome(weight.masked_fill(mask, 0.0), mask)
 
