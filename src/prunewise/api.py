@@ -17,7 +17,8 @@ from . import __version__
 from .allocation.methods import (ImportanceSampleVisitor, OutlierVisitor, allocate_global, allocate_owl,
                                  allocate_uniform)
 from .allocation.knapsack import allocate_from_profile
-from .allocation.plan import AllocationPlan
+from .allocation.plan import AllocationPlan, plot_plan
+from .allocation.search import SearchConfig, search_allocation
 from .allocation.profile import compute_profile, plot_profile, weights_fingerprint
 from .cache import cache_dir
 from .data import calibration_corpora, calibration_spec_windows, check_no_overlap, evaluation_windows, get_corpus
@@ -72,12 +73,39 @@ def _walk_without_data(model, adapter, visitor) -> None:
         visitor.end_block(i, block)
 
 
+def _owl_plan(model, adapter, recipe: Recipe, structure, numels, windows, progress: bool) -> AllocationPlan:
+    prefix = adapter.block_prefix(model)
+    visitor = OutlierVisitor(prefix, set(numels), recipe.owl_m)
+    SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="OWL outliers").run(visitor)
+    blocks = [[f"{prefix}.{i}.{n}" for n in adapter.linears(b) if f"{prefix}.{i}.{n}" in numels]
+              for i, b in enumerate(adapter.blocks(model))]
+    keep = [j for j, mods in enumerate(blocks) if mods]
+    return allocate_owl([visitor.ratios[j] for j in keep], [blocks[j] for j in keep], numels, float(recipe.sparsity),
+                        structure, recipe.owl_m, recipe.owl_lambda)
+
+
+def _profile_plan(model, recipe: Recipe, score, structure, numels, profile_windows, progress: bool,
+                  files: dict | None) -> AllocationPlan:
+    profile = compute_profile(model, profile_windows, score, structure, numels, unit=recipe.profile_unit,
+                              levels=recipe.profile_levels, chunk_size=recipe.chunk_size, progress=progress,
+                              model_fingerprint=weights_fingerprint(model))
+    if files is not None:
+        files["profile.json"] = profile.model_dump_json(indent=1)
+        png = plot_profile(profile)
+        if png is not None:
+            files["profile.png"] = png
+    return allocate_from_profile(profile, float(recipe.sparsity))
+
+
 def build_plan(model, recipe: Recipe, score, structure, numels, windows, progress: bool,
-               profile_windows: torch.Tensor | None = None, files: dict | None = None) -> AllocationPlan:
+               profile_windows: torch.Tensor | None = None, files: dict | None = None,
+               search_windows: torch.Tensor | None = None) -> AllocationPlan:
     """The allocation plan the recipe asks for (a dense pass over the calibration data where needed).
 
     ``allocation='profile'`` measures (or loads from the cache) a sensitivity profile on
     ``profile_windows`` and puts ``profile.json`` (and ``profile.png``) into ``files``.
+    ``allocation='search'`` starts from the best of uniform, OWL (outliers counted on
+    ``search_windows``) and the profile plan, and searches on ``search_windows``.
     """
     adapter = get_adapter(model)
     prefix = adapter.block_prefix(model)
@@ -89,27 +117,23 @@ def build_plan(model, recipe: Recipe, score, structure, numels, windows, progres
     if recipe.allocation == "uniform":
         return allocate_uniform(numels, target, structure)
     if recipe.allocation == "owl":
-        visitor = OutlierVisitor(prefix, set(numels), recipe.owl_m)
-        SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="OWL outliers").run(visitor)
-        blocks = [[f"{prefix}.{i}.{n}" for n in adapter.linears(b) if f"{prefix}.{i}.{n}" in numels]
-                  for i, b in enumerate(adapter.blocks(model))]
-        keep = [j for j, mods in enumerate(blocks) if mods]
-        return allocate_owl([visitor.ratios[j] for j in keep], [blocks[j] for j in keep], numels, target, structure,
-                            recipe.owl_m, recipe.owl_lambda)
-    if recipe.allocation == "profile":
+        return _owl_plan(model, adapter, recipe, structure, numels, windows, progress)
+    if recipe.allocation in ("profile", "search"):
         if profile_windows is None:
             if windows is None:
-                raise PrunewiseError("profile allocation needs calibration windows; pass profile_windows to build_plan")
+                raise PrunewiseError(f"{recipe.allocation} allocation needs calibration windows; pass profile_windows to build_plan")
             profile_windows = windows[:recipe.profile_nsamples, :recipe.profile_seqlen]
-        profile = compute_profile(model, profile_windows, score, structure, numels, unit=recipe.profile_unit,
-                                  levels=recipe.profile_levels, chunk_size=recipe.chunk_size, progress=progress,
-                                  model_fingerprint=weights_fingerprint(model))
-        if files is not None:
-            files["profile.json"] = profile.model_dump_json(indent=1)
-            png = plot_profile(profile)
-            if png is not None:
-                files["profile.png"] = png
-        return allocate_from_profile(profile, target)
+        profiled = _profile_plan(model, recipe, score, structure, numels, profile_windows, progress, files)
+        if recipe.allocation == "profile":
+            return profiled
+        if search_windows is None:
+            search_windows = windows[:recipe.search_nsamples, :recipe.search_seqlen]
+        starts = {"uniform": allocate_uniform(numels, target, structure),
+                  "owl": _owl_plan(model, adapter, recipe, structure, numels, search_windows, progress),
+                  "profile": profiled}
+        config = SearchConfig(generations=recipe.search_generations, offspring=recipe.search_offspring,
+                              time_limit_s=recipe.search_time_limit, cache_mb=recipe.search_cache_mb, seed=recipe.seed)
+        return search_allocation(model, search_windows, score, structure, numels, starts, config, progress)
     visitor = ImportanceSampleVisitor(score, prefix, set(numels), seed=recipe.seed)
     if score.needs is None:
         _walk_without_data(model, adapter, visitor)
@@ -133,32 +157,44 @@ def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progre
 
     timings: dict[str, float] = {}
     windows = None
-    needs_data = score.needs is not None or (recipe.allocation == "owl" and not recipe.plan)
+    needs_data = (score.needs is not None or recipe.rowwise
+                  or (recipe.allocation in ("owl", "profile", "search") and not recipe.plan))
     if needs_data:
         t0 = time.perf_counter()
         windows = calibration_spec_windows(tokenizer, recipe.calibration, recipe.nsamples, recipe.seqlen, recipe.seed)
         timings["calibration_data_s"] = time.perf_counter() - t0
 
     profile_windows = None
-    if recipe.allocation == "profile" and not recipe.plan:  # drawn apart: mixtures are concatenated by source
+    if recipe.allocation in ("profile", "search") and not recipe.plan:  # drawn apart: mixtures are concatenated by source
         t0 = time.perf_counter()
         profile_windows = calibration_spec_windows(tokenizer, recipe.calibration, recipe.profile_nsamples,
                                                    recipe.profile_seqlen, recipe.seed)
         timings["profile_data_s"] = time.perf_counter() - t0
 
+    search_windows = None
+    if recipe.allocation == "search" and not recipe.plan:
+        t0 = time.perf_counter()
+        search_windows = calibration_spec_windows(tokenizer, recipe.calibration, recipe.search_nsamples,
+                                                  recipe.search_seqlen, recipe.seed + 1)
+        timings["search_data_s"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     files: dict = {}
-    plan = build_plan(model, recipe, score, structure, numels, windows, progress, profile_windows, files)
+    plan = build_plan(model, recipe, score, structure, numels, windows, progress, profile_windows, files,
+                      search_windows)
     timings["allocation_s"] = time.perf_counter() - t0
 
-    visitor = PruneVisitor(score, structure, plan, adapter.block_prefix(model))
+    visitor = PruneVisitor(score, structure, plan, adapter.block_prefix(model), rowwise=recipe.rowwise)
     t0 = time.perf_counter()
-    if score.needs is None:
+    if score.needs is None and not recipe.rowwise:
         _walk_without_data(model, adapter, visitor)
     else:
         SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc=f"{recipe.score} prune",
                          sequential=recipe.sequential).run(visitor)
     timings["prune_s"] = time.perf_counter() - t0
+    if recipe.rowwise:
+        plan.method = f"{plan.method}+rowwise"
+        plan.params["rowwise"] = "trim"
 
     measured = measure_sparsity(model, list(numels))
     report = {
@@ -253,6 +289,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         save_pruned(result.model, tokenizer, recipe.output, {
             "recipe.yaml": recipe.to_yaml(),
             "plan.json": result.plan.model_dump_json(indent=1),
+            **({"plan.png": png} if (png := plot_plan(result.plan)) is not None else {}),
             "report.json": json.dumps(report, indent=1),
             "report.md": report_markdown(report, result.plan),
             **result.files,

@@ -15,7 +15,10 @@ PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--structure": ("structure", str, "unstructured | N:M (N zeros in every M weights, e.g. 2:4)"),
     "--group": ("group", str, "comparison group for unstructured: row | layer (default per score)"),
     "--sparsity": ("sparsity", float, "fraction of targeted weights removed, in [0, 1)"),
-    "--allocation": ("allocation", str, "uniform | global | owl | profile (least measured damage per unit)"),
+    "--allocation": ("allocation", str, "uniform | global | owl | profile (least measured damage per unit) | "
+                                        "search (evolutionary, KL to the dense model on the calibration data)"),
+    "--search-generations": ("search_generations", int, "search allocation: generations (default 150)"),
+    "--search-time-limit": ("search_time_limit", float, "search allocation: seconds for the generation loop (default 900)"),
     "--plan": ("plan", str, "reuse an allocation plan (plan.json) instead of allocating"),
     "--owl-m": ("owl_m", float, "OWL outlier threshold M (times the mean score)"),
     "--owl-lambda": ("owl_lambda", float, "OWL spread lambda around the target"),
@@ -59,6 +62,8 @@ def _cmd_prune(args) -> int:
         fields["evaluation"] = args.eval
     if args.overwrite:
         fields["overwrite"] = True
+    if args.rowwise:
+        fields["rowwise"] = True
     recipe = make_recipe(**fields)
     report = run(recipe, progress=not args.no_progress)
     print(format_prune_report(report, recipe))
@@ -78,7 +83,7 @@ def format_prune_report(report: dict, recipe) -> str:
     if report.get("cholesky_retries"):
         lines.append(f"Cholesky needed more dampening in {len(report['cholesky_retries'])} modules (see report.json)")
     if recipe.output:
-        lines.append(f"saved: {recipe.output} (model, recipe.yaml, plan.json, report.json, report.md)")
+        lines.append(f"saved: {recipe.output} (model, recipe.yaml, plan.json, plan.png, report.json, report.md)")
     return "\n".join(lines)
 
 
@@ -135,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, dest=field, type=typ, default=None, help=text)
     p.add_argument("--eval", nargs="*", default=None, help="evaluation data (default wiki-test); none to skip")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    p.add_argument("--rowwise", action="store_true", default=None,
+                   help="row-wise allocation (TRIM): per-output-row sparsities around each module's level")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_prune)
 

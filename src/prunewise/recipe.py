@@ -27,7 +27,7 @@ class Recipe(BaseModel):
     structure: str = "unstructured"
     group: Literal["row", "layer"] | None = Field(None, description="comparison group for unstructured; default per score")
     sparsity: float | None = Field(None, description="fraction of targeted weights removed; N:M implies N/M")
-    allocation: Literal["uniform", "global", "owl", "profile"] = "uniform"
+    allocation: Literal["uniform", "global", "owl", "profile", "search"] = "uniform"
     plan: str | None = Field(None, description="a plan.json to reuse instead of allocating")
     owl_m: float = Field(5.0, gt=0)
     owl_lambda: float = Field(0.08, ge=0, lt=0.5)
@@ -37,6 +37,13 @@ class Recipe(BaseModel):
     profile_unit: Literal["module", "block"] = Field("block", description="profile allocation: one level per block or per module")
     profile_nsamples: int = Field(8, ge=1, description="profile allocation: calibration windows used to measure damage")
     profile_seqlen: int = Field(256, ge=2, description="profile allocation: tokens per window used to measure damage")
+    search_generations: int = Field(150, ge=0, description="search allocation: generations (the time limit may stop it first)")
+    search_offspring: int = Field(12, ge=1, description="search allocation: offspring per generation")
+    search_time_limit: float = Field(900.0, gt=0, description="search allocation: seconds for the generation loop")
+    search_nsamples: int = Field(16, ge=4, description="search allocation: calibration windows fitness is drawn from")
+    search_seqlen: int = Field(256, ge=2, description="search allocation: tokens per search window")
+    search_cache_mb: float = Field(3072.0, gt=0, description="search allocation: bound on cached pruned module variants")
+    rowwise: bool = Field(False, description="spread each module's level over its output rows (TRIM) on top of the plan")
     calibration: str | list[MixtureItem] = Field(
         "wiki", description="a corpus spec, or a mixture: a list of {source, weight} (or 'code:0.7,wiki:0.3')")
     nsamples: int = Field(64, ge=1)
@@ -93,8 +100,10 @@ class Recipe(BaseModel):
                 self.sparsity = struct.sparsity
             elif abs(self.sparsity - struct.sparsity) > 1e-9:
                 raise ValueError(f"sparsity {self.sparsity} contradicts {struct.name} (= {struct.sparsity:g}); omit --sparsity with N:M")
-            if self.allocation == "global":
-                raise ValueError("global allocation cannot produce N:M levels; use uniform or owl with N:M")
+            if self.allocation in ("global", "search"):
+                raise ValueError(f"{self.allocation} allocation cannot produce N:M levels; use uniform, owl or profile with N:M")
+            if self.rowwise:
+                raise ValueError("row-wise allocation cannot be N:M (every N:M row has the same sparsity); use unstructured")
         if self.profile_levels is not None:
             from .allocation.profile import check_levels
             try:

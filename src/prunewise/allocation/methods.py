@@ -16,9 +16,11 @@ log = logging.getLogger(__name__)
 
 
 def allocate_uniform(numels: dict[str, int], target: float, structure) -> AllocationPlan:
-    """Every module at the target."""
-    return AllocationPlan(method="uniform", target=target, structure=structure.name,
-                          modules={m: target for m in numels}, numels=numels)
+    """Every module at the target (unstructured: whole weights, exactly ``round(target * total)`` removed)."""
+    modules = {m: target for m in numels}
+    if not isinstance(structure, NM):
+        modules = exact_counts(modules, numels, target)
+    return AllocationPlan(method="uniform", target=target, structure=structure.name, modules=modules, numels=numels)
 
 
 class OutlierVisitor:

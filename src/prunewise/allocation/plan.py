@@ -21,6 +21,26 @@ class AllocationPlan(BaseModel):
     numels: dict[str, int] = Field(default_factory=dict)
     params: dict = Field(default_factory=dict)
     layer_stats: dict = Field(default_factory=dict)
+    rows: dict[str, list[float]] = Field(default_factory=dict)  # optional per-output-row sparsities (row-wise plans)
+
+    def row_vector(self, module: str):
+        """The module's per-row sparsities as a tensor, or None for a module-level entry."""
+        found = self.rows.get(module)
+        return None if found is None else torch.tensor(found, dtype=torch.float64)
+
+    def check_rows(self) -> None:
+        """Every per-row vector must remove exactly the module's planned count (to the weight)."""
+        for m, vec in self.rows.items():
+            if m not in self.modules:
+                raise PrunewiseError(f"allocation plan has per-row sparsities for unknown module {m}; make the plan again")
+            n, rows = self.numels.get(m), len(vec)
+            if not n or n % rows:
+                raise PrunewiseError(f"allocation plan's per-row vector for {m} has {rows} rows, which does not fit its {n} weights")
+            cols = n // rows
+            removed = sum(int(round(x * cols)) for x in vec)
+            if removed != int(round(self.modules[m] * n)):
+                raise PrunewiseError(f"allocation plan's per-row sparsities of {m} remove {removed} weights, not the module's "
+                                     f"{int(round(self.modules[m] * n))}; make the plan again")
 
     def pruned_counts(self) -> dict[str, int]:
         return {m: int(round(s * self.numels[m])) for m, s in self.modules.items()}
@@ -35,7 +55,9 @@ class AllocationPlan(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "AllocationPlan":
-        return load_json_model(cls, path, "allocation plan", "write one with `prunewise prune ... --output DIR` (plan.json)")
+        plan = load_json_model(cls, path, "allocation plan", "write one with `prunewise prune ... --output DIR` (plan.json)")
+        plan.check_rows()
+        return plan
 
     def check_matches(self, numels: dict[str, int]) -> None:
         """Refuse a plan written for another model."""
@@ -102,3 +124,71 @@ def quantize_levels(values: torch.Tensor, levels: int, target: float) -> torch.T
     for idx in order[: abs(need)]:
         base[idx] += 1 if need > 0 else -1
     return base.clamp(0, levels - 1) / levels
+
+
+def plot_plan(plan: AllocationPlan, path: str | Path | None = None) -> bytes | None:
+    """Bar chart of the plan (sparsity per block, one bar per module type; per-row ranges as whiskers) and,
+    for searched plans, the fitness history. PNG bytes (also written to ``path``); None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import re
+
+    grid: dict[str, dict[int, str]] = {}
+    for m in plan.modules:
+        found = re.search(r"\.(\d+)\.(.+)$", m)
+        block, kind = (int(found.group(1)), found.group(2)) if found else (0, m)
+        grid.setdefault(kind.split(".")[-1], {})[block] = m
+    kinds = list(grid)
+    blocks = sorted({b for d in grid.values() for b in d})
+    history = plan.layer_stats.get("history") if isinstance(plan.layer_stats, dict) else None
+    panels = 2 if history else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(max(6.0, 0.32 * len(blocks) * max(1, len(kinds)) / 3), 3.2 * panels),
+                             squeeze=False)
+    try:
+        ax = axes[0][0]
+        width = 0.8 / max(1, len(kinds))
+        for k, kind in enumerate(kinds):
+            xs, ys, lo, hi = [], [], [], []
+            for b in blocks:
+                m = grid[kind].get(b)
+                if m is None:
+                    continue
+                xs.append(b - 0.4 + width * (k + 0.5))
+                ys.append(plan.modules[m])
+                rows = plan.rows.get(m)
+                lo.append(plan.modules[m] - (min(rows) if rows else plan.modules[m]))
+                hi.append((max(rows) if rows else plan.modules[m]) - plan.modules[m])
+            ax.bar(xs, ys, width=width, label=kind, yerr=[lo, hi] if plan.rows else None,
+                   error_kw={"elinewidth": 0.5, "capsize": 0})
+        ax.axhline(plan.target, color="black", linestyle="--", linewidth=0.8, label=f"target {plan.target:g}")
+        ax.set_xlabel("block")
+        ax.set_ylabel("sparsity")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"allocation plan: {plan.method}, {plan.structure}, removed {plan.achieved():.4f}"
+                     + (" (whiskers: per-row range)" if plan.rows else ""), fontsize=9)
+        ax.legend(fontsize=7, ncol=min(len(kinds) + 1, 8), loc="upper center", bbox_to_anchor=(0.5, -0.18))
+        if history:
+            ax2 = axes[1][0]
+            ax2.plot([h["seconds"] for h in history], [h["fitness"] for h in history], ".", markersize=3,
+                     label="selected offspring (last-stage windows)")
+            tracked = [h for h in history if h.get("tracking_fitness") is not None]
+            ax2.plot([h["seconds"] for h in tracked], [h["tracking_fitness"] for h in tracked], "o-",
+                     label="parent on the fixed tracking windows")
+            ax2.set_xlabel("seconds")
+            ax2.set_ylabel("KL(dense || pruned)")
+            ax2.set_yscale("log")
+            ax2.legend(fontsize=7)
+        fig.tight_layout()
+        import io
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    data = buffer.getvalue()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data

@@ -8,17 +8,29 @@ import torch
 from torch import nn
 
 from ..allocation.plan import AllocationPlan
+from ..allocation.rowwise import trim_row_sparsities
+from ..errors import PrunewiseError
 from ..scores.base import LinearStats, check_weight
+from ..structures.masks import NM
 
 
 class PruneVisitor:
-    """Prunes every linear named in the plan with ``score`` under ``structure``; records what it did."""
+    """Prunes every linear named in the plan with ``score`` under ``structure``; records what it did.
+
+    With ``rowwise`` each module's level is spread over its output rows by TRIM (from input samples
+    of the calibration windows as they reach the module) and the vectors are written into the plan;
+    modules whose plan already has a per-row vector use it as given.
+    """
 
     modifies_weights = True
 
-    def __init__(self, score, structure, plan: AllocationPlan, prefix: str) -> None:
+    def __init__(self, score, structure, plan: AllocationPlan, prefix: str, rowwise: bool = False) -> None:
         self.score, self.structure, self.plan, self.prefix = score, structure, plan, prefix
+        self.rowwise = rowwise
         self.records: dict[str, dict] = {}
+        if (rowwise or plan.rows) and isinstance(structure, NM):
+            raise PrunewiseError("row-wise sparsities cannot be N:M (every row of N:M has the same sparsity); "
+                                 "use unstructured with --rowwise")
 
     def _full(self, i: int, name: str) -> str:
         return f"{self.prefix}.{i}.{name}"
@@ -27,6 +39,8 @@ class PruneVisitor:
         full = self._full(i, name)
         if full not in self.plan.modules or self.plan.modules[full] == 0:
             return None
+        if self.rowwise and full not in self.plan.rows:
+            return (self.score.needs or "sq_norm") + "+samples"
         return self.score.needs
 
     def visit(self, i: int, name: str, linear: nn.Linear, stats: LinearStats | None) -> None:
@@ -36,9 +50,20 @@ class PruneVisitor:
             return
         start = time.perf_counter()
         check_weight(full, linear.weight)
+        row_info = {}
+        rows = self.plan.row_vector(full)
+        if rows is None and self.rowwise:
+            importance = self.score.importance(linear.weight.data, stats if self.score.needs else None)
+            rows, row_info = trim_row_sparsities(linear.weight.data, importance, stats.samples, sparsity)
+            self.plan.rows[full] = rows.tolist()
+        if rows is not None:
+            sparsity = rows
         outcome = self.score.prune(linear.weight.data, stats, self.structure, sparsity, module=full)
         linear.weight.data.copy_(outcome.weight)
-        record = {"target": sparsity, "pruned": int(outcome.mask.sum()), "seconds": time.perf_counter() - start}
+        record = {"target": self.plan.modules[full], "pruned": int(outcome.mask.sum()),
+                  "seconds": time.perf_counter() - start}
+        if row_info:
+            record["rowwise"] = row_info
         record.update(outcome.notes)
         self.records[full] = record
 

@@ -37,7 +37,7 @@ class BlockVisitor(Protocol):
     modifies_weights: bool
 
     def needs(self, block_index: int, name: str) -> str | None:
-        """Statistics wanted for this linear: None (none, handled before the pass), 'sq_norm' or 'hessian'."""
+        """Statistics wanted: None (none, handled before the pass), 'sq_norm' or 'hessian', optionally + '+samples'."""
 
     def visit(self, block_index: int, name: str, linear: nn.Linear, stats: LinearStats | None) -> None:
         """Called once per linear when its statistics are complete; may rewrite ``linear.weight``."""
@@ -170,7 +170,7 @@ class SequentialEngine:
                         if sibling in stats and pending.get(sibling) == pending[name]:
                             stats[name], owner[name] = stats[sibling], owner[sibling]
                         else:
-                            stats[name] = LinearStats(x.shape[-1], hessian=pending[name] == "hessian")
+                            stats[name] = LinearStats.for_need(x.shape[-1], pending[name])
                             owner[name] = name
                 if collecting[name]:
                     if owner[name] == name:

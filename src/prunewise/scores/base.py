@@ -17,12 +17,29 @@ class LinearStats:
     ``sum_t x_t x_t^T`` (SparseGPT's ``X X^T``, up to a scale that dampening makes irrelevant).
     """
 
-    def __init__(self, in_features: int, hessian: bool = False) -> None:
+    def __init__(self, in_features: int, hessian: bool = False, samples_per_window: int = 0) -> None:
         self.sq_norm = torch.zeros(in_features, dtype=torch.float64)
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32) if hessian else None
         self.tokens = 0
+        self.samples_per_window = samples_per_window
+        self._samples: list[torch.Tensor] = []
+
+    @classmethod
+    def for_need(cls, in_features: int, need: str) -> "LinearStats":
+        """Statistics for a visitor's need: 'sq_norm' or 'hessian', optionally '+samples' (row-wise allocation)."""
+        return cls(in_features, hessian=need.startswith("hessian"), samples_per_window=4 if need.endswith("+samples") else 0)
+
+    @property
+    def samples(self) -> torch.Tensor:
+        """Kept input vectors (S, in): ``samples_per_window`` evenly spaced positions of every window."""
+        return torch.cat(self._samples) if self._samples else torch.zeros(0, self.sq_norm.shape[0])
 
     def add(self, x: torch.Tensor) -> None:
+        if self.samples_per_window and x.dim() == 3:
+            L = x.shape[1]
+            k = min(self.samples_per_window, L)
+            pos = torch.linspace(L - 1, 0, k).round().long().flip(0)  # always includes the last token (TRIM's choice)
+            self._samples.append(x[:, pos].reshape(-1, x.shape[-1]).float().clone())
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         if self.hessian is not None:

@@ -1,0 +1,169 @@
+"""Allocation benchmark: where the budget goes, calibrated on the user's data.
+
+Cells are ``score/sparsity/allocation/calibration`` with score in {wanda, sparsegpt}, sparsity in
+{0.6, 0.7}, allocation in {uniform, owl, profile, search, search+rowwise} and calibration in
+{wiki, code, mix} (mix = code:0.5,wiki:0.5). Each cell runs in its own process: it allocates
+(timed), prunes with ``nsamples`` x ``seqlen`` calibration windows and reports perplexity on
+``wiki-test`` and on the held-out ``code`` files beside the dense model. ``search+rowwise``
+reuses the plan its ``search`` cell saved (under ``results/allocation_plans``) and adds TRIM's
+row-wise allocation; its allocation time is the search's plus the pruning's extra. Results go to
+JSON after every cell (an interrupted run resumes) and to a markdown table.
+
+    python bench/allocation.py                                  # the whole grid: many hours on 2 CPU cores
+    python bench/allocation.py --cells wanda/0.7/owl/wiki wanda/0.7/search/wiki
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CALIBRATIONS = {"wiki": "wiki", "code": "code", "mix": "code:0.5,wiki:0.5"}
+ALLOCATIONS = ("uniform", "owl", "profile", "search", "search+rowwise")
+GRID = [f"{score}/{sparsity}/{allocation}/{calib}" for score in ("wanda", "sparsegpt") for sparsity in (0.6, 0.7)
+        for calib in CALIBRATIONS for allocation in ALLOCATIONS]
+
+
+def plan_path(args, cell: str) -> Path:
+    return Path(args.out).parent / "allocation_plans" / (cell.replace("/", "_").replace("+rowwise", "") + ".json")
+
+
+def run_cell(args, cell: str) -> dict:
+    """Allocate, prune and evaluate one cell in this process; print its JSON on the last line."""
+    from prunewise.api import evaluate, peak_rss_mb, prune
+    from prunewise.allocation.plan import AllocationPlan
+    from prunewise.models.loading import load_model
+    from prunewise.recipe import make_recipe
+
+    score, sparsity, allocation, calib = cell.split("/")
+    rowwise = allocation.endswith("+rowwise")
+    base_alloc = allocation.removesuffix("+rowwise")
+    fields = dict(model=args.model, score=score, sparsity=float(sparsity), allocation=base_alloc,
+                  calibration=CALIBRATIONS[calib], nsamples=args.nsamples, seqlen=args.seqlen, evaluation=[],
+                  rowwise=rowwise, search_time_limit=args.search_time_limit, search_generations=args.search_generations)
+    searched_s = 0.0
+    if rowwise:
+        source = plan_path(args, cell)
+        if not source.exists():
+            raise SystemExit(f"{cell} needs the plan of its search cell ({source}); run that cell first")
+        fields["plan"] = str(source)
+        searched_s = AllocationPlan.load(source).layer_stats.get("seconds", {}).get("total", 0.0)
+    recipe = make_recipe(**fields)
+    model, tok = load_model(recipe.model)
+    t0 = time.perf_counter()
+    result = prune(recipe, model, tok, progress=False)
+    seconds = time.perf_counter() - t0
+    if base_alloc == "search" and not rowwise:
+        path = plan_path(args, cell)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result.plan.save(path)
+    t = result.report["timings"]
+    ppl = evaluate(model, tok, args.eval, args.eval_tokens, 512, calibration=recipe.calibration, progress=False)
+    plan = result.plan
+    out = {"cell": cell, "score": score, "target": recipe.sparsity, "allocation": allocation, "calibration": calib,
+           "achieved": result.report["achieved_sparsity"], "planned_removed": sum(plan.pruned_counts().values()),
+           "budget_removed": round(recipe.sparsity * sum(plan.numels.values())),
+           "allocation_s": t.get("allocation_s", 0.0) + searched_s, "prune_s": t.get("prune_s", 0.0),
+           "total_s": seconds, "peak_rss_mb": peak_rss_mb(), "perplexity": ppl}
+    if base_alloc == "search" and not rowwise:
+        ls = plan.layer_stats
+        out["search"] = {"start": ls["start"], "start_fitness": ls["start_fitness"],
+                         "final_tracking_fitness": ls["final_tracking_fitness"],
+                         "generations": ls["history"][-1]["generation"], "seconds": ls["seconds"],
+                         "tracking": [(h["generation"], round(h["seconds"], 1), h["tracking_fitness"])
+                                      for h in ls["history"] if h.get("tracking_fitness") is not None]}
+    if rowwise:
+        counts = plan.pruned_counts()
+        out["rows_sum_to_module_counts"] = all(
+            sum(int(round(x * (plan.numels[m] // len(v)))) for x in v) == counts[m] for m, v in plan.rows.items())
+    return out
+
+
+def dense_row(args) -> dict:
+    from prunewise.api import evaluate
+    from prunewise.models.loading import load_model
+
+    model, tok = load_model(args.model)
+    return evaluate(model, tok, args.eval, args.eval_tokens, 512, dense_spec=args.model, progress=False)
+
+
+def table(results: dict, args) -> str:
+    cols = args.eval
+    head = ["score", "target", "calibration", "allocation"] + [f"ppl {c}" for c in cols] + \
+           ["allocation s", "prune s", "removed = budget"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append("| dense | - | - | - | " + " | ".join(f"{results['dense'][c]:.2f}" for c in cols) + " | - | - | - |")
+    keys = [k for k in GRID if k in results["cells"]] + [k for k in results["cells"] if k not in GRID]
+    for key in keys:
+        r = results["cells"][key]
+        lines.append(f"| {r['score']} | {r['target']:.1f} | {r['calibration']} | {r['allocation']} | " +
+                     " | ".join(f"{r['perplexity'][c]:.2f}" for c in cols) +
+                     f" | {r['allocation_s']:.0f} | {r['prune_s']:.0f} | "
+                     f"{'yes' if r['planned_removed'] == r['budget_removed'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval", nargs="+", default=["wiki-test", "code"])
+    ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--search-time-limit", type=float, default=900.0)
+    ap.add_argument("--search-generations", type=int, default=150)
+    ap.add_argument("--cells", nargs="*", help="score/sparsity/allocation/calibration (default: the whole grid)")
+    ap.add_argument("--out", default=str(HERE / "results" / "allocation.json"))
+    ap.add_argument("--fresh", action="store_true", help="ignore finished cells in --out")
+    ap.add_argument("--_cell", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    if args._cell:
+        print(json.dumps(run_cell(args, args._cell)))
+        return
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(args, k) for k in ("model", "nsamples", "seqlen", "eval", "eval_tokens",
+                                              "search_time_limit", "search_generations")}
+    results = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
+    if results.get("settings") != settings:
+        results = {"settings": settings, "cells": {}}
+    results["command"] = " ".join([sys.executable.split("/")[-1]] + sys.argv)
+    results["threads"] = torch.get_num_threads()
+    results["dense"] = dense_row(args)
+    cells = args.cells or GRID
+    for cell in cells:
+        if cell in results["cells"]:
+            continue
+        print(f"{cell} ...", flush=True)
+        cmd = [sys.executable, __file__, "--_cell", cell, "--model", args.model, "--nsamples", str(args.nsamples),
+               "--seqlen", str(args.seqlen), "--eval-tokens", str(args.eval_tokens), "--eval", *args.eval,
+               "--search-time-limit", str(args.search_time_limit), "--search-generations", str(args.search_generations),
+               "--out", args.out]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"cell {cell} failed")
+        results["cells"][cell] = r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  ppl " + ", ".join(f"{k} {v:.2f}" for k, v in r["perplexity"].items()) +
+              f", allocation {r['allocation_s']:.0f} s, prune {r['prune_s']:.0f} s", flush=True)
+        out.write_text(json.dumps(results, indent=1))
+    out.write_text(json.dumps(results, indent=1))
+    md = table(results, args)
+    out.with_suffix(".md").write_text(f"# Allocation benchmark\n\n`{results['command']}`\n\n"
+                                      f"{results['threads']} threads. Perplexity on {args.eval_tokens} tokens per corpus "
+                                      f"(windows of 512); calibration {args.nsamples} x {args.seqlen}.\n\n{md}\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
