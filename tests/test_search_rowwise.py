@@ -100,7 +100,7 @@ def test_search_meets_the_budget_exactly_improves_fitness_and_leaves_the_model_u
     before = {k: v.clone() for k, v in model.state_dict().items()}
     numels = _numels(model)
     target = 0.6
-    starts = {"uniform": allocate_uniform(numels, target, Unstructured("row")), "skewed": _skewed_start(numels, target)}
+    starts = {"uniform": allocate_uniform(numels, target, Unstructured("row"), exact=True), "skewed": _skewed_start(numels, target)}
     config = SearchConfig(generations=12, offspring=6, stage_windows=(2, 6), stage_survivors=(2, 1), track_windows=6,
                           track_every=4, seed=0)
     plan = search_allocation(model, _windows(), get_score("wanda"), Unstructured("row"), numels, starts, config,
@@ -122,10 +122,10 @@ def test_search_meets_the_budget_exactly_improves_fitness_and_leaves_the_model_u
 def test_search_refuses_nm_mismatched_starts_and_too_few_windows():
     model = tiny_model("llama", layers=2)
     numels = _numels(model)
-    uni = allocate_uniform(numels, 0.5, Unstructured("row"))
+    uni = allocate_uniform(numels, 0.5, Unstructured("row"), exact=True)
     with pytest.raises(PrunewiseError, match="N:M"):
         search_allocation(model, _windows(), get_score("wanda"), NM(2, 4), numels, {"u": uni}, progress=False)
-    other = allocate_uniform(numels, 0.6, Unstructured("row"))
+    other = allocate_uniform(numels, 0.6, Unstructured("row"), exact=True)
     with pytest.raises(PrunewiseError, match="different numbers of weights"):
         search_allocation(model, _windows(), get_score("wanda"), Unstructured("row"), numels, {"a": uni, "b": other},
                           progress=False)

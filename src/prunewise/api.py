@@ -128,7 +128,7 @@ def build_plan(model, recipe: Recipe, score, structure, numels, windows, progres
             return profiled
         if search_windows is None:
             search_windows = windows[:recipe.search_nsamples, :recipe.search_seqlen]
-        starts = {"uniform": allocate_uniform(numels, target, structure),
+        starts = {"uniform": allocate_uniform(numels, target, structure, exact=True),
                   "owl": _owl_plan(model, adapter, recipe, structure, numels, search_windows, progress),
                   "profile": profiled}
         config = SearchConfig(generations=recipe.search_generations, offspring=recipe.search_offspring,

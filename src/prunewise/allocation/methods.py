@@ -15,10 +15,11 @@ from .plan import AllocationPlan, exact_counts, quantize_levels
 log = logging.getLogger(__name__)
 
 
-def allocate_uniform(numels: dict[str, int], target: float, structure) -> AllocationPlan:
-    """Every module at the target (unstructured: whole weights, exactly ``round(target * total)`` removed)."""
+def allocate_uniform(numels: dict[str, int], target: float, structure, exact: bool = False) -> AllocationPlan:
+    """Every module at the target; ``exact`` (unstructured) rounds to whole weights so that exactly
+    ``round(target * total)`` go overall (a module may then differ from ``round(target * numel)`` by one)."""
     modules = {m: target for m in numels}
-    if not isinstance(structure, NM):
+    if exact and not isinstance(structure, NM):
         modules = exact_counts(modules, numels, target)
     return AllocationPlan(method="uniform", target=target, structure=structure.name, modules=modules, numels=numels)
 
