@@ -235,3 +235,22 @@ def test_plan_plot_is_a_png_with_search_history():
                                                    {"seconds": 2.0, "fitness": 0.2}]})
     png = plot_plan(plan)
     assert png[:4] == b"\x89PNG" and len(png) > 5000
+
+
+def test_parameter_and_byte_budgets_set_the_exact_number_of_removed_weights(tiny_folder):
+    from prunewise.api import prune
+    from prunewise.recipe import make_recipe
+
+    fields = dict(model=tiny_folder["model"], calibration=tiny_folder["calib"], nsamples=2, seqlen=16, evaluation=[])
+    dense = prune(make_recipe(**fields, sparsity=0.0), progress=False).model
+    total = sum(p.numel() for p in dense.parameters())
+    result = prune(make_recipe(**fields, budget=f"keep_params={total - 5000}"), progress=False)
+    zeros = sum(int((w == 0).sum()) for w in prunable_weights(result.model).values())
+    assert zeros == 5000 and result.report["target_sparsity"] == pytest.approx(5000 / sum(result.plan.numels.values()))
+    result = prune(make_recipe(**fields, budget="remove_bytes=8000", budget_dtype="bfloat16"), progress=False)
+    assert sum(int((w == 0).sum()) for w in prunable_weights(result.model).values()) == 4000
+    for bad, match in (("keep=5", "KIND=VALUE"), ("keep_params=lots", "not a number")):
+        with pytest.raises(PrunewiseError, match=match):
+            make_recipe(**fields, budget=bad)
+    with pytest.raises(PrunewiseError, match="impossible"):
+        prune(make_recipe(**fields, budget=f"keep_params={total * 2}"), progress=False)

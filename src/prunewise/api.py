@@ -114,8 +114,8 @@ def build_plan(model, recipe: Recipe, score, structure, numels, windows, progres
         plan = AllocationPlan.load(recipe.plan)
         plan.check_matches(numels)
         return plan
-    if recipe.allocation == "uniform":
-        return allocate_uniform(numels, target, structure)
+    if recipe.allocation == "uniform":  # a parameter/byte budget is met to the weight, not to one per module
+        return allocate_uniform(numels, target, structure, exact=bool(recipe.budget))
     if recipe.allocation == "owl":
         return _owl_plan(model, adapter, recipe, structure, numels, windows, progress)
     if recipe.allocation in ("profile", "search"):
@@ -150,6 +150,13 @@ def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progre
     score = get_score(recipe.score, damp=recipe.damp, blocksize=recipe.blocksize)
     structure = recipe.structure_obj
     numels = targeted_numels(model, recipe)
+    if recipe.budget:  # a parameter/byte budget becomes the share of the targeted weights to remove
+        from .recipe import parse_budget
+        total = sum(numels.values())
+        others = sum(p.numel() for p in model.parameters()) - total
+        count = parse_budget(recipe.budget, recipe.budget_dtype, others).removal(total)
+        recipe = recipe.model_copy(update={"sparsity": count / total})
+        log.info("budget %s: remove %d of %d targeted weights (sparsity %.6f)", recipe.budget, count, total, recipe.sparsity)
     weights = prunable_weights(model)
     for name in numels:
         check_weight(name, weights[name])

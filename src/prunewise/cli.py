@@ -15,6 +15,9 @@ PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--structure": ("structure", str, "unstructured | N:M (N zeros in every M weights, e.g. 2:4)"),
     "--group": ("group", str, "comparison group for unstructured: row | layer (default per score)"),
     "--sparsity": ("sparsity", float, "fraction of targeted weights removed, in [0, 1)"),
+    "--budget": ("budget", str, "instead of --sparsity: keep_params=N, remove_params=N, keep_bytes=B or remove_bytes=B "
+                                "(keep_* counts the whole model; bytes at --budget-dtype)"),
+    "--budget-dtype": ("budget_dtype", str, "dtype converting byte budgets to parameters (default float32)"),
     "--allocation": ("allocation", str, "uniform | global | owl | profile (least measured damage per unit) | "
                                         "search (evolutionary, KL to the dense model on the calibration data)"),
     "--search-generations": ("search_generations", int, "search allocation: generations (default 150)"),

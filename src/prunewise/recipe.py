@@ -27,6 +27,9 @@ class Recipe(BaseModel):
     structure: str = "unstructured"
     group: Literal["row", "layer"] | None = Field(None, description="comparison group for unstructured; default per score")
     sparsity: float | None = Field(None, description="fraction of targeted weights removed; N:M implies N/M")
+    budget: str | None = Field(None, description="instead of a sparsity: KIND=VALUE with KIND keep_params, remove_params, "
+                                                 "keep_bytes or remove_bytes (keep_* counts the whole model)")
+    budget_dtype: str = Field("float32", description="dtype that converts bytes budgets to parameters")
     allocation: Literal["uniform", "global", "owl", "profile", "search"] = "uniform"
     plan: str | None = Field(None, description="a plan.json to reuse instead of allocating")
     owl_m: float = Field(5.0, gt=0)
@@ -110,6 +113,10 @@ class Recipe(BaseModel):
                 self.profile_levels = list(check_levels(self.profile_levels, struct))
             except PrunewiseError as exc:
                 raise ValueError(str(exc)) from None
+        if self.budget is not None:
+            if isinstance(struct, NM):
+                raise ValueError("a parameter or byte budget needs unstructured sparsity (N:M fixes the sparsity)")
+            parse_budget(self.budget, self.budget_dtype)
         if self.sparsity is None:
             self.sparsity = 0.5
         if not 0 <= self.sparsity < 1:
@@ -139,6 +146,25 @@ class Recipe(BaseModel):
         if not isinstance(data, dict):
             raise PrunewiseError(f"recipe {path} must be a YAML mapping of recipe fields")
         return make_recipe(**data)
+
+
+def parse_budget(text: str, dtype: str = "float32", other_params: int = 0):
+    """``KIND=VALUE`` (e.g. ``keep_params=90e6``, ``remove_bytes=100e6``) as a knapsack Budget."""
+    from .allocation.knapsack import Budget, bytes_per_param
+
+    kind, sep, value = text.partition("=")
+    kinds = ("keep_params", "remove_params", "keep_bytes", "remove_bytes")
+    if not sep or kind.strip() not in kinds:
+        raise ValueError(f"budget {text!r} must be KIND=VALUE with KIND one of {', '.join(kinds)}, e.g. keep_params=90e6")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"budget value {value!r} is not a number; write e.g. keep_bytes=250e6") from None
+    try:
+        per = bytes_per_param(dtype)
+    except Exception as exc:
+        raise ValueError(str(exc)) from None
+    return Budget(kind.strip(), number, per, other_params)
 
 
 def _default_group(score: str) -> str:
