@@ -150,6 +150,7 @@ def test_search_through_the_api_and_plan_reuse(tiny_folder, tmp_path):
     assert plan.method == "search" and set(plan.layer_stats["start_fitness"]) == {"uniform", "owl", "profile"}
     assert report["achieved_sparsity"] == pytest.approx(plan.achieved(), abs=1e-12)
     assert (out / "plan.png").read_bytes()[:4] == b"\x89PNG" and (out / "profile.json").exists()
+    assert "Search: started from" in (out / "report.md").read_text()
     # the searched plan reused with another score prunes each module to the planned count
     reused = prune(make_recipe(**{**fields, "output": None, "score": "magnitude", "plan": str(out / "plan.json")}),
                    progress=False)
@@ -157,6 +158,15 @@ def test_search_through_the_api_and_plan_reuse(tiny_folder, tmp_path):
         assert int((w == 0).sum()) == plan.pruned_counts()[name], name
     with pytest.raises(PrunewiseError, match="N:M"):
         make_recipe(**{**fields, "structure": "2:4", "sparsity": None})
+    # row-wise on top of the saved plan, from the command line
+    from prunewise.cli import main
+    argv = ["prune", "--model", tiny_folder["model"], "--calibration", tiny_folder["calib"], "--nsamples", "4",
+            "--seqlen", "32", "--eval", "--no-progress", "--plan", str(out / "plan.json"), "--rowwise",
+            "--output", str(tmp_path / "rows")]
+    assert main(argv) == 0
+    rows = AllocationPlan.load(tmp_path / "rows" / "plan.json")
+    assert rows.method == "search+rowwise" and set(rows.rows) == set(plan.modules)
+    assert rows.pruned_counts() == plan.pruned_counts() and "Row-wise (TRIM)" in (tmp_path / "rows" / "report.md").read_text()
 
 
 # ---------------------------------------------------------------- row-wise (TRIM)

@@ -267,6 +267,18 @@ def report_markdown(report: dict, plan: AllocationPlan) -> str:
         for name, row in report["perplexity"].items():
             lines.append(f"| {name} | {row['dense']:.2f} | {row['pruned']:.2f} | {row['pruned'] / row['dense']:.2f}x |")
         lines.append("")
+    stats = plan.layer_stats if isinstance(plan.layer_stats, dict) else {}
+    if stats.get("history"):
+        tracked = [h for h in stats["history"] if h.get("tracking_fitness") is not None]
+        lines += [f"Search: started from **{stats['start']}** (KL on the tracking windows: " +
+                  ", ".join(f"{k} {v:.4f}" for k, v in stats["start_fitness"].items()) +
+                  f"); {stats['history'][-1]['generation']} generations in {stats['seconds']['total']:.0f} s, "
+                  f"{stats['variants_pruned']} pruned variants; tracking KL by generation: " +
+                  ", ".join(f"{h['generation']}: {h['tracking_fitness']:.4f}" for h in tracked), ""]
+    if plan.rows:
+        spans = [max(v) - min(v) for v in plan.rows.values()]
+        lines += [f"Row-wise (TRIM): {len(plan.rows)} modules with per-row sparsities; widest row range "
+                  f"{max(spans):.3f}, median {sorted(spans)[len(spans) // 2]:.3f}.", ""]
     if report.get("cholesky_retries"):
         lines += ["Cholesky needed more dampening for: " + ", ".join(f"{k} ({v:g})" for k, v in report["cholesky_retries"].items()), ""]
     lines += ["| module | planned | achieved |", "|---|---|---|"]
