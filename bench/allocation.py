@@ -2,7 +2,7 @@
 
 Cells are ``score/sparsity/allocation/calibration`` with score in {wanda, sparsegpt}, sparsity in
 {0.6, 0.7}, allocation in {uniform, owl, profile, search, search+rowwise} and calibration in
-{wiki, code, mix} (mix = code:0.5,wiki:0.5). Each cell runs in its own process: it allocates
+{wiki, code, mix} (mix = code:0.5,wiki:0.5; mix30 = code:0.3,wiki:0.7, run on request). Each cell runs in its own process: it allocates
 (timed), prunes with ``nsamples`` x ``seqlen`` calibration windows and reports perplexity on
 ``wiki-test`` and on the held-out ``code`` files beside the dense model. ``search+rowwise``
 reuses the plan its ``search`` cell saved (under ``results/allocation_plans``) and adds TRIM's
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-CALIBRATIONS = {"wiki": "wiki", "code": "code", "mix": "code:0.5,wiki:0.5"}
+CALIBRATIONS = {"wiki": "wiki", "code": "code", "mix": "code:0.5,wiki:0.5", "mix30": "code:0.3,wiki:0.7"}
 ALLOCATIONS = ("uniform", "owl", "profile", "search", "search+rowwise")
 GRID = [f"{score}/{sparsity}/{allocation}/{calib}" for score in ("wanda", "sparsegpt") for sparsity in (0.6, 0.7)
-        for calib in CALIBRATIONS for allocation in ALLOCATIONS]
+        for calib in ("wiki", "code", "mix") for allocation in ALLOCATIONS]
 
 
 def plan_path(args, cell: str) -> Path:
