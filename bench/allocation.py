@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-CALIBRATIONS = {"wiki": "wiki", "code": "code", "mix": "code:0.5,wiki:0.5", "mix30": "code:0.3,wiki:0.7"}
+CALIBRATIONS = {"wiki": "wiki", "code": "code", "mix": "code:0.5,wiki:0.5", "mix30": "code:0.3,wiki:0.7", "mix20": "code:0.2,wiki:0.8"}
 ALLOCATIONS = ("uniform", "owl", "profile", "search", "search+rowwise")
 GRID = [f"{score}/{sparsity}/{allocation}/{calib}" for score in ("wanda", "sparsegpt") for sparsity in (0.6, 0.7)
         for calib in ("wiki", "code", "mix") for allocation in ALLOCATIONS]
