@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cells import load_results, run_cell_process  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CALIBRATIONS = {"wiki": "wiki", "code": "code", "mix": "code:0.5,wiki:0.5", "mix30": "code:0.3,wiki:0.7", "mix20": "code:0.2,wiki:0.8"}
@@ -131,12 +132,9 @@ def main() -> None:
         return
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("model", "nsamples", "seqlen", "eval", "eval_tokens",
                                               "search_time_limit", "search_generations")}
-    results = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
-    if results.get("settings") != settings:
-        results = {"settings": settings, "cells": {}}
+    results = load_results(out, settings, args.fresh)
     results["command"] = " ".join([sys.executable.split("/")[-1]] + sys.argv)
     results["threads"] = torch.get_num_threads()
     results["dense"] = dense_row(args)
@@ -149,12 +147,8 @@ def main() -> None:
                "--seqlen", str(args.seqlen), "--eval-tokens", str(args.eval_tokens), "--eval", *args.eval,
                "--search-time-limit", str(args.search_time_limit), "--search-generations", str(args.search_generations),
                "--out", args.out]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"cell {cell} failed")
-        results["cells"][cell] = r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  ppl " + ", ".join(f"{k} {v:.2f}" for k, v in r["perplexity"].items()) +
+        results["cells"][cell] = r = run_cell_process(cmd, cell)
+        print("  ppl " + ", ".join(f"{k} {v:.2f}" for k, v in r["perplexity"].items()) +
               f", allocation {r['allocation_s']:.0f} s, prune {r['prune_s']:.0f} s", flush=True)
         out.write_text(json.dumps(results, indent=1))
     out.write_text(json.dumps(results, indent=1))

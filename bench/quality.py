@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cells import load_results, run_cell_process  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GRID = [(score, structure, sparsity, allocation)
@@ -98,7 +98,7 @@ def table(results: dict, args) -> str:
            ["prune s", "x forward (same process)", "peak RSS MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append("| dense | - | - | 0 | 0 | " + " | ".join(f"{dense['perplexity'][c]:.2f}" for c in cols) +
-                 f" | - | - | - |")
+                 " | - | - | - |")
     for key in [cell_key(c) for c in GRID] + [k for k in results["cells"] if k not in {cell_key(c) for c in GRID}]:
         r = results["cells"].get(key)
         if not r:
@@ -128,11 +128,8 @@ def main() -> None:
         return
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("model", "calibration", "nsamples", "seqlen", "eval", "eval_tokens")}
-    results = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
-    if results.get("settings") != settings:
-        results = {"settings": settings, "cells": {}}
+    results = load_results(out, settings, args.fresh)
     results["command"] = " ".join([sys.executable.split("/")[-1]] + sys.argv)
     results["threads"] = torch.get_num_threads()
     print("forward-pass yardstick and dense perplexity ...", flush=True)
@@ -146,11 +143,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--_cell", cell, "--model", args.model, "--calibration", args.calibration,
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval-tokens", str(args.eval_tokens),
                "--eval", *args.eval]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"cell {cell} failed")
-        results["cells"][cell] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results["cells"][cell] = run_cell_process(cmd, cell)
         r = results["cells"][cell]
         print(f"  achieved {r['achieved']:.4f}, ppl " + ", ".join(f"{k} {v:.2f}" for k, v in r["perplexity"].items()) +
               f", prune {r['prune_s']:.1f} s ({ratio(r, results['forward'])} x forward), "

@@ -97,6 +97,15 @@ def _profile_plan(model, recipe: Recipe, score, structure, numels, profile_windo
     return allocate_from_profile(profile, float(recipe.sparsity))
 
 
+def _own_windows(given: torch.Tensor | None, windows: torch.Tensor | None, n: int, length: int, what: str) -> torch.Tensor:
+    """The windows an allocation method measures on: as given, else the first ``n x length`` of the calibration windows."""
+    if given is not None:
+        return given
+    if windows is None:
+        raise PrunewiseError(f"{what} allocation needs calibration windows; pass {what}_windows to build_plan")
+    return windows[:n, :length]
+
+
 def build_plan(model, recipe: Recipe, score, structure, numels, windows, progress: bool,
                profile_windows: torch.Tensor | None = None, files: dict | None = None,
                search_windows: torch.Tensor | None = None) -> AllocationPlan:
@@ -119,15 +128,11 @@ def build_plan(model, recipe: Recipe, score, structure, numels, windows, progres
     if recipe.allocation == "owl":
         return _owl_plan(model, adapter, recipe, structure, numels, windows, progress)
     if recipe.allocation in ("profile", "search"):
-        if profile_windows is None:
-            if windows is None:
-                raise PrunewiseError(f"{recipe.allocation} allocation needs calibration windows; pass profile_windows to build_plan")
-            profile_windows = windows[:recipe.profile_nsamples, :recipe.profile_seqlen]
+        profile_windows = _own_windows(profile_windows, windows, recipe.profile_nsamples, recipe.profile_seqlen, "profile")
         profiled = _profile_plan(model, recipe, score, structure, numels, profile_windows, progress, files)
         if recipe.allocation == "profile":
             return profiled
-        if search_windows is None:
-            search_windows = windows[:recipe.search_nsamples, :recipe.search_seqlen]
+        search_windows = _own_windows(search_windows, windows, recipe.search_nsamples, recipe.search_seqlen, "search")
         starts = {"uniform": allocate_uniform(numels, target, structure, exact=True),
                   "owl": _owl_plan(model, adapter, recipe, structure, numels, search_windows, progress),
                   "profile": profiled}
@@ -164,8 +169,8 @@ def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progre
 
     timings: dict[str, float] = {}
     windows = None
-    needs_data = (score.needs is not None or recipe.rowwise
-                  or (recipe.allocation in ("owl", "profile", "search") and not recipe.plan))
+    # profile and search draw their own windows below; OWL counts outliers on these
+    needs_data = score.needs is not None or recipe.rowwise or (recipe.allocation == "owl" and not recipe.plan)
     if needs_data:
         t0 = time.perf_counter()
         windows = calibration_spec_windows(tokenizer, recipe.calibration, recipe.nsamples, recipe.seqlen, recipe.seed)
@@ -199,7 +204,7 @@ def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progre
         SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc=f"{recipe.score} prune",
                          sequential=recipe.sequential).run(visitor)
     timings["prune_s"] = time.perf_counter() - t0
-    if recipe.rowwise:
+    if recipe.rowwise and not plan.method.endswith("+rowwise"):
         plan.method = f"{plan.method}+rowwise"
         plan.params["rowwise"] = "trim"
 
@@ -260,7 +265,7 @@ def report_markdown(report: dict, plan: AllocationPlan) -> str:
              f"- score: **{report['score']}**, structure: **{report['structure']}**, allocation: **{report['allocation']}**",
              f"- target sparsity {report['target_sparsity']:.4f}, achieved {report['achieved_sparsity']:.4f} "
              f"(of all parameters: {report['sparsity_of_all_parameters']:.4f})",
-             f"- timings: " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()),
+             "- timings: " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()),
              f"- peak RSS {report['peak_rss_mb']:.0f} MB", ""]
     if report.get("perplexity"):
         lines += ["| data | dense | pruned | ratio |", "|---|---|---|---|"]

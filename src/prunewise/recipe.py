@@ -162,7 +162,7 @@ def parse_budget(text: str, dtype: str = "float32", other_params: int = 0):
         raise ValueError(f"budget value {value!r} is not a number; write e.g. keep_bytes=250e6") from None
     try:
         per = bytes_per_param(dtype)
-    except Exception as exc:
+    except PrunewiseError as exc:
         raise ValueError(str(exc)) from None
     return Budget(kind.strip(), number, per, other_params)
 

@@ -92,7 +92,7 @@ class ImportanceSampleVisitor:
         full = f"{self.prefix}.{i}.{name}"
         if full not in self.targets:
             return
-        imp = self.score.importance(linear.weight.detach(), stats).flatten().float()
+        imp = self.score.importance(linear.weight.detach(), stats, module=full).flatten().float()
         if imp.numel() > self.max_sample:
             imp = imp[torch.randint(imp.numel(), (self.max_sample,), generator=self.gen)]
         self.samples[full] = torch.sort(imp).values

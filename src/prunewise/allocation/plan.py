@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -126,16 +128,34 @@ def quantize_levels(values: torch.Tensor, levels: int, target: float) -> torch.T
     return base.clamp(0, levels - 1) / levels
 
 
-def plot_plan(plan: AllocationPlan, path: str | Path | None = None) -> bytes | None:
-    """Bar chart of the plan (sparsity per block, one bar per module type; per-row ranges as whiskers) and,
-    for searched plans, the fitness history. PNG bytes (also written to ``path``); None without matplotlib."""
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    import re
+    return plt
+
+
+def figure_png(fig, path: str | Path | None = None) -> bytes:
+    """The figure as PNG bytes (tight layout, 110 dpi), also written to ``path`` when given."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    data = buffer.getvalue()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
+
+
+def plot_plan(plan: AllocationPlan, path: str | Path | None = None) -> bytes | None:
+    """Bar chart of the plan (sparsity per block, one bar per module type; per-row ranges as whiskers) and,
+    for searched plans, the fitness history. PNG bytes (also written to ``path``); None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
 
     grid: dict[str, dict[int, str]] = {}
     for m in plan.modules:
@@ -182,13 +202,6 @@ def plot_plan(plan: AllocationPlan, path: str | Path | None = None) -> bytes | N
             ax2.set_ylabel("KL(dense || pruned)")
             ax2.set_yscale("log")
             ax2.legend(fontsize=7)
-        fig.tight_layout()
-        import io
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
+        return figure_png(fig, path)
     finally:
         plt.close(fig)
-    data = buffer.getvalue()
-    if path is not None:
-        Path(path).write_bytes(data)
-    return data

@@ -20,7 +20,6 @@ plus the statistics (SparseGPT: one ``in x in`` float32 Hessian per distinct lin
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -36,7 +35,7 @@ from ..cache import cache_dir
 from ..engine.sequential import SequentialEngine, _block_output
 from ..errors import PrunewiseError
 from ..models.adapters import ArchitectureAdapter, get_adapter
-from .plan import load_json_model
+from .plan import figure_png, load_json_model, pyplot
 from ..scores.base import LinearStats
 from ..structures.masks import NM
 
@@ -312,8 +311,7 @@ class Profiler:
             saved[m] = linear.weight.data.clone()
             if level == 0:
                 continue
-            kw = {"module": m} if self.score.name == "sparsegpt" else {}
-            outcome = self.score.prune(saved[m], self.stats.get(m), self.structure, level, **kw)
+            outcome = self.score.prune(saved[m], self.stats.get(m), self.structure, level, module=m)
             linear.weight.data.copy_(outcome.weight)
         return saved
 
@@ -424,11 +422,8 @@ def compute_profile(model: nn.Module, windows: torch.Tensor, score, structure, n
 
 def plot_profile(profile: SensitivityProfile, path: str | Path | None = None) -> bytes | None:
     """A unit x level heatmap of log10 damage as PNG bytes (also written to ``path``); None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         log.info("matplotlib is not installed: skipping the sensitivity heatmap (profile.png)")
         return None
     values = torch.tensor([profile.damage[u] for u in profile.units], dtype=torch.float64)
@@ -444,12 +439,6 @@ def plot_profile(profile: SensitivityProfile, path: str | Path | None = None) ->
         ax.set_xlabel("sparsity level")
         ax.set_title(f"damage: mean KL(dense || pruned), {profile.score} {profile.structure}", fontsize=9)
         fig.colorbar(image, ax=ax, label="log10 KL (nats/token)")
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
+        return figure_png(fig, path)
     finally:
         plt.close(fig)
-    data = buffer.getvalue()
-    if path is not None:
-        Path(path).write_bytes(data)
-    return data

@@ -17,37 +17,18 @@ from __future__ import annotations
 
 import torch
 
+from .plan import exact_counts
+
 POSITIVE_RATES = (0.01, 0.02, 0.04, 0.08, 0.12, 0.16)
 NEGATIVE_RATES = (-0.01, -0.02, -0.04)
 
 
 def exact_row_counts(sparsities: torch.Tensor, cols: int, total: int) -> torch.Tensor:
     """Per-row removal counts near ``sparsities * cols`` summing exactly to ``total`` (largest remainder)."""
-    raw = sparsities.double().clamp(0, 1) * cols
-    counts = raw.floor().long().clamp(0, cols)
-    short = total - int(counts.sum())
-    if short > 0:
-        room = counts < cols
-        frac = torch.where(room, raw - counts, torch.full_like(raw, -1.0))
-        order = torch.argsort(frac, descending=True, stable=True)
-        while short > 0:
-            for r in order.tolist():
-                if short == 0:
-                    break
-                if counts[r] < cols:
-                    counts[r] += 1
-                    short -= 1
-    elif short < 0:
-        frac = raw - counts
-        order = torch.argsort(frac, stable=True)
-        while short < 0:
-            for r in order.tolist():
-                if short == 0:
-                    break
-                if counts[r] > 0:
-                    counts[r] -= 1
-                    short += 1
-    return counts
+    rows = len(sparsities)
+    shares = exact_counts({r: float(x) for r, x in enumerate(sparsities.clamp(0, 1))}, dict.fromkeys(range(rows), cols),
+                          total / (rows * cols))
+    return torch.tensor([round(shares[r] * cols) for r in range(rows)], dtype=torch.long)
 
 
 class RowPruner:

@@ -29,7 +29,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -137,7 +137,7 @@ class ConfigEvaluator:
         return min(blocks) if blocks else len(self.p.blocks)
 
     @torch.no_grad()
-    def _run(self, first: int, hidden: torch.Tensor, idx: list[int], keep: bool) -> tuple[torch.Tensor, list]:
+    def _run(self, first: int, hidden: torch.Tensor, keep: bool) -> tuple[torch.Tensor, list]:
         """Blocks ``first..end`` from ``hidden``; with ``keep`` also every block's input."""
         kept = []
         h = hidden
@@ -163,7 +163,7 @@ class ConfigEvaluator:
         """(parent's fitness, each candidate's fitness) on windows ``idx``; reuses the parent's block inputs."""
         self.load(parent)
         start = self.p.inputs[0][idx]
-        final, kept = self._run(0, start, idx, keep=True)
+        final, kept = self._run(0, start, keep=True)
         parent_fit = self._kl(final, idx)
         self.forwards += 1
         out = []
@@ -173,7 +173,7 @@ class ConfigEvaluator:
                 continue
             first = self.first_difference(parent, cand)
             self.load(cand)
-            final, _ = self._run(first, kept[first], idx, keep=False)
+            final, _ = self._run(first, kept[first], keep=False)
             out.append(self._kl(final, idx))
             self.forwards += 1
         return parent_fit, out
@@ -182,11 +182,9 @@ class ConfigEvaluator:
 def _mutate(parent: tuple[int, ...], lo: list[int], hi: list[int], rng: random.Random) -> tuple[int, ...]:
     child = list(parent)
     flips = min(rng.randint(1, 3), rng.randint(1, 3))  # biased to few flips, as EvoPress
-    down_ok = [j for j in range(len(child)) if child[j] > lo[j]]
-    up_ok = [j for j in range(len(child)) if child[j] < hi[j]]
     for _ in range(flips):
-        down_ok = [j for j in down_ok if child[j] > lo[j]]
-        up_ok = [j for j in up_ok if child[j] < hi[j]]
+        down_ok = [j for j in range(len(child)) if child[j] > lo[j]]
+        up_ok = [j for j in range(len(child)) if child[j] < hi[j]]
         if not down_ok or not up_ok:
             break
         d = rng.choice(down_ok)
@@ -196,12 +194,6 @@ def _mutate(parent: tuple[int, ...], lo: list[int], hi: list[int], rng: random.R
         child[d] -= 1
         child[u] += 1
     return tuple(child)
-
-
-@dataclass
-class SearchResult:
-    plan: AllocationPlan
-    history: list[dict] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -221,7 +213,11 @@ def search_allocation(model: nn.Module, windows: torch.Tensor, score, structure,
     if not starts:
         raise PrunewiseError("the search needs at least one starting plan (uniform, owl or profile)")
     modules = list(numels)
-    totals = {name: sum(p.pruned_counts()[m] for m in modules) for name, p in starts.items()}
+    start_cfg = {}
+    for name, plan in starts.items():
+        counts = plan.pruned_counts()
+        start_cfg[name] = tuple(counts[m] for m in modules)
+    totals = {name: sum(cfg) for name, cfg in start_cfg.items()}
     if len(set(totals.values())) != 1:
         raise PrunewiseError(f"starting plans remove different numbers of weights {totals}; give plans for one budget")
     n_windows = windows.shape[0]
@@ -245,19 +241,13 @@ def search_allocation(model: nn.Module, windows: torch.Tensor, score, structure,
 
     try:
         # the best start on the tracking windows
-        start_fit = {}
-        first_cfg = None
-        for name, plan in starts.items():
-            counts = plan.pruned_counts()
-            cfg = tuple(counts[m] for m in modules)
-            start_fit[name], _ = evaluator.score(cfg, [], track)
-            if first_cfg is None or start_fit[name] < start_fit[best]:
-                best, first_cfg = name, cfg
+        start_fit = {name: evaluator.score(cfg, [], track)[0] for name, cfg in start_cfg.items()}
+        best = min(start_fit, key=start_fit.get)
         log.info("search starts: %s -> best %s", {k: round(v, 5) for k, v in start_fit.items()}, best)
 
         step = search_step(numels, target, config.levels)
         shift = config.max_shift if config.max_shift is not None else 0.5 * min(target, 1 - target)
-        base = first_cfg
+        base = start_cfg[best]
         lo, hi = [], []
         for m, c in zip(modules, base):
             n = numels[m]
@@ -265,7 +255,9 @@ def search_allocation(model: nn.Module, windows: torch.Tensor, score, structure,
             high = min(config.max_sparsity, c / n + shift) * n
             lo.append(-int(math.floor((c - low) / step)))
             hi.append(int(math.floor((high - c) / step)))
-        to_counts = lambda lv: tuple(b + k * step for b, k in zip(base, lv))  # noqa: E731
+
+        def to_counts(levels: tuple[int, ...]) -> tuple[int, ...]:
+            return tuple(b + k * step for b, k in zip(base, levels))
 
         parent = tuple(0 for _ in modules)
         fitness = start_fit[best]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from torch import nn
 
 from ..allocation.plan import AllocationPlan
@@ -53,7 +52,7 @@ class PruneVisitor:
         row_info = {}
         rows = self.plan.row_vector(full)
         if rows is None and self.rowwise:
-            importance = self.score.importance(linear.weight.data, stats if self.score.needs else None)
+            importance = self.score.importance(linear.weight.data, stats, module=full)
             rows, row_info = trim_row_sparsities(linear.weight.data, importance, stats.samples, sparsity)
             self.plan.rows[full] = rows.tolist()
         if rows is not None:

@@ -11,7 +11,7 @@ class _MaskOnly:
     """Prune by masking the least important weights; the survivors are left as they are."""
 
     def prune(self, weight, stats, structure, sparsity, module: str = "?") -> PruneOutcome:
-        mask = structure.mask(self.importance(weight, stats), sparsity)
+        mask = structure.mask(self.importance(weight, stats, module), sparsity)
         return PruneOutcome(weight.masked_fill(mask, 0.0), mask)
 
 
@@ -22,7 +22,7 @@ class MagnitudeScore(_MaskOnly):
     needs = None
     default_group = "layer"
 
-    def importance(self, weight: torch.Tensor, stats: LinearStats | None) -> torch.Tensor:
+    def importance(self, weight: torch.Tensor, stats: LinearStats | None, module: str = "?") -> torch.Tensor:
         return weight.abs().float()
 
 
@@ -33,5 +33,5 @@ class WandaScore(_MaskOnly):
     needs = "sq_norm"
     default_group = "row"
 
-    def importance(self, weight: torch.Tensor, stats: LinearStats | None) -> torch.Tensor:
+    def importance(self, weight: torch.Tensor, stats: LinearStats | None, module: str = "?") -> torch.Tensor:
         return weight.abs().float() * stats.sq_norm.sqrt().float().unsqueeze(0)

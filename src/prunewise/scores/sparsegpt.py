@@ -57,9 +57,19 @@ class SparseGPTScore:
         self.damp = damp
         self.blocksize = blocksize
 
-    def importance(self, weight: torch.Tensor, stats: LinearStats) -> torch.Tensor:
+    def factor(self, stats: LinearStats, module: str = "?"):
+        """``(U, dead, damp_used)`` of the statistics' Hessian, computed once and kept on ``stats``.
+
+        Linears reading the same input (q/k/v, gate/up) share one statistics object, so they share it.
+        """
+        found = getattr(stats, "factor", None)
+        if found is None or found[0] != self.damp:
+            stats.factor = found = (self.damp, *inverse_hessian_factor(stats.hessian, self.damp, module))
+        return found[1:]
+
+    def importance(self, weight: torch.Tensor, stats: LinearStats, module: str = "?") -> torch.Tensor:
         """OBS saliency of each weight when removed alone: ``w^2 / [H^-1]_jj``."""
-        U, dead, _ = inverse_hessian_factor(stats.hessian, self.damp)
+        U, dead, _ = self.factor(stats, module)
         hinv_diag = (U * U).sum(0)  # diag of H^-1 = U^T U
         sal = weight.float().pow(2) / hinv_diag.unsqueeze(0)
         sal[:, dead] = 0.0
@@ -68,11 +78,7 @@ class SparseGPTScore:
     def prune(self, weight: torch.Tensor, stats: LinearStats, structure, sparsity, module: str = "?") -> PruneOutcome:
         W = weight.detach().float().clone()
         rows, cols = W.shape
-        # linears reading the same input (q/k/v, gate/up) share one statistics object: factor once
-        factor = getattr(stats, "factor", None)
-        if factor is None or factor[0] != self.damp:
-            stats.factor = factor = (self.damp, *inverse_hessian_factor(stats.hessian, self.damp, module))
-        _, U, dead, damp_used = factor
+        U, dead, damp_used = self.factor(stats, module)
         W[:, dead] = 0.0
         mask = torch.zeros(rows, cols, dtype=torch.bool)
 
