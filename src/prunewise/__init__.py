@@ -5,6 +5,18 @@ from .errors import PrunewiseError
 __version__ = "0.1.0"
 
 
+def _register() -> None:
+    """Pruned folders with per-block widths load with plain from_pretrained once prunewise is imported."""
+    try:
+        from .export.register import register_pruned_classes
+    except ImportError:  # transformers missing: prunewise reports that where it is needed
+        return
+    register_pruned_classes()
+
+
+_register()
+
+
 def __getattr__(name):  # the API imports torch and transformers: load it on first use
     if name in ("prune", "evaluate", "run", "PruneResult"):
         from . import api

@@ -33,6 +33,10 @@ from .models.adapters import get_adapter, prunable_weights
 from .models.loading import load_model, model_fingerprint
 from .recipe import Recipe
 from .scores import check_weight, get_score
+from .export.register import MODELING_FILE
+from .structured.geometry import Structured
+from .structured.run import prune_structured
+from .structures.masks import Unstructured
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +156,8 @@ def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progre
     if model is None:
         model, tokenizer = load_model(recipe.model)
     adapter = get_adapter(model)
-    score = get_score(recipe.score, damp=recipe.damp, blocksize=recipe.blocksize)
     structure = recipe.structure_obj
+    score = None if isinstance(structure, Structured) else get_score(recipe.score, damp=recipe.damp, blocksize=recipe.blocksize)
     numels = targeted_numels(model, recipe)
     if recipe.budget:  # a parameter/byte budget becomes the share of the targeted weights to remove
         from .recipe import parse_budget
@@ -166,6 +170,8 @@ def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progre
     for name in numels:
         check_weight(name, weights[name])
         structure.check(name, weights[name])
+    if isinstance(structure, Structured):
+        return _prune_structured(recipe, model, tokenizer, adapter, numels, progress)
 
     timings: dict[str, float] = {}
     windows = None
@@ -227,6 +233,51 @@ def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progre
     return PruneResult(model, tokenizer, recipe, plan, report, files)
 
 
+def _prune_structured(recipe: Recipe, model, tokenizer, adapter, numels, progress: bool) -> PruneResult:
+    """Structured pruning: statistics, widths or blocks, compensation, and a physically smaller model."""
+    structure = recipe.structure_obj
+    timings: dict[str, float] = {}
+    needs_data = (recipe.score != "magnitude" or recipe.bias_compensation or recipe.allocation == "owl"
+                  or structure.kind in ("blocks", "sublayers"))
+    windows = None
+    if needs_data:
+        t0 = time.perf_counter()
+        windows = calibration_spec_windows(tokenizer, recipe.calibration, recipe.nsamples, recipe.seqlen, recipe.seed)
+        timings["calibration_data_s"] = time.perf_counter() - t0
+    source_plan = None
+    if recipe.plan:
+        source_plan = AllocationPlan.load(recipe.plan)
+        source_plan.check_matches(numels)
+    elif recipe.allocation == "owl":
+        t0 = time.perf_counter()
+        source_plan = _owl_plan(model, adapter, recipe, Unstructured(), numels, windows, progress)
+        timings["allocation_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan, info = prune_structured(model, adapter, recipe, windows, progress, source_plan)
+    timings["prune_s"] = time.perf_counter() - t0
+    timings.update(info.pop("timings"))
+    before, after = info["params_before"], info["params_after"]
+    report = {
+        "prunewise": __version__,
+        "model": recipe.model,
+        "score": recipe.score if structure.kind not in ("blocks", "sublayers") else "block-influence",
+        "structure": structure.name,
+        "allocation": plan.method,
+        "target_sparsity": recipe.sparsity,
+        "achieved_sparsity": info["removed_share_of_targeted"],
+        "sparsity_of_all_parameters": 1 - after["total"] / before["total"],
+        "bias_compensation": recipe.bias_compensation,
+        "structured": info,
+        "timings": timings,
+        "peak_rss_mb": peak_rss_mb(),
+        "modules": {n: {"planned": v, "sparsity": v} for n, v in plan.modules.items()},
+    }
+    files = {}
+    if info["config"] == "custom":
+        files["modeling_prunewise.py"] = MODELING_FILE.read_text()
+    return PruneResult(model, tokenizer, recipe, plan, report, files)
+
+
 def _dense_cache_path(model_spec: str, corpus, seqlen: int, max_tokens: int) -> Path | None:
     try:
         fp = model_fingerprint(model_spec)
@@ -284,12 +335,30 @@ def report_markdown(report: dict, plan: AllocationPlan) -> str:
         spans = [max(v) - min(v) for v in plan.rows.values()]
         lines += [f"Row-wise (TRIM): {len(plan.rows)} modules with per-row sparsities; widest row range "
                   f"{max(spans):.3f}, median {sorted(spans)[len(spans) // 2]:.3f}.", ""]
+    if report.get("structured"):
+        lines += structured_markdown(report["structured"])
     if report.get("cholesky_retries"):
         lines += ["Cholesky needed more dampening for: " + ", ".join(f"{k} ({v:g})" for k, v in report["cholesky_retries"].items()), ""]
     lines += ["| module | planned | achieved |", "|---|---|---|"]
     for name, row in report["modules"].items():
         lines.append(f"| {name} | {row['planned']:.4f} | {row['sparsity']:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def structured_markdown(info: dict) -> list[str]:
+    """The structured part of report.md: parameters before and after, and each block's widths."""
+    b, a = info["params_before"], info["params_after"]
+    lines = [f"Structured: {info['removed_targeted_params']:,} of {info['targeted_params']:,} targeted parameters removed "
+             f"({info['removed_share_of_targeted']:.2%}); all parameters {b['total']:,} -> {a['total']:,}, decoder "
+             f"{b['decoder']:,} -> {a['decoder']:,} ({info['removed_share_of_decoder']:.2%} of it removed); ideal speedup "
+             f"{info['ideal_speedup']:.3f}x; saved with a **{info['config']}** config"
+             + (f"; removed blocks: {info['removed_blocks']}" if info.get("removed_blocks") else "") + ".", "",
+             "| block | query heads | kv heads | MLP channels | o_proj bias | down_proj bias |", "|---|---|---|---|---|---|"]
+    for row in info["layers"]:
+        lines.append(f"| {row['block']} | {row['num_attention_heads']} | {row['num_key_value_heads']} | "
+                     f"{row['intermediate_size']} | {'yes' if row['o_proj_bias'] else ''} | "
+                     f"{'yes' if row['down_proj_bias'] else ''} |")
+    return lines + [""]
 
 
 def run(recipe: Recipe, progress: bool = True) -> dict:

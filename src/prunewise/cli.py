@@ -11,8 +11,11 @@ from .errors import PrunewiseError
 
 PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--model": ("model", str, "named model (see `prunewise models`), HF folder or id, or a .gguf file"),
-    "--score": ("score", str, "magnitude | wanda | sparsegpt"),
-    "--structure": ("structure", str, "unstructured | N:M (N zeros in every M weights, e.g. 2:4)"),
+    "--score": ("score", str, "magnitude | wanda | sparsegpt | fluctuation (FLAP, structured) | taylor (LLM-Pruner, structured)"),
+    "--structure": ("structure", str, "unstructured | N:M (N zeros in every M weights, e.g. 2:4) | channels | heads | "
+                                      "width (channels and heads) | sublayers | blocks: structured, a smaller model"),
+    "--width-multiple": ("width_multiple", int, "structured: MLP widths change in multiples of this (default 8)"),
+    "--heads-mode": ("heads_mode", str, "structured heads: query (evenly within key/value groups, default) | group"),
     "--group": ("group", str, "comparison group for unstructured: row | layer (default per score)"),
     "--sparsity": ("sparsity", float, "fraction of targeted weights removed, in [0, 1)"),
     "--budget": ("budget", str, "instead of --sparsity: keep_params=N, remove_params=N, keep_bytes=B or remove_bytes=B "
@@ -67,6 +70,8 @@ def _cmd_prune(args) -> int:
         fields["overwrite"] = True
     if args.rowwise:
         fields["rowwise"] = True
+    if args.bias_compensation:
+        fields["bias_compensation"] = True
     recipe = make_recipe(**fields)
     report = run(recipe, progress=not args.no_progress)
     print(format_prune_report(report, recipe))
@@ -145,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     p.add_argument("--rowwise", action="store_true", default=None,
                    help="row-wise allocation (TRIM): per-output-row sparsities around each module's level")
+    p.add_argument("--bias-compensation", action="store_true", default=None,
+                   help="structured: fold the removed units' mean contribution into output biases (FLAP)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_prune)
 

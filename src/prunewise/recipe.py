@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .data.mixture import MixtureItem, mixture_items, parse_calibration
 from .errors import PrunewiseError
+from .structured.geometry import Structured
 from .structures.masks import NM, parse_structure
 
 
@@ -23,8 +24,9 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = "smollm2-135m"
-    score: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
-    structure: str = "unstructured"
+    score: Literal["magnitude", "wanda", "sparsegpt", "fluctuation", "taylor"] = "wanda"
+    structure: str = Field("unstructured", description="unstructured | N:M | channels | heads | width (channels and heads) "
+                                                       "| sublayers | blocks")
     group: Literal["row", "layer"] | None = Field(None, description="comparison group for unstructured; default per score")
     sparsity: float | None = Field(None, description="fraction of targeted weights removed; N:M implies N/M")
     budget: str | None = Field(None, description="instead of a sparsity: KIND=VALUE with KIND keep_params, remove_params, "
@@ -46,6 +48,11 @@ class Recipe(BaseModel):
     search_nsamples: int = Field(16, ge=4, description="search allocation: calibration windows fitness is drawn from")
     search_seqlen: int = Field(256, ge=2, description="search allocation: tokens per search window")
     search_cache_mb: float = Field(3072.0, gt=0, description="search allocation: bound on cached pruned module variants")
+    bias_compensation: bool = Field(False, description="structured: fold the removed inputs' mean contribution into "
+                                                       "a bias of the output projection (FLAP)")
+    width_multiple: int = Field(8, ge=1, description="structured: MLP widths change in multiples of this many channels")
+    heads_mode: Literal["query", "group"] = Field(
+        "query", description="structured heads: remove query heads evenly within key/value groups, or whole groups")
     rowwise: bool = Field(False, description="spread each module's level over its output rows (TRIM) on top of the plan")
     calibration: str | list[MixtureItem] = Field(
         "wiki", description="a corpus spec, or a mixture: a list of {source, weight} (or 'code:0.7,wiki:0.3')")
@@ -98,6 +105,13 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _sparsity(self) -> "Recipe":
         struct = parse_structure(self.structure)
+        if isinstance(struct, Structured):
+            _check_structured(self, struct)
+        elif self.score in STRUCTURED_ONLY:
+            raise ValueError(f"score {self.score} ranks structured units; use it with --structure channels, heads or width")
+        elif self.bias_compensation:
+            raise ValueError("bias compensation applies to structured pruning (--structure channels, heads, width, "
+                             "sublayers or blocks)")
         if isinstance(struct, NM):
             if self.sparsity is None:
                 self.sparsity = struct.sparsity
@@ -167,9 +181,27 @@ def parse_budget(text: str, dtype: str = "float32", other_params: int = 0):
     return Budget(kind.strip(), number, per, other_params)
 
 
+STRUCTURED_ONLY = ("fluctuation", "taylor")
+
+
+def _check_structured(recipe: Recipe, struct: Structured) -> None:
+    """Combinations structured pruning cannot do, refused at validation time."""
+    if recipe.score == "sparsegpt":
+        raise ValueError("sparsegpt reconstructs single weights; structured pruning scores units with magnitude, wanda, "
+                         "fluctuation or taylor")
+    if recipe.rowwise:
+        raise ValueError("row-wise allocation is for unstructured sparsity; structured pruning removes whole units")
+    if struct.kind in ("channels", "heads", "width") and recipe.allocation not in ("uniform", "global", "owl") \
+            and not recipe.plan:
+        raise ValueError(f"structured widths are allocated uniform, global (FLAP), owl or from --plan, not "
+                         f"{recipe.allocation}; make a plan.json with an unstructured run and pass --plan")
+    if struct.kind in ("sublayers", "blocks") and (recipe.allocation not in ("uniform",) or recipe.plan):
+        raise ValueError(f"{struct.kind} are ranked by how little they change their input; leave --allocation at uniform")
+
+
 def _default_group(score: str) -> str:
     from .scores import SCORES
-    return SCORES[score].default_group
+    return SCORES[score].default_group if score in SCORES else "row"
 
 
 def make_recipe(**fields) -> Recipe:

@@ -31,6 +31,8 @@ class ArchitectureAdapter:
     # candidate attribute paths from the CausalLM to the decoder (the module holding `.layers`)
     decoder_paths: tuple[str, ...] = ("model", "model.language_model", "language_model.model")
     final_norm: str = "norm"  # attribute path, from the decoder, of the norm applied after the last block
+    # the norm whose input is the residual stream between the attention and the MLP sublayer (first found)
+    mid_norms: tuple[str, ...] = ("pre_feedforward_layernorm", "post_attention_layernorm")
     coupled: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
         "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
         "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
@@ -73,6 +75,14 @@ class ArchitectureAdapter:
         if not found:
             raise PrunewiseError(f"no prunable linears found in a {self.family} block (looked for {self.linear_names})")
         return found
+
+    def mid_norm(self, block: nn.Module) -> nn.Module:
+        """The norm that reads the residual stream after the attention sublayer (its input is ``h + attn(h)``)."""
+        for name in self.mid_norms:
+            module = getattr(block, name, None)
+            if module is not None:
+                return module
+        raise PrunewiseError(f"a {self.family} block has none of {self.mid_norms}; set mid_norms in its adapter")
 
     def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the last block's output: the decoder's final norm, the output head, and final softcapping.

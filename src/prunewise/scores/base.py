@@ -17,8 +17,10 @@ class LinearStats:
     ``sum_t x_t x_t^T`` (SparseGPT's ``X X^T``, up to a scale that dampening makes irrelevant).
     """
 
-    def __init__(self, in_features: int, hessian: bool = False, samples_per_window: int = 0) -> None:
+    def __init__(self, in_features: int, hessian: bool = False, samples_per_window: int = 0,
+                 mean: bool = False) -> None:
         self.sq_norm = torch.zeros(in_features, dtype=torch.float64)
+        self.sum = torch.zeros(in_features, dtype=torch.float64) if mean else None
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32) if hessian else None
         self.tokens = 0
         self.samples_per_window = samples_per_window
@@ -26,8 +28,21 @@ class LinearStats:
 
     @classmethod
     def for_need(cls, in_features: int, need: str) -> "LinearStats":
-        """Statistics for a visitor's need: 'sq_norm' or 'hessian', optionally '+samples' (row-wise allocation)."""
-        return cls(in_features, hessian=need.startswith("hessian"), samples_per_window=4 if need.endswith("+samples") else 0)
+        """Statistics for a visitor's need: 'sq_norm' or 'hessian', optionally '+samples' (row-wise allocation)
+        or '+mean' (per-input sums: mean and variance, for structured scores and bias compensation)."""
+        return cls(in_features, hessian=need.startswith("hessian"), samples_per_window=4 if need.endswith("+samples") else 0,
+                   mean="+mean" in need)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean of each input over the calibration tokens (needs '+mean')."""
+        return self.sum / max(self.tokens, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Sample variance of each input over the calibration tokens (needs '+mean'): FLAP's fluctuation."""
+        n = max(self.tokens, 2)
+        return ((self.sq_norm - self.sum.pow(2) / n) / (n - 1)).clamp_min(0)
 
     @property
     def samples(self) -> torch.Tensor:
@@ -42,6 +57,8 @@ class LinearStats:
             self._samples.append(x[:, pos].reshape(-1, x.shape[-1]).float().clone())
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
+        if self.sum is not None:
+            self.sum += x.sum(0).double()
         if self.hessian is not None:
             self.hessian.addmm_(x.t(), x)
             self.sq_norm = self.hessian.diagonal().double()

@@ -109,9 +109,14 @@ class NM:
         return mask.reshape(rows, cols)
 
 
-def parse_structure(text: str, group: str = "row") -> Unstructured | NM:
-    """``unstructured`` or ``N:M`` (N zeros in every M consecutive weights, 0 < N < M)."""
+def parse_structure(text: str, group: str = "row"):
+    """``unstructured``, ``N:M`` (N zeros in every M consecutive weights, 0 < N < M), or a structured unit:
+    ``channels``, ``heads``, ``width``, ``sublayers``, ``blocks``."""
+    from ..structured.geometry import STRUCTURES, Structured
+
     text = text.strip().lower()
+    if text in STRUCTURES:
+        return Structured(text)
     if text == "unstructured":
         if group not in ("row", "layer"):
             raise PrunewiseError(f"unknown comparison group '{group}'; use 'row' or 'layer'")
@@ -122,4 +127,5 @@ def parse_structure(text: str, group: str = "row") -> Unstructured | NM:
         if 0 < n < m:
             return NM(n, m)
         raise PrunewiseError(f"N:M structure '{text}' needs 0 < N < M (N zeros in every M weights), e.g. 2:4")
-    raise PrunewiseError(f"unknown structure '{text}'; use 'unstructured' or 'N:M' such as 2:4")
+    raise PrunewiseError(f"unknown structure '{text}'; use 'unstructured', 'N:M' such as 2:4, or one of "
+                         "channels, heads, width, sublayers, blocks")

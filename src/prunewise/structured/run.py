@@ -1,0 +1,192 @@
+"""Structured pruning end to end: statistics, scores, widths (or blocks / sublayers), compensation, shrinking.
+
+The budget is a share of the targeted decoder parameters (attention and/or MLP linears of every
+block); the model that comes out is physically smaller and carries the config it is saved with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from ..allocation.plan import AllocationPlan
+from ..engine.sequential import SequentialEngine
+from ..export.modeling_prunewise import head_dim_of
+from .geometry import BlockGeometry, BlockKeep
+from .scores import InfluenceVisitor, StatsVisitor, finish, taylor_gradients, unit_scores
+from .shrink import finalize_config, remove_blocks, shrink_block
+from .widths import choose_widths
+
+log = logging.getLogger(__name__)
+
+ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def count_params(model: nn.Module, adapter) -> dict[str, int]:
+    """All parameters (tied tensors once) and those inside the decoder blocks."""
+    total = sum(p.numel() for p in model.parameters())
+    blocks = sum(p.numel() for p in adapter.blocks(model).parameters())
+    return {"total": total, "decoder": blocks}
+
+
+def plan_shares(plan: AllocationPlan, prefix: str, n_blocks: int) -> list[dict[str, float]]:
+    """Per block, the parameter-weighted share of its attention and of its MLP linears that a plan removes."""
+    out = []
+    for i in range(n_blocks):
+        share = {}
+        for kind, names in (("attention", ATTN), ("mlp", MLP)):
+            full = [f"{prefix}.{i}.{n}" for n in names if f"{prefix}.{i}.{n}" in plan.modules]
+            numel = sum(plan.numels.get(f, 0) for f in full)
+            share[kind] = sum(plan.modules[f] * plan.numels.get(f, 0) for f in full) / numel if numel else 0.0
+        out.append(share)
+    return out
+
+
+def structure_plan(model_before: dict, keeps_info: list[dict], prefix: str, target: float, method: str,
+                   structure: str) -> AllocationPlan:
+    """The result as an allocation plan: per module the share of its weights removed (plottable, reusable)."""
+    modules, numels = {}, {}
+    for i, info in enumerate(keeps_info):
+        for name, (before, after) in info.items():
+            full = f"{prefix}.{i}.{name}"
+            numels[full] = before
+            modules[full] = 1 - after / before if before else 0.0
+    return AllocationPlan(method=method, target=target, structure=structure, modules=modules, numels=numels,
+                          params=model_before)
+
+
+def _linear_sizes(block: nn.Module) -> dict[str, int]:
+    out = {}
+    for name in ATTN + MLP:
+        try:
+            out[name] = block.get_submodule(name).weight.numel()
+        except AttributeError:
+            out[name] = 0
+    return out
+
+
+def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | None, progress: bool = True,
+                     plan: AllocationPlan | None = None) -> tuple[AllocationPlan, dict]:
+    """Prune ``model`` in place as the recipe's structured structure says. Returns (plan, report fields)."""
+    structure = recipe.structure_obj
+    blocks = adapter.blocks(model)
+    prefix = adapter.block_prefix(model)
+    head_dim = head_dim_of(getattr(model.config, "text_config", None) or model.config)
+    geoms = [BlockGeometry.of(b, head_dim) for b in blocks]
+    before = count_params(model, adapter)
+    sizes_before = [_linear_sizes(b) for b in blocks]
+    timings: dict[str, float] = {}
+    if structure.kind in ("blocks", "sublayers"):
+        targeted = sum(g.attn_params + g.mlp_params for g in geoms)
+    else:
+        targeted = sum((g.attn_params if structure.prunes_heads else 0) + (g.mlp_params if structure.prunes_mlp else 0)
+                       for g in geoms)
+    budget = int(round(float(recipe.sparsity) * targeted))
+    compensate = recipe.bias_compensation
+    info: dict = {"targeted_params": targeted, "budget_params": budget}
+
+    if structure.kind in ("blocks", "sublayers"):
+        t0 = time.perf_counter()
+        influence = InfluenceVisitor(model, adapter)
+        scores = influence.run(windows, recipe.chunk_size or 8, progress)
+        timings["influence_s"] = time.perf_counter() - t0
+        info["influence"] = {k: [round(float(x), 6) for x in v] for k, v in scores.items()}
+        keeps = [BlockKeep.everything(g) for g in geoms]
+        drop_blocks: list[int] = []
+        if structure.kind == "blocks":
+            per_block = geoms[0].attn_params + geoms[0].mlp_params
+            count = int(round(budget / per_block))
+            drop_blocks = sorted(torch.argsort(scores["block"], stable=True)[:count].tolist())
+        else:
+            units = [(float(scores[kind][i]), i, kind) for i in range(len(geoms)) for kind in ("attention", "mlp")]
+            units.sort()
+            removed, smallest = 0, min(min(g.attn_params, g.mlp_params) for g in geoms)
+            for _, i, kind in units:
+                cost = geoms[i].attn_params if kind == "attention" else geoms[i].mlp_params
+                if removed + cost <= budget + smallest // 2:
+                    removed += cost
+                    if kind == "attention":
+                        keeps[i] = BlockKeep(keeps[i].channels, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+                    else:
+                        keeps[i] = BlockKeep(torch.zeros(0, dtype=torch.long), keeps[i].query_heads, keeps[i].kv_heads)
+            if not compensate:  # a block that lost both sublayers is simply gone
+                drop_blocks = [i for i, k in enumerate(keeps) if not k.channels.numel() and not k.query_heads.numel()]
+        info["removed_blocks"] = drop_blocks
+        means = {i: (influence.mean_input(i, "self_attn.o_proj"), influence.mean_input(i, "mlp.down_proj"))
+                 for i in range(len(geoms))} if compensate else {}
+        if compensate and structure.kind == "blocks":  # a removed block keeps its mean contribution as biases
+            for i in drop_blocks:
+                keeps[i] = BlockKeep(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                                     torch.zeros(0, dtype=torch.long))
+            drop_blocks = []
+    else:
+        grads = None
+        if recipe.score == "taylor":
+            t0 = time.perf_counter()
+            grads = taylor_gradients(model, adapter, windows, chunk_size=min(recipe.chunk_size or 4, 4), progress=progress)
+            timings["gradients_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        visitor = StatsVisitor()
+        if windows is not None:  # group magnitude without compensation needs no data
+            SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="structured statistics",
+                             sequential=False).run(visitor)
+        timings["statistics_s"] = time.perf_counter() - t0
+        scores = []
+        for i, (block, g) in enumerate(zip(blocks, geoms)):
+            block_grads = {n: grads[(i, n)] for n in ATTN + MLP if (i, n) in grads} if grads else None
+            scores.append(unit_scores(recipe.score, block, g, visitor.stats.get(i, {}), block_grads))
+        del grads
+        allocation, shares = recipe.allocation, None
+        if plan is not None:
+            allocation, shares = "shares", plan_shares(plan, prefix, len(blocks))
+        keeps = choose_widths(geoms, scores, structure, budget, allocation=allocation, heads_mode=recipe.heads_mode,
+                              multiple=recipe.width_multiple, shares=shares,
+                              finish=lambda x: finish(recipe.score, x))
+        means = {i: (visitor.stats[i]["self_attn.o_proj"].mean, visitor.stats[i]["mlp.down_proj"].mean)
+                 for i in range(len(blocks))} if compensate else {}
+        drop_blocks = []
+    for i, (block, keep) in enumerate(zip(blocks, keeps)):
+        if i in drop_blocks:
+            continue
+        o_mean, down_mean = means.get(i, (None, None))
+        shrink_block(block, keep, head_dim, o_mean, down_mean)
+    if drop_blocks:
+        remove_blocks(model, adapter, drop_blocks)
+    kept_index = [i for i in range(len(geoms)) if i not in drop_blocks]
+    specs = []
+    for block in adapter.blocks(model):
+        a, m = block.self_attn, block.mlp
+        q = a.q_proj.out_features // head_dim if hasattr(a, "q_proj") else 0
+        kv = a.k_proj.out_features // head_dim if hasattr(a, "k_proj") else 0
+        specs.append({"intermediate_size": m.down_proj.in_features if hasattr(m, "down_proj") else 0,
+                      "num_attention_heads": q, "num_key_value_heads": kv,
+                      "o_proj_bias": (a.o_proj.bias if hasattr(a, "o_proj") else a.bias) is not None,
+                      "down_proj_bias": (m.down_proj.bias if hasattr(m, "down_proj") else m.bias) is not None})
+    kind = finalize_config(model, specs)
+    after = count_params(model, adapter)
+    sizes_after = {i: _linear_sizes(b) for i, b in zip(kept_index, adapter.blocks(model))}
+    keeps_info = [{n: (sizes_before[i][n], sizes_after.get(i, {}).get(n, 0)) for n in ATTN + MLP}
+                  for i in range(len(geoms))]
+    removed = sum(g.attn_params + g.mlp_params for g in geoms) - sum(
+        sum(p.numel() for n, p in b.named_parameters() if not n.endswith("layernorm.weight") and "norm" not in n)
+        for b in adapter.blocks(model))
+    info.update({
+        "params_before": before, "params_after": after,
+        "removed_targeted_params": removed,
+        "removed_share_of_targeted": removed / targeted if targeted else 0.0,
+        "removed_share_of_decoder": 1 - after["decoder"] / before["decoder"],
+        "ideal_speedup": before["total"] / after["total"],
+        "config": kind,
+        "layers": [{"block": i, **s} for i, s in zip(kept_index, specs)],
+        "timings": timings,
+    })
+    method = "blocks" if structure.kind == "blocks" else (
+        "sublayers" if structure.kind == "sublayers" else ("plan" if plan is not None else recipe.allocation))
+    result_plan = structure_plan({"bias_compensation": compensate, "heads_mode": recipe.heads_mode,
+                                  "width_multiple": recipe.width_multiple}, keeps_info, prefix,
+                                 float(recipe.sparsity), method, structure.name)
+    return result_plan, info

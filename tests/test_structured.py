@@ -1,0 +1,306 @@
+"""Structured pruning: GQA-safe heads, widths, bias compensation, block/sublayer removal, export and reload."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from conftest import tiny_model
+from prunewise.errors import PrunewiseError
+from prunewise.export.save import save_pruned
+from prunewise.models.adapters import get_adapter
+from prunewise.recipe import make_recipe
+from prunewise.structured.geometry import BlockGeometry, BlockKeep, Structured, check_gqa
+from prunewise.structured.run import prune_structured
+from prunewise.structured.scores import StatsVisitor, unit_scores
+from prunewise.structured.shrink import shrink_block
+from prunewise.structured.widths import choose_widths
+from prunewise.engine.sequential import SequentialEngine
+
+
+def gqa_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """9 query heads in 3 key/value groups of 3, as smollm2-135m (head_dim 8 instead of 64)."""
+    torch.manual_seed(seed)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    cfg = cls(vocab_size=128, hidden_size=72, intermediate_size=96, num_hidden_layers=2, num_attention_heads=9,
+              num_key_value_heads=3, head_dim=8, max_position_embeddings=128, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _attention_out(block, x, kwargs, removed_heads=(), head_dim=8):
+    """The attention sublayer's output; removed heads are silenced by zeroing their o_proj input columns."""
+    cols = [h * head_dim + j for h in removed_heads for j in range(head_dim)]
+
+    def silence(module, args):
+        y = args[0].clone()
+        y[..., cols] = 0
+        return (y,)
+
+    handle = block.self_attn.o_proj.register_forward_pre_hook(silence) if cols else None
+    try:
+        return block.self_attn(hidden_states=x, **kwargs)[0]
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _block_kwargs(model, x):
+    pos = torch.arange(x.shape[1]).unsqueeze(0)
+    emb = model.model.rotary_emb(x, pos)
+    return {"position_embeddings": emb, "attention_mask": None}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("mode", ["query", "group"])
+@pytest.mark.parametrize("share", [0.2, 0.4, 0.7])
+def test_removing_heads_never_orphans_a_query_head(family, mode, share):
+    """After head pruning every kept query head still reads its own key/value head: the pruned attention equals the
+    dense attention with exactly the removed heads silenced (a wrong group mapping would change the output)."""
+    model = gqa_model(family)
+    block = model.model.layers[0]
+    g = BlockGeometry.of(block, 8)
+    assert (g.heads, g.kv_heads, g.group_size) == (9, 3, 3)
+    scores = [{"channels": torch.rand(g.intermediate), "query": torch.rand(g.heads), "kv": torch.rand(g.kv_heads)}]
+    budget = int(share * g.attn_params)
+    keep = choose_widths([g], scores, Structured("heads"), budget, heads_mode=mode)[0]
+    check_gqa(keep, g)
+    x = torch.randn(1, 5, 72)
+    kwargs = _block_kwargs(model, x)
+    removed = [h for h in range(9) if h not in keep.query_heads.tolist()]
+    with torch.no_grad():
+        reference = _attention_out(block, x, kwargs, removed)
+        pruned = copy.deepcopy(block)
+        shrink_block(pruned, keep, 8)
+        out = _attention_out(pruned, x, kwargs)
+    assert 0 < len(removed) < 9
+    if mode == "group":
+        assert len(removed) % 3 == 0 and keep.kv_heads.numel() == 3 - len(removed) // 3
+    else:
+        assert keep.kv_heads.numel() == 3 and len(removed) % 3 == 0  # evenly: the same count leaves every group
+    assert pruned.self_attn.num_key_value_groups == keep.query_heads.numel() // keep.kv_heads.numel()
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_check_gqa_refuses_a_query_head_without_its_kv_head():
+    g = BlockGeometry.of(gqa_model("llama").model.layers[0], 8)
+    bad = BlockKeep(torch.arange(g.intermediate), torch.tensor([0, 1, 3]), torch.tensor([0]))
+    with pytest.raises(AssertionError, match="key/value"):
+        check_gqa(bad, g)
+    uneven = BlockKeep(torch.arange(g.intermediate), torch.tensor([0, 1, 3]), torch.tensor([0, 1]))
+    with pytest.raises(AssertionError, match="unequal"):
+        check_gqa(uneven, g)
+
+
+def _stats(model, windows):
+    visitor = StatsVisitor()
+    SequentialEngine(model, get_adapter(model), windows, progress=False, sequential=False).run(visitor)
+    return visitor.stats
+
+
+def test_fluctuation_is_input_variance_times_squared_column_norm(windows):
+    model = tiny_model("llama")
+    stats = _stats(model, windows)
+    block = model.model.layers[0]
+    captured = []
+    h = block.mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=windows)
+    h.remove()
+    x = torch.cat(captured).double()
+    expected = x.var(0) * block.mlp.down_proj.weight.double().pow(2).sum(0)
+    got = unit_scores("fluctuation", block, BlockGeometry.of(block, 16), stats[0])["channels"]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-6)
+
+
+def _recipe(**kw):
+    return make_recipe(**{"model": "x", "sparsity": 0.4, "structure": "width", "score": "wanda", **kw})
+
+
+def test_uniform_widths_are_equal_multiples_and_meet_the_budget(windows):
+    model = tiny_model("llama", layers=3)
+    _, info = prune_structured(model, get_adapter(model), _recipe(width_multiple=8), windows, progress=False)
+    widths = {(r["intermediate_size"], r["num_attention_heads"]) for r in info["layers"]}
+    assert len(widths) == 1 and next(iter(widths))[0] % 8 == 0
+    assert info["config"] == "stock"
+    chunk = 8 * 3 * 64
+    assert abs(info["removed_targeted_params"] - info["budget_params"]) <= chunk / 2 + 1
+
+
+def test_global_widths_differ_per_block(windows):
+    model = tiny_model("llama", layers=4)
+    _, info = prune_structured(model, get_adapter(model), _recipe(score="fluctuation", allocation="global"),
+                               windows, progress=False)
+    assert len({r["intermediate_size"] for r in info["layers"]}) > 1
+    assert all(r["intermediate_size"] % 8 == 0 for r in info["layers"])
+    assert info["config"] == "custom"
+    assert abs(info["removed_targeted_params"] - info["budget_params"]) <= 8 * 3 * 64
+
+
+def test_bias_compensation_keeps_the_mean_output_of_the_pruned_mlp(windows):
+    """FLAP's compensation is exact in the mean: block 0's MLP output, averaged over the calibration tokens, is
+    unchanged (its inputs are unchanged too); without compensation it is not."""
+    def mlp_mean(model):
+        outs = []
+        h = model.model.layers[0].mlp.register_forward_hook(lambda m, a, o: outs.append(o.reshape(-1, o.shape[-1])))
+        with torch.no_grad():
+            model(input_ids=windows)
+        h.remove()
+        return torch.cat(outs).double().mean(0)
+
+    dense = tiny_model("llama")
+    want = mlp_mean(dense)
+    for comp in (True, False):
+        model = tiny_model("llama")
+        prune_structured(model, get_adapter(model), _recipe(structure="channels", bias_compensation=comp), windows,
+                         progress=False)
+        assert model.model.layers[0].mlp.down_proj.weight.shape[1] < 128
+        got = mlp_mean(model)
+        if comp:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        else:
+            assert (got - want).abs().max() > 1e-3
+
+
+RELOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+path, flag = sys.argv[1], sys.argv[2] == "remote"
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=flag).eval()
+assert "prunewise" not in sys.modules
+ids = torch.load(path + "/ids.pt")
+with torch.no_grad():
+    diff = (model(input_ids=ids).logits - torch.load(path + "/logits.pt")).abs().max()
+gen = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False)
+print(type(model).__name__, float(diff), gen[0].tolist())
+"""
+
+
+def _save_and_reload(model, tmp_path, files, flag):
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        gen = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False)
+    out = save_pruned(model, None, tmp_path / "out", files)
+    torch.save(ids, out / "ids.pt")
+    torch.save(logits, out / "logits.pt")
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(out), flag], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cls, diff, tokens = proc.stdout.split(maxsplit=2)
+    assert float(diff) < 1e-4
+    assert json.loads(tokens) == gen[0].tolist()
+    return cls, out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_per_block_widths_with_bias_reload_with_remote_code_and_same_logits(family, windows, tmp_path):
+    from prunewise.export.register import MODELING_FILE
+
+    model = tiny_model(family, layers=4)
+    _, info = prune_structured(model, get_adapter(model), _recipe(score="fluctuation", allocation="global",
+                                                                  bias_compensation=True), windows, progress=False)
+    assert info["config"] == "custom" and any(r["down_proj_bias"] for r in info["layers"])
+    cls, out = _save_and_reload(model, tmp_path, {"modeling_prunewise.py": MODELING_FILE.read_text()}, "remote")
+    assert cls.startswith("Pruned")
+    # with prunewise imported the folder loads without the flag
+    again = AutoModelForCausalLM.from_pretrained(out)
+    assert type(again).__name__ == cls
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_uniform_widths_reload_with_a_stock_config(family, windows, tmp_path):
+    model = tiny_model(family, layers=2)
+    _, info = prune_structured(model, get_adapter(model), _recipe(score="magnitude"), None, progress=False)
+    assert info["config"] == "stock"
+    cls, out = _save_and_reload(model, tmp_path, {}, "stock")
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in config and config["intermediate_size"] < 128 and not cls.startswith("Pruned")
+
+
+def test_llama_uniform_bias_compensation_uses_stock_bias_flags(windows, tmp_path):
+    model = tiny_model("llama", layers=2)
+    _, info = prune_structured(model, get_adapter(model), _recipe(bias_compensation=True), windows, progress=False)
+    assert info["config"] == "stock"
+    cls, out = _save_and_reload(model, tmp_path, {}, "stock")
+    config = json.loads((out / "config.json").read_text())
+    assert config["mlp_bias"] and config["attention_bias"] and cls == "LlamaForCausalLM"
+
+
+def test_blocks_remove_the_least_influential_and_generate_with_cache(windows, tmp_path):
+    model = tiny_model("llama", layers=4)
+    _, info = prune_structured(model, get_adapter(model), _recipe(structure="blocks", sparsity=0.5), windows,
+                               progress=False)
+    influence = torch.tensor(info["influence"]["block"])
+    assert info["removed_blocks"] == sorted(torch.argsort(influence)[:2].tolist())
+    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1]
+    cls, _ = _save_and_reload(model, tmp_path, {}, "stock")
+    assert cls == "LlamaForCausalLM"
+
+
+def test_removed_attention_keeps_cached_decoding_exact():
+    """A block without attention still advances the KV cache: cached greedy decoding equals uncached decoding."""
+    model = tiny_model("llama", layers=3)
+    g = BlockGeometry.of(model.model.layers[0], 16)
+    none = torch.zeros(0, dtype=torch.long)
+    shrink_block(model.model.layers[0], BlockKeep(torch.arange(g.intermediate), none, none), 16)
+    shrink_block(model.model.layers[2], BlockKeep(none, torch.arange(g.heads), torch.arange(g.kv_heads)), 16)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    cached = model.generate(ids, max_new_tokens=8, do_sample=False)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(8):
+            nxt = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert cached.tolist() == seq.tolist()
+
+
+def test_sublayers_meet_the_parameter_budget_of_blocks(windows):
+    model = tiny_model("llama", layers=4)
+    _, info = prune_structured(model, get_adapter(model), _recipe(structure="sublayers", sparsity=0.5), windows,
+                               progress=False)
+    smallest = min(BlockGeometry.of(b, 16).attn_params for b in tiny_model("llama", layers=1).model.layers)
+    assert abs(info["removed_targeted_params"] - info["budget_params"]) <= smallest // 2
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"structure": "width", "score": "sparsegpt"}, "sparsegpt"),
+    ({"structure": "unstructured", "score": "fluctuation"}, "structured units"),
+    ({"structure": "unstructured", "bias_compensation": True}, "bias compensation"),
+    ({"structure": "width", "allocation": "search"}, "--plan"),
+    ({"structure": "blocks", "allocation": "global"}, "blocks"),
+    ({"structure": "width", "rowwise": True}, "row-wise"),
+    ({"structure": "rows"}, "channels, heads, width"),
+])
+def test_bad_structured_recipes_are_refused(fields, message):
+    with pytest.raises(PrunewiseError, match=message):
+        make_recipe(model="x", sparsity=0.3, **fields)
+
+
+def test_cli_prunes_structured_and_saves_a_smaller_loadable_folder(tiny_folder, tmp_path):
+    from prunewise.cli import main
+
+    out = tmp_path / "pruned"
+    code = main(["prune", "--model", tiny_folder["model"], "--structure", "width", "--score", "fluctuation",
+                 "--allocation", "global", "--bias-compensation", "--sparsity", "0.3", "--calibration",
+                 tiny_folder["calib"], "--nsamples", "4", "--seqlen", "16", "--eval", "--output", str(out),
+                 "--no-progress"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    custom = report["structured"]["config"] == "custom"
+    assert (out / "modeling_prunewise.py").exists() == custom == ("auto_map" in config)
+    assert (out / "plan.json").exists() and (out / "plan.png").exists()
+    assert report["structured"]["params_after"]["total"] < report["structured"]["params_before"]["total"]
+    assert "Structured:" in (out / "report.md").read_text()
+    assert main(["eval", "--model", str(out), "--data", tiny_folder["eval"], "--seqlen", "32", "--eval-tokens", "256",
+                 "--no-progress"]) == 0
