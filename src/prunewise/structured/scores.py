@@ -3,7 +3,9 @@
 - ``magnitude``: the L2 norm of all weights of the unit (group magnitude);
 - ``wanda``: Wanda's ``|W_ij| * ||X_j||`` summed over the unit's weights;
 - ``fluctuation`` (FLAP): for each input channel of the output projection, the sample variance of
-  that input times the squared norm of its weight column, summed over the unit's channels;
+  that input times the squared norm of its weight column, summed over the unit's channels (for
+  attention channels the metric is squared first, as in the FLAP code; under global widths the
+  channel metrics are standardised per block and a head gets the mean of its channels);
 - ``taylor`` (LLM-Pruner, first order, element-wise): ``|W_ij * dL/dW_ij|`` summed over the unit,
   with gradients of the language-model loss on the calibration windows.
 
@@ -68,8 +70,9 @@ def unit_scores(score: str, block: nn.Module, g: BlockGeometry, stats: dict[str,
     if score == "fluctuation":
         down, o = stats["mlp.down_proj"], stats["self_attn.o_proj"]
         channels = down.variance.float() * m.down_proj.weight.float().pow(2).sum(0)
-        per_col = o.variance.float() * a.o_proj.weight.float().pow(2).sum(0)
-        return {"channels": channels, "query": per_col.view(g.heads, hd).sum(1), "kv": torch.zeros(g.kv_heads)}
+        per_col = (o.variance.float() * a.o_proj.weight.float().pow(2).sum(0)).pow(2)  # FLAP squares the attention metric
+        return {"channels": channels, "query": per_col.view(g.heads, hd).sum(1), "kv": torch.zeros(g.kv_heads),
+                "query_channels": per_col}
 
     def el(name: str, linear: nn.Linear) -> torch.Tensor:
         if score == "taylor" and name not in grads:

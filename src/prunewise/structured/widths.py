@@ -41,11 +41,12 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
 def global_removals(units: list[dict[str, torch.Tensor]], costs: list[dict[str, int]], budget: int) -> list[dict[str, int]]:
     """FLAP's global ranking: standardised scores of every (block, type) ranked together, removed lowest first
     while the removed parameters stay within ``budget``. Returns units removed per block and type."""
+    if budget <= 0:
+        return [{kind: 0 for kind in per} for per in units]
     values, owners, weights = [], [], []
     for i, per in enumerate(units):
-        for kind, score in per.items():
-            z = _standardise(score)
-            values.append(z)
+        for kind, z in per.items():  # already standardised
+            values.append(z.double())
             owners += [(i, kind)] * z.numel()
             weights.append(torch.full((z.numel(),), costs[i][kind], dtype=torch.float64))
     z, w = torch.cat(values), torch.cat(weights)
@@ -56,6 +57,16 @@ def global_removals(units: list[dict[str, torch.Tensor]], costs: list[dict[str, 
         i, kind = owners[j]
         out[i][kind] += 1
     return out
+
+
+def _standardised_heads(scores: dict[str, torch.Tensor], units: torch.Tensor, g: BlockGeometry, mode: str) -> torch.Tensor:
+    """Standardised head scores. With per-channel metrics (FLAP's fluctuation) the channels are standardised
+    within the block and each head (or group) gets the mean of its channels, as FLAP does; else the units are."""
+    channels = scores.get("query_channels")
+    if channels is None:
+        return _standardise(units)
+    width = g.head_dim if mode == "query" else g.head_dim * g.group_size
+    return _standardise(channels).view(-1, width).mean(1)
 
 
 def distribute(total: int, desired: list[float], caps: list[int]) -> list[int]:
@@ -94,12 +105,12 @@ def choose_widths(geoms: list[BlockGeometry], scores: list[dict[str, torch.Tenso
     # desired units removed per block (floats)
     if allocation == "global":
         units, costs = [], []
-        for g, h, c in zip(geoms, heads, chans):
+        for g, h, c, s in zip(geoms, heads, chans, scores):
             per, cost = {}, {}
             if structure.prunes_heads:
-                per["heads"], cost["heads"] = h, head_unit_cost(g, heads_mode)
+                per["heads"], cost["heads"] = _standardised_heads(s, h, g, heads_mode), head_unit_cost(g, heads_mode)
             if structure.prunes_mlp:
-                per["mlp"], cost["mlp"] = c, g.channel_cost
+                per["mlp"], cost["mlp"] = _standardise(c), g.channel_cost
             units.append(per)
             costs.append(cost)
         removed = global_removals(units, costs, budget)
