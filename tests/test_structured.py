@@ -133,7 +133,7 @@ def test_uniform_widths_are_equal_multiples_and_meet_the_budget(windows):
     assert len(widths) == 1 and next(iter(widths))[0] % 8 == 0
     assert info["config"] == "stock"
     chunk = 8 * 3 * 64
-    assert abs(info["removed_targeted_params"] - info["budget_params"]) <= chunk / 2 + 1
+    assert abs(info["removed_targeted_params"] - info["budget_params"]) <= 3 * chunk / 2 + 1
 
 
 def test_global_widths_differ_per_block(windows):

@@ -7,7 +7,7 @@
 
 Heads are rounded first (query heads evenly within key/value groups, or whole groups), then MLP
 channels absorb the rest of the parameter budget in chunks of ``multiple`` channels, so the target
-is met to one chunk. Within a block the lowest-scoring units go.
+is met to one chunk (uniform widths: to half a chunk per block, so that every block stays the same). Within a block the lowest-scoring units go.
 """
 
 from __future__ import annotations
@@ -140,7 +140,10 @@ def choose_widths(geoms: list[BlockGeometry], scores: list[dict[str, torch.Tenso
         rest = max(budget - head_removed, 0)
         chunks = int(round(rest / chunk_cost))
         caps = [g.intermediate // multiple for g in geoms]
-        per_block = distribute(chunks, [w / multiple for w in want_mlp], caps)
+        if allocation == "uniform":  # the same width everywhere (a stock config), to within n/2 chunks of the budget
+            per_block = [min(int(round(rest / (chunk_cost * n))), cap) for cap in caps]
+        else:
+            per_block = distribute(chunks, [w / multiple for w in want_mlp], caps)
         for keep, g, c, k in zip(keeps, geoms, chans, per_block):
             drop = k * multiple
             order = torch.argsort(c, stable=True)
