@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench bench-structured clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-fast: $(STAMP)
 ## The quality grid of bench/quality.py (about an hour on 2 CPU cores).
 bench: $(STAMP)
 	$(PY) bench/quality.py
+
+## Structured pruning variants on smollm2-135m: quality, size, reload by stock transformers (about 35 min).
+bench-structured: $(STAMP)
+	$(PY) bench/structured.py --keep-folders $(HOME)/.cache/prunewise/bench-structured
 
 clean:
 	rm -rf $(VENV) out

@@ -304,3 +304,17 @@ def test_cli_prunes_structured_and_saves_a_smaller_loadable_folder(tiny_folder, 
     assert "Structured:" in (out / "report.md").read_text()
     assert main(["eval", "--model", str(out), "--data", tiny_folder["eval"], "--seqlen", "32", "--eval-tokens", "256",
                  "--no-progress"]) == 0
+
+
+def test_sublayer_damage_ranks_a_silent_sublayer_first(windows):
+    """A sublayer that already outputs nothing does no damage when removed, so the greedy removes it first."""
+    from prunewise.structured.scores import sublayer_damage
+
+    model = tiny_model("llama", layers=3)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    damage = sublayer_damage(model, get_adapter(model), windows[:4], progress=False)
+    assert damage["mlp"][1] < 1e-9 and (damage["attention"] > 1e-6).all() and damage["mlp"][0] > 1e-6
+    _, info = prune_structured(model, get_adapter(model), _recipe(structure="sublayers", sparsity=0.2), windows,
+                               progress=False)
+    assert info["layers"][1]["intermediate_size"] == 0

@@ -16,7 +16,7 @@ from ..allocation.plan import AllocationPlan
 from ..engine.sequential import SequentialEngine
 from ..export.modeling_prunewise import head_dim_of
 from .geometry import BlockGeometry, BlockKeep
-from .scores import InfluenceVisitor, StatsVisitor, finish, taylor_gradients, unit_scores
+from .scores import InfluenceVisitor, StatsVisitor, finish, sublayer_damage, taylor_gradients, unit_scores
 from .shrink import finalize_config, remove_blocks, shrink_block
 from .widths import choose_widths
 
@@ -101,8 +101,14 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
             per_block = geoms[0].attn_params + geoms[0].mlp_params
             count = int(round(budget / per_block))
             drop_blocks = sorted(torch.argsort(scores["block"], stable=True)[:count].tolist())
-        else:
-            units = [(float(scores[kind][i]), i, kind) for i in range(len(geoms)) for kind in ("attention", "mlp")]
+        else:  # the least output damage per parameter first (a greedy knapsack over the sublayers)
+            t0 = time.perf_counter()
+            damage = sublayer_damage(model, adapter, windows[:recipe.profile_nsamples, :recipe.profile_seqlen],
+                                     progress=progress)
+            timings["sublayer_damage_s"] = time.perf_counter() - t0
+            info["sublayer_kl"] = {k: [float(x) for x in v] for k, v in damage.items()}
+            units = [(float(damage[kind][i]) / (geoms[i].attn_params if kind == "attention" else geoms[i].mlp_params),
+                      i, kind) for i in range(len(geoms)) for kind in ("attention", "mlp")]
             units.sort()
             removed, smallest = 0, min(min(g.attn_params, g.mlp_params) for g in geoms)
             for _, i, kind in units:

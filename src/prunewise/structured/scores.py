@@ -191,3 +191,43 @@ class InfluenceVisitor:
 
     def mean_input(self, i: int, name: str) -> torch.Tensor:
         return self.out_sums[(i, name)] / self.tokens
+
+
+@torch.no_grad()
+def sublayer_damage(model: nn.Module, adapter, windows: torch.Tensor, chunk_size: int = 4,
+                    progress: bool = True) -> dict[str, torch.Tensor]:
+    """For every attention and MLP sublayer, the mean KL(dense || model without that sublayer alone) of the
+    next-token distributions over ``windows`` (FinerCut measures a sublayer by the change of the model's output)."""
+    blocks = adapter.blocks(model)
+
+    def log_probs() -> list[torch.Tensor]:
+        return [torch.log_softmax(model(input_ids=windows[s:s + chunk_size], use_cache=False).logits.float(), -1)
+                for s in range(0, windows.shape[0], chunk_size)]
+
+    dense = log_probs()
+    damage = {"attention": torch.zeros(len(blocks), dtype=torch.float64), "mlp": torch.zeros(len(blocks), dtype=torch.float64)}
+
+    def silence_attention(module, args, kwargs, out):
+        return (torch.zeros_like(out[0]),) + tuple(out[1:])
+
+    def silence_mlp(module, args, out):
+        return torch.zeros_like(out)
+
+    bar = tqdm(total=2 * len(blocks), desc="sublayer damage", unit="sublayer", disable=not progress)
+    for i, block in enumerate(blocks):
+        for kind in ("attention", "mlp"):
+            if kind == "attention":
+                handle = block.self_attn.register_forward_hook(silence_attention, with_kwargs=True)
+            else:
+                handle = block.mlp.register_forward_hook(silence_mlp)
+            try:
+                kl, count = 0.0, 0
+                for ref, lp in zip(dense, log_probs()):
+                    kl += float((ref.exp() * (ref - lp)).sum(-1).double().sum())
+                    count += ref.shape[0] * ref.shape[1]
+            finally:
+                handle.remove()
+            damage[kind][i] = kl / count
+            bar.update(1)
+    bar.close()
+    return damage
