@@ -18,6 +18,32 @@ def load_results(out: Path, settings: dict, fresh: bool) -> dict:
     return results
 
 
+def add_cell_args(ap, default_out: Path, cells_help: str) -> None:
+    """The arguments every cell benchmark takes: --cells, --out, --fresh and the hidden --_cell of a child process."""
+    import argparse
+
+    ap.add_argument("--cells", nargs="*", help=cells_help)
+    ap.add_argument("--out", default=str(default_out))
+    ap.add_argument("--fresh", action="store_true", help="ignore finished cells in --out")
+    ap.add_argument("--_cell", help=argparse.SUPPRESS)
+
+
+def start(args, run_cell, settings_keys: tuple[str, ...]) -> dict | None:
+    """In a child (``--_cell``): run that cell, print its JSON and return None. Otherwise the results so far
+    (kept only if measured with the same settings), stamped with the command line and thread count."""
+    import torch
+
+    torch.manual_seed(0)
+    if args._cell:
+        print(json.dumps(run_cell(args, args._cell)))
+        return None
+    settings = {k: getattr(args, k) for k in settings_keys}
+    results = load_results(Path(args.out), settings, args.fresh)
+    results["command"] = " ".join([sys.executable.split("/")[-1]] + sys.argv)
+    results["threads"] = torch.get_num_threads()
+    return results
+
+
 def run_cell_process(cmd: list[str], cell: str) -> dict:
     """Run one cell in its own process (its peak RSS is its own); its JSON is the last line of stdout."""
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})

@@ -21,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cells import load_results, run_cell_process  # noqa: E402
+from _cells import add_cell_args, run_cell_process, start  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CALIBRATIONS = {"wiki": "wiki", "code": "code", "mix": "code:0.5,wiki:0.5", "mix30": "code:0.3,wiki:0.7", "mix20": "code:0.2,wiki:0.8"}
@@ -121,22 +120,14 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--search-time-limit", type=float, default=900.0)
     ap.add_argument("--search-generations", type=int, default=150)
-    ap.add_argument("--cells", nargs="*", help="score/sparsity/allocation/calibration (default: the whole grid)")
-    ap.add_argument("--out", default=str(HERE / "results" / "allocation.json"))
-    ap.add_argument("--fresh", action="store_true", help="ignore finished cells in --out")
-    ap.add_argument("--_cell", help=argparse.SUPPRESS)
+    add_cell_args(ap, HERE / "results" / "allocation.json",
+                  "score/sparsity/allocation/calibration (default: the whole grid)")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    if args._cell:
-        print(json.dumps(run_cell(args, args._cell)))
+    results = start(args, run_cell, ("model", "nsamples", "seqlen", "eval", "eval_tokens",
+                                     "search_time_limit", "search_generations"))
+    if results is None:
         return
-
     out = Path(args.out)
-    settings = {k: getattr(args, k) for k in ("model", "nsamples", "seqlen", "eval", "eval_tokens",
-                                              "search_time_limit", "search_generations")}
-    results = load_results(out, settings, args.fresh)
-    results["command"] = " ".join([sys.executable.split("/")[-1]] + sys.argv)
-    results["threads"] = torch.get_num_threads()
     results["dense"] = dense_row(args)
     cells = args.cells or GRID
     for cell in cells:

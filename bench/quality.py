@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cells import load_results, run_cell_process  # noqa: E402
+from _cells import add_cell_args, run_cell_process, start  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GRID = [(score, structure, sparsity, allocation)
@@ -117,21 +117,12 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval", nargs="+", default=["wiki-test", "code"])
     ap.add_argument("--eval-tokens", type=int, default=32768)
-    ap.add_argument("--cells", nargs="*", help="score/structure/sparsity/allocation (default: the whole grid)")
-    ap.add_argument("--out", default=str(HERE / "results" / "quality.json"))
-    ap.add_argument("--fresh", action="store_true", help="ignore finished cells in --out")
-    ap.add_argument("--_cell", help=argparse.SUPPRESS)
+    add_cell_args(ap, HERE / "results" / "quality.json", "score/structure/sparsity/allocation (default: the whole grid)")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    if args._cell:
-        print(json.dumps(run_cell(args, args._cell)))
+    results = start(args, run_cell, ("model", "calibration", "nsamples", "seqlen", "eval", "eval_tokens"))
+    if results is None:
         return
-
     out = Path(args.out)
-    settings = {k: getattr(args, k) for k in ("model", "calibration", "nsamples", "seqlen", "eval", "eval_tokens")}
-    results = load_results(out, settings, args.fresh)
-    results["command"] = " ".join([sys.executable.split("/")[-1]] + sys.argv)
-    results["threads"] = torch.get_num_threads()
     print("forward-pass yardstick and dense perplexity ...", flush=True)
     results["forward"] = results["dense"] = forward_seconds(args)
     print(f"  forward pass over {results['forward']['tokens']} tokens: {results['forward']['forward_s']:.1f} s", flush=True)
