@@ -318,3 +318,27 @@ def test_sublayer_damage_ranks_a_silent_sublayer_first(windows):
     _, info = prune_structured(model, get_adapter(model), _recipe(structure="sublayers", sparsity=0.2), windows,
                                progress=False)
     assert info["layers"][1]["intermediate_size"] == 0
+
+
+def test_uniform_heads_stay_loadable_by_the_stock_gemma3_config(tmp_path):
+    """Gemma 3's config requires hidden % heads == 0 (gemma3-270m: 640 hidden, 4 heads, 1 key/value head), so
+    uniform widths keep 2 heads rather than 3."""
+    from transformers import Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    _, info = prune_structured(model, get_adapter(model), _recipe(structure="heads", score="magnitude", sparsity=0.3),
+                               None, progress=False)
+    assert info["config"] == "stock" and info["layers"][0]["num_attention_heads"] == 2
+    cls, _ = _save_and_reload(model, tmp_path, {}, "stock")
+    assert cls == "Gemma3ForCausalLM"
+
+
+def test_a_uniform_width_the_stock_config_refuses_is_saved_with_per_block_widths(windows):
+    from prunewise.structured.shrink import _stock_accepts
+
+    config = tiny_model("gemma3", layers=1).config
+    assert not _stock_accepts(config, {"intermediate_size": 64, "num_attention_heads": 3, "num_key_value_heads": 1}, 16)
+    assert _stock_accepts(config, {"intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}, 16)

@@ -8,12 +8,16 @@ explicit); per-block widths switch the model to its family's pruned twin from
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from ..errors import PrunewiseError
 from ..export.modeling_prunewise import PRUNED_CLASSES, RemovedAttention, RemovedMLP, head_dim_of, resize_block
 from .geometry import BlockGeometry, BlockKeep, check_gqa
+
+log = logging.getLogger(__name__)
 
 # families whose stock config can switch on an output bias: bias kind -> config flag (zero biases are added elsewhere)
 STOCK_BIAS_FLAGS = {
@@ -133,7 +137,7 @@ def finalize_config(model: nn.Module, specs: list[dict]) -> str:
     flags = STOCK_BIAS_FLAGS.get(config.model_type, {})
     blocks = model.model.layers
     added = [k for k in ("o_proj_bias", "down_proj_bias") if uniform and specs[0][k] and not _stock_has(config, k)]
-    if uniform and all(k in flags for k in added):
+    if uniform and all(k in flags for k in added) and _stock_accepts(config, specs[0], head_dim):
         for k in added:
             flag = flags[k]
             setattr(config, flag, True)
@@ -168,3 +172,16 @@ def finalize_config(model: nn.Module, specs: list[dict]) -> str:
 def _stock_has(config, kind: str) -> bool:
     flag = STOCK_BIAS_FLAGS.get(config.model_type, {}).get(kind)
     return bool(flag and getattr(config, flag, False))
+
+
+def _stock_accepts(config, spec: dict, head_dim: int) -> bool:
+    """Whether the family's own config class accepts these widths (some validate hidden % heads)."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+    fields.update(intermediate_size=spec["intermediate_size"], num_attention_heads=spec["num_attention_heads"],
+                  num_key_value_heads=spec["num_key_value_heads"], head_dim=head_dim)
+    try:
+        type(config)(**fields)
+    except Exception as exc:  # noqa: BLE001 - config validation raises ValueError or huggingface_hub's strict errors
+        log.info("stock config refuses uniform widths (%s); saving per-block widths instead", exc)
+        return False
+    return True

@@ -132,7 +132,7 @@ def choose_widths(geoms: list[BlockGeometry], scores: list[dict[str, torch.Tenso
     for g, h, want in zip(geoms, heads, want_heads):
         keep = BlockKeep.everything(g)
         if structure.prunes_heads:
-            keep = _keep_heads(g, h, want, heads_mode, keep)
+            keep = _keep_heads(g, h, want, heads_mode, keep, stock=allocation == "uniform")
         head_removed += g.attn_params - g.attention_params(keep.query_heads.numel(), keep.kv_heads.numel())
         keeps.append(keep)
     if structure.prunes_mlp:
@@ -151,15 +151,27 @@ def choose_widths(geoms: list[BlockGeometry], scores: list[dict[str, torch.Tenso
     return keeps
 
 
-def _keep_heads(g: BlockGeometry, scores: torch.Tensor, want_removed: float, mode: str, keep: BlockKeep) -> BlockKeep:
+def _nearest(target: float, allowed: list[int]) -> int:
+    """The allowed count nearest to ``target`` (ties: the larger, i.e. keep more)."""
+    return min(allowed, key=lambda c: (abs(c - target), -c))
+
+
+def _keep_heads(g: BlockGeometry, scores: torch.Tensor, want_removed: float, mode: str, keep: BlockKeep,
+                stock: bool = False) -> BlockKeep:
+    """Heads kept in one block. ``stock`` (uniform widths) keeps only head counts that a stock config accepts
+    (transformers checks that the hidden size is a multiple of the number of heads in some families)."""
+    def ok(heads: int) -> bool:
+        return heads == 0 or not stock or g.hidden % heads == 0
+
     if mode == "query":  # the same number of query heads in every group, the best of each group
-        per_group = min(max(int(math.floor((g.heads - want_removed) / g.kv_heads + 0.5)), 0), g.group_size)
+        per_group = _nearest((g.heads - want_removed) / g.kv_heads,
+                             [c for c in range(g.group_size + 1) if ok(c * g.kv_heads)])
         if per_group == 0:
             return BlockKeep(keep.channels, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
         grouped = scores.view(g.kv_heads, g.group_size)
         best = torch.topk(grouped, per_group, dim=1).indices + torch.arange(g.kv_heads).unsqueeze(1) * g.group_size
         return BlockKeep(keep.channels, torch.sort(best.flatten()).values, torch.arange(g.kv_heads))
-    groups = min(max(int(math.floor(g.kv_heads - want_removed + 0.5)), 0), g.kv_heads)
+    groups = _nearest(g.kv_heads - want_removed, [c for c in range(g.kv_heads + 1) if ok(c * g.group_size)])
     kv = torch.sort(torch.topk(scores, groups).indices).values
     q = (kv.unsqueeze(1) * g.group_size + torch.arange(g.group_size)).flatten()
     return BlockKeep(keep.channels, q, kv)
