@@ -342,3 +342,28 @@ def test_a_uniform_width_the_stock_config_refuses_is_saved_with_per_block_widths
     config = tiny_model("gemma3", layers=1).config
     assert not _stock_accepts(config, {"intermediate_size": 64, "num_attention_heads": 3, "num_key_value_heads": 1}, 16)
     assert _stock_accepts(config, {"intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}, 16)
+
+
+def test_taylor_scores_use_the_loss_gradient_and_leave_the_model_untouched(windows):
+    from prunewise.structured.scores import taylor_gradients
+
+    model = tiny_model("llama")
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    grads = taylor_gradients(model, get_adapter(model), windows[:4], chunk_size=2, progress=False)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert all(p.grad is None for p in model.parameters())
+    reference = tiny_model("llama")
+    out = reference(input_ids=windows[:4], labels=windows[:4])
+    (out.loss * 4).backward()  # one chunk of 4 = two chunks of 2 summed over windows
+    want = reference.model.layers[1].mlp.up_proj.weight.grad
+    torch.testing.assert_close(grads[(1, "mlp.up_proj")], want, rtol=1e-3, atol=1e-6)
+    block = model.model.layers[1]
+    g = BlockGeometry.of(block, 16)
+    block_grads = {n: grads[(1, n)] for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                              "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    scores = unit_scores("taylor", block, g, {}, block_grads)
+    m = block.mlp
+    expected = ((m.gate_proj.weight * block_grads["mlp.gate_proj"]).abs().sum(1)
+                + (m.up_proj.weight * block_grads["mlp.up_proj"]).abs().sum(1)
+                + (m.down_proj.weight * block_grads["mlp.down_proj"]).abs().sum(0))
+    torch.testing.assert_close(scores["channels"], expected.detach())
