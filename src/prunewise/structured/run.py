@@ -46,7 +46,7 @@ def plan_shares(plan: AllocationPlan, prefix: str, n_blocks: int) -> list[dict[s
     return out
 
 
-def structure_plan(model_before: dict, keeps_info: list[dict], prefix: str, target: float, method: str,
+def structure_plan(params: dict, keeps_info: list[dict], prefix: str, target: float, method: str,
                    structure: str) -> AllocationPlan:
     """The result as an allocation plan: per module the share of its weights removed (plottable, reusable)."""
     modules, numels = {}, {}
@@ -56,7 +56,7 @@ def structure_plan(model_before: dict, keeps_info: list[dict], prefix: str, targ
             numels[full] = before
             modules[full] = 1 - after / before if before else 0.0
     return AllocationPlan(method=method, target=target, structure=structure, modules=modules, numels=numels,
-                          params=model_before)
+                          params=params)
 
 
 def _linear_sizes(block: nn.Module) -> dict[str, int]:
@@ -155,30 +155,22 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
         means = {i: (visitor.stats[i]["self_attn.o_proj"].mean, visitor.stats[i]["mlp.down_proj"].mean)
                  for i in range(len(blocks))} if compensate else {}
         drop_blocks = []
+    specs_of: dict[int, dict] = {}
     for i, (block, keep) in enumerate(zip(blocks, keeps)):
-        if i in drop_blocks:
-            continue
-        o_mean, down_mean = means.get(i, (None, None))
-        shrink_block(block, keep, head_dim, o_mean, down_mean)
+        if i not in drop_blocks:
+            o_mean, down_mean = means.get(i, (None, None))
+            specs_of[i] = shrink_block(block, keep, head_dim, o_mean, down_mean)
     if drop_blocks:
         remove_blocks(model, adapter, drop_blocks)
-    kept_index = [i for i in range(len(geoms)) if i not in drop_blocks]
-    specs = []
-    for block in adapter.blocks(model):
-        a, m = block.self_attn, block.mlp
-        q = a.q_proj.out_features // head_dim if hasattr(a, "q_proj") else 0
-        kv = a.k_proj.out_features // head_dim if hasattr(a, "k_proj") else 0
-        specs.append({"intermediate_size": m.down_proj.in_features if hasattr(m, "down_proj") else 0,
-                      "num_attention_heads": q, "num_key_value_heads": kv,
-                      "o_proj_bias": (a.o_proj.bias if hasattr(a, "o_proj") else a.bias) is not None,
-                      "down_proj_bias": (m.down_proj.bias if hasattr(m, "down_proj") else m.bias) is not None})
+    kept_index = sorted(specs_of)
+    specs = [specs_of[i] for i in kept_index]
     kind = finalize_config(model, specs)
     after = count_params(model, adapter)
     sizes_after = {i: _linear_sizes(b) for i, b in zip(kept_index, adapter.blocks(model))}
     keeps_info = [{n: (sizes_before[i][n], sizes_after.get(i, {}).get(n, 0)) for n in ATTN + MLP}
                   for i in range(len(geoms))]
     removed = sum(g.attn_params + g.mlp_params for g in geoms) - sum(
-        sum(p.numel() for n, p in b.named_parameters() if not n.endswith("layernorm.weight") and "norm" not in n)
+        sum(p.numel() for n, p in b.named_parameters() if "norm" not in n)
         for b in adapter.blocks(model))
     info.update({
         "params_before": before, "params_after": after,
