@@ -367,3 +367,21 @@ def test_taylor_scores_use_the_loss_gradient_and_leave_the_model_untouched(windo
                 + (m.up_proj.weight * block_grads["mlp.up_proj"]).abs().sum(1)
                 + (m.down_proj.weight * block_grads["mlp.down_proj"]).abs().sum(0))
     torch.testing.assert_close(scores["channels"], expected.detach())
+
+
+def test_owl_and_saved_plans_drive_structured_widths(tiny_folder, tmp_path):
+    """Any allocation plan sets per-block widths: an OWL plan computed on the fly, or a plan.json reused."""
+    from prunewise.api import prune
+
+    base = dict(model=tiny_folder["model"], score="wanda", sparsity=0.4, calibration=tiny_folder["calib"], nsamples=4,
+                seqlen=16, evaluation=[])
+    owl = prune(make_recipe(structure="width", allocation="owl", **base), progress=False)
+    info = owl.report["structured"]
+    assert owl.report["allocation"] == "plan" and 0.3 < info["removed_share_of_targeted"] < 0.5
+    plan = tmp_path / "plan.json"
+    unstructured = prune(make_recipe(allocation="owl", **base), progress=False)
+    unstructured.plan.modules = {m: (0.6 if ".0." in m else 0.2) for m in unstructured.plan.modules}
+    unstructured.plan.save(plan)
+    reused = prune(make_recipe(structure="channels", plan=str(plan), **base), progress=False)
+    widths = [r["intermediate_size"] for r in reused.report["structured"]["layers"]]
+    assert widths[0] < widths[1]  # block 0 was planned to lose three times as much
