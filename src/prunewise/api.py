@@ -157,7 +157,6 @@ def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progre
         model, tokenizer = load_model(recipe.model)
     adapter = get_adapter(model)
     structure = recipe.structure_obj
-    score = None if isinstance(structure, Structured) else get_score(recipe.score, damp=recipe.damp, blocksize=recipe.blocksize)
     numels = targeted_numels(model, recipe)
     if recipe.budget:  # a parameter/byte budget becomes the share of the targeted weights to remove
         from .recipe import parse_budget
@@ -172,6 +171,7 @@ def prune(recipe: Recipe, model: nn.Module | None = None, tokenizer=None, progre
         structure.check(name, weights[name])
     if isinstance(structure, Structured):
         return _prune_structured(recipe, model, tokenizer, adapter, numels, progress)
+    score = get_score(recipe.score, damp=recipe.damp, blocksize=recipe.blocksize)
 
     timings: dict[str, float] = {}
     windows = None
@@ -260,7 +260,7 @@ def _prune_structured(recipe: Recipe, model, tokenizer, adapter, numels, progres
     report = {
         "prunewise": __version__,
         "model": recipe.model,
-        "score": recipe.score if structure.kind not in ("blocks", "sublayers") else "block-influence",
+        "score": {"blocks": "block-influence", "sublayers": "output-kl-per-parameter"}.get(structure.kind, recipe.score),
         "structure": structure.name,
         "allocation": plan.method,
         "target_sparsity": recipe.sparsity,

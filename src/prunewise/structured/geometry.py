@@ -105,6 +105,12 @@ class BlockKeep:
     def everything(cls, g: BlockGeometry) -> "BlockKeep":
         return cls(torch.arange(g.intermediate), torch.arange(g.heads), torch.arange(g.kv_heads))
 
+    def without(self, attention: bool = False, mlp: bool = False) -> "BlockKeep":
+        """The same block with its attention and/or MLP sublayer removed entirely."""
+        none = torch.zeros(0, dtype=torch.long)
+        return BlockKeep(none if mlp else self.channels, none if attention else self.query_heads,
+                         none if attention else self.kv_heads)
+
     def spec(self, o_bias: bool = False, down_bias: bool = False) -> dict:
         """The per-block entry of ``config.prunewise_layers``."""
         q = int(self.query_heads.numel())

@@ -6,7 +6,6 @@ block); the model that comes out is physically smaller and carries the config it
 
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
@@ -19,8 +18,6 @@ from .geometry import BlockGeometry, BlockKeep
 from .scores import InfluenceVisitor, StatsVisitor, finish, sublayer_damage, taylor_gradients, unit_scores
 from .shrink import finalize_config, remove_blocks, shrink_block
 from .widths import choose_widths
-
-log = logging.getLogger(__name__)
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -69,6 +66,77 @@ def _linear_sizes(block: nn.Module) -> dict[str, int]:
     return out
 
 
+def _depth_keeps(model, adapter, recipe, windows, geoms, budget, info, timings, progress):
+    """Blocks (ShortGPT's block influence) or sublayers (least output damage per parameter first, a greedy fill
+    of the budget). Returns what each block keeps, the blocks deleted outright, and the means for compensation."""
+    compensate = recipe.bias_compensation
+    keeps = [BlockKeep.everything(g) for g in geoms]
+    by_blocks = recipe.structure_obj.kind == "blocks"
+    influence = None
+    if by_blocks or compensate:  # block influence ranks blocks; its pass also gives the means for compensation
+        t0 = time.perf_counter()
+        influence = InfluenceVisitor(model, adapter)
+        scores = influence.run(windows, recipe.chunk_size or 8, progress)
+        timings["influence_s"] = time.perf_counter() - t0
+        info["influence"] = {k: [round(float(x), 6) for x in v] for k, v in scores.items()}
+    if by_blocks:
+        count = int(round(budget / (geoms[0].attn_params + geoms[0].mlp_params)))
+        drop = sorted(torch.argsort(scores["block"], stable=True)[:count].tolist())
+    else:
+        t0 = time.perf_counter()
+        damage = sublayer_damage(model, adapter, windows[:recipe.profile_nsamples, :recipe.profile_seqlen],
+                                 progress=progress)
+        timings["sublayer_damage_s"] = time.perf_counter() - t0
+        info["sublayer_kl"] = {k: [float(x) for x in v] for k, v in damage.items()}
+        cost = {"attention": [g.attn_params for g in geoms], "mlp": [g.mlp_params for g in geoms]}
+        units = sorted((float(damage[kind][i]) / cost[kind][i], i, kind)
+                       for i in range(len(geoms)) for kind in ("attention", "mlp"))
+        removed, slack = 0, min(min(cost["attention"]), min(cost["mlp"])) // 2
+        for _, i, kind in units:
+            if removed + cost[kind][i] <= budget + slack:
+                removed += cost[kind][i]
+                keeps[i] = keeps[i].without(attention=kind == "attention", mlp=kind == "mlp")
+        drop = [i for i, k in enumerate(keeps) if not k.channels.numel() and not k.query_heads.numel()]
+    info["removed_blocks"] = drop
+    if not compensate:  # a block without both sublayers is simply gone
+        return keeps, drop, {}
+    means = {i: (influence.mean_input(i, "self_attn.o_proj"), influence.mean_input(i, "mlp.down_proj"))
+             for i in range(len(geoms))}
+    for i in drop:  # with compensation a removed block keeps its mean contribution as biases
+        keeps[i] = keeps[i].without(attention=True, mlp=True)
+    return keeps, [], means
+
+
+def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, progress):
+    """Channels and heads: unit scores from one dense statistics pass (and gradients for taylor), then widths.
+    Returns what each block keeps and the output-projection input means for compensation."""
+    blocks = adapter.blocks(model)
+    grads = None
+    if recipe.score == "taylor":
+        t0 = time.perf_counter()
+        grads = taylor_gradients(model, adapter, windows, chunk_size=min(recipe.chunk_size or 4, 4), progress=progress)
+        timings["gradients_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    visitor = StatsVisitor()
+    if windows is not None:  # group magnitude without compensation needs no data
+        SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="structured statistics",
+                         sequential=False).run(visitor)
+    timings["statistics_s"] = time.perf_counter() - t0
+    scores = []
+    for i, (block, g) in enumerate(zip(blocks, geoms)):
+        block_grads = {n: grads[(i, n)] for n in ATTN + MLP} if grads else None
+        scores.append(unit_scores(recipe.score, block, g, visitor.stats.get(i, {}), block_grads))
+    allocation, shares = recipe.allocation, None
+    if plan is not None:
+        allocation, shares = "shares", plan_shares(plan, adapter.block_prefix(model), len(blocks))
+    keeps = choose_widths(geoms, scores, recipe.structure_obj, budget, allocation=allocation,
+                          heads_mode=recipe.heads_mode, multiple=recipe.width_multiple, shares=shares,
+                          finish=lambda x: finish(recipe.score, x))
+    means = {i: (visitor.stats[i]["self_attn.o_proj"].mean, visitor.stats[i]["mlp.down_proj"].mean)
+             for i in range(len(blocks))} if recipe.bias_compensation else {}
+    return keeps, means
+
+
 def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | None, progress: bool = True,
                      plan: AllocationPlan | None = None) -> tuple[AllocationPlan, dict]:
     """Prune ``model`` in place as the recipe's structured structure says. Returns (plan, report fields)."""
@@ -86,74 +154,12 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
         targeted = sum((g.attn_params if structure.prunes_heads else 0) + (g.mlp_params if structure.prunes_mlp else 0)
                        for g in geoms)
     budget = int(round(float(recipe.sparsity) * targeted))
-    compensate = recipe.bias_compensation
     info: dict = {"targeted_params": targeted, "budget_params": budget}
 
     if structure.kind in ("blocks", "sublayers"):
-        t0 = time.perf_counter()
-        influence = InfluenceVisitor(model, adapter)
-        scores = influence.run(windows, recipe.chunk_size or 8, progress)
-        timings["influence_s"] = time.perf_counter() - t0
-        info["influence"] = {k: [round(float(x), 6) for x in v] for k, v in scores.items()}
-        keeps = [BlockKeep.everything(g) for g in geoms]
-        drop_blocks: list[int] = []
-        if structure.kind == "blocks":
-            per_block = geoms[0].attn_params + geoms[0].mlp_params
-            count = int(round(budget / per_block))
-            drop_blocks = sorted(torch.argsort(scores["block"], stable=True)[:count].tolist())
-        else:  # the least output damage per parameter first (a greedy knapsack over the sublayers)
-            t0 = time.perf_counter()
-            damage = sublayer_damage(model, adapter, windows[:recipe.profile_nsamples, :recipe.profile_seqlen],
-                                     progress=progress)
-            timings["sublayer_damage_s"] = time.perf_counter() - t0
-            info["sublayer_kl"] = {k: [float(x) for x in v] for k, v in damage.items()}
-            units = [(float(damage[kind][i]) / (geoms[i].attn_params if kind == "attention" else geoms[i].mlp_params),
-                      i, kind) for i in range(len(geoms)) for kind in ("attention", "mlp")]
-            units.sort()
-            removed, smallest = 0, min(min(g.attn_params, g.mlp_params) for g in geoms)
-            for _, i, kind in units:
-                cost = geoms[i].attn_params if kind == "attention" else geoms[i].mlp_params
-                if removed + cost <= budget + smallest // 2:
-                    removed += cost
-                    if kind == "attention":
-                        keeps[i] = BlockKeep(keeps[i].channels, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-                    else:
-                        keeps[i] = BlockKeep(torch.zeros(0, dtype=torch.long), keeps[i].query_heads, keeps[i].kv_heads)
-            if not compensate:  # a block that lost both sublayers is simply gone
-                drop_blocks = [i for i, k in enumerate(keeps) if not k.channels.numel() and not k.query_heads.numel()]
-        info["removed_blocks"] = drop_blocks
-        means = {i: (influence.mean_input(i, "self_attn.o_proj"), influence.mean_input(i, "mlp.down_proj"))
-                 for i in range(len(geoms))} if compensate else {}
-        if compensate and structure.kind == "blocks":  # a removed block keeps its mean contribution as biases
-            for i in drop_blocks:
-                keeps[i] = BlockKeep(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                                     torch.zeros(0, dtype=torch.long))
-            drop_blocks = []
+        keeps, drop_blocks, means = _depth_keeps(model, adapter, recipe, windows, geoms, budget, info, timings, progress)
     else:
-        grads = None
-        if recipe.score == "taylor":
-            t0 = time.perf_counter()
-            grads = taylor_gradients(model, adapter, windows, chunk_size=min(recipe.chunk_size or 4, 4), progress=progress)
-            timings["gradients_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        visitor = StatsVisitor()
-        if windows is not None:  # group magnitude without compensation needs no data
-            SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="structured statistics",
-                             sequential=False).run(visitor)
-        timings["statistics_s"] = time.perf_counter() - t0
-        scores = []
-        for i, (block, g) in enumerate(zip(blocks, geoms)):
-            block_grads = {n: grads[(i, n)] for n in ATTN + MLP if (i, n) in grads} if grads else None
-            scores.append(unit_scores(recipe.score, block, g, visitor.stats.get(i, {}), block_grads))
-        del grads
-        allocation, shares = recipe.allocation, None
-        if plan is not None:
-            allocation, shares = "shares", plan_shares(plan, prefix, len(blocks))
-        keeps = choose_widths(geoms, scores, structure, budget, allocation=allocation, heads_mode=recipe.heads_mode,
-                              multiple=recipe.width_multiple, shares=shares,
-                              finish=lambda x: finish(recipe.score, x))
-        means = {i: (visitor.stats[i]["self_attn.o_proj"].mean, visitor.stats[i]["mlp.down_proj"].mean)
-                 for i in range(len(blocks))} if compensate else {}
+        keeps, means = _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, progress)
         drop_blocks = []
     specs_of: dict[int, dict] = {}
     for i, (block, keep) in enumerate(zip(blocks, keeps)):
@@ -164,7 +170,7 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
         remove_blocks(model, adapter, drop_blocks)
     kept_index = sorted(specs_of)
     specs = [specs_of[i] for i in kept_index]
-    kind = finalize_config(model, specs)
+    kind = finalize_config(model, adapter.blocks(model), specs)
     after = count_params(model, adapter)
     sizes_after = {i: _linear_sizes(b) for i, b in zip(kept_index, adapter.blocks(model))}
     keeps_info = [{n: (sizes_before[i][n], sizes_after.get(i, {}).get(n, 0)) for n in ATTN + MLP}
@@ -184,7 +190,7 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
     })
     method = "blocks" if structure.kind == "blocks" else (
         "sublayers" if structure.kind == "sublayers" else ("plan" if plan is not None else recipe.allocation))
-    result_plan = structure_plan({"bias_compensation": compensate, "heads_mode": recipe.heads_mode,
+    result_plan = structure_plan({"bias_compensation": recipe.bias_compensation, "heads_mode": recipe.heads_mode,
                                   "width_multiple": recipe.width_multiple}, keeps_info, prefix,
                                  float(recipe.sparsity), method, structure.name)
     return result_plan, info

@@ -125,7 +125,7 @@ def remove_blocks(model: nn.Module, adapter, indices: list[int]) -> None:
             config.layer_types = [t for i, t in enumerate(types) if i not in drop]
 
 
-def finalize_config(model: nn.Module, specs: list[dict]) -> str:
+def finalize_config(model: nn.Module, blocks: nn.ModuleList, specs: list[dict]) -> str:
     """Give the shrunk model the config it is saved with: 'stock' when every block has the same widths (and any
     added bias has a config flag), else 'custom' (the family's pruned twin, loadable with trust_remote_code)."""
     config = model.config
@@ -135,7 +135,6 @@ def finalize_config(model: nn.Module, specs: list[dict]) -> str:
     head_dim = head_dim_of(config)
     uniform = all(s == specs[0] for s in specs) and specs[0]["intermediate_size"] > 0 and specs[0]["num_attention_heads"] > 0
     flags = STOCK_BIAS_FLAGS.get(config.model_type, {})
-    blocks = model.model.layers
     added = [k for k in ("o_proj_bias", "down_proj_bias") if uniform and specs[0][k] and not _stock_has(config, k)]
     if uniform and all(k in flags for k in added) and _stock_accepts(config, specs[0], head_dim):
         for k in added:
@@ -157,10 +156,7 @@ def finalize_config(model: nn.Module, specs: list[dict]) -> str:
     if twin is None:
         raise PrunewiseError(f"{name} has no pruned twin for per-block widths; add it to export/modeling_prunewise.py")
     config_cls, model_cls = twin
-    fields = {k: v for k, v in config.to_dict().items()
-              if k not in ("model_type", "architectures", "transformers_version", "auto_map", "prunewise_layers")}
-    fields.update(head_dim=head_dim, prunewise_layers=specs, prunewise_original=original)
-    new = config_cls(**fields)
+    new = config_cls(**_config_fields(config), head_dim=head_dim, prunewise_layers=specs, prunewise_original=original)
     new.auto_map = {"AutoConfig": f"modeling_prunewise.{config_cls.__name__}",
                     "AutoModelForCausalLM": f"modeling_prunewise.{model_cls.__name__}"}
     new.architectures = [model_cls.__name__]
@@ -176,12 +172,17 @@ def _stock_has(config, kind: str) -> bool:
 
 def _stock_accepts(config, spec: dict, head_dim: int) -> bool:
     """Whether the family's own config class accepts these widths (some validate hidden % heads)."""
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
-    fields.update(intermediate_size=spec["intermediate_size"], num_attention_heads=spec["num_attention_heads"],
-                  num_key_value_heads=spec["num_key_value_heads"], head_dim=head_dim)
+    fields = {**_config_fields(config), "intermediate_size": spec["intermediate_size"], "head_dim": head_dim,
+              "num_attention_heads": spec["num_attention_heads"], "num_key_value_heads": spec["num_key_value_heads"]}
     try:
         type(config)(**fields)
     except Exception as exc:  # noqa: BLE001 - config validation raises ValueError or huggingface_hub's strict errors
         log.info("stock config refuses uniform widths (%s); saving per-block widths instead", exc)
         return False
     return True
+
+
+def _config_fields(config) -> dict:
+    """A config's own fields, to build another config from: no class identity, version or per-block widths."""
+    skip = ("model_type", "architectures", "transformers_version", "auto_map", "prunewise_layers", "head_dim")
+    return {k: v for k, v in config.to_dict().items() if k not in skip}
