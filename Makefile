@@ -18,8 +18,14 @@ demo: $(STAMP)
 	$(VENV)/bin/prunewise prune --model smollm2-135m --score wanda --allocation owl --sparsity 0.5 \
 		--calibration wiki --eval wiki-test code --output out/demo --overwrite
 
-## Unit tests and the marked integration tests on the real smollm2-135m.
-test: $(STAMP)
+# Headless Chromium checks the HTML report (Debian's package; needs root, as on CI and the dev machines).
+CHROMIUM := $(VENV)/.chromium
+$(CHROMIUM): $(STAMP)
+	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	touch $(CHROMIUM)
+
+## Unit tests and the marked integration tests on the real smollm2-135m (and lm-eval agreement).
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q
 
 ## Unit tests only (seconds).

@@ -310,15 +310,15 @@ def evaluate(model: nn.Module, tokenizer, data: list[str], eval_tokens: int = 32
     return results
 
 
-def report_markdown(report: dict, plan: AllocationPlan) -> str:
-    """A readable summary of a pruning run."""
-    lines = [f"# prunewise report: {report['model']}", "",
+def report_markdown(report: dict, plan: AllocationPlan, details_only: bool = False) -> str:
+    """A readable summary of a pruning run (``details_only``: the search, row-wise, structured and module parts)."""
+    lines = [] if details_only else [f"# prunewise report: {report['model']}", "",
              f"- score: **{report['score']}**, structure: **{report['structure']}**, allocation: **{report['allocation']}**",
              f"- target sparsity {report['target_sparsity']:.4f}, achieved {report['achieved_sparsity']:.4f} "
              f"(of all parameters: {report['sparsity_of_all_parameters']:.4f})",
              "- timings: " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()),
              f"- peak RSS {report['peak_rss_mb']:.0f} MB", ""]
-    if report.get("perplexity"):
+    if report.get("perplexity") and not details_only:
         lines += ["| data | dense | pruned | ratio |", "|---|---|---|---|"]
         for name, row in report["perplexity"].items():
             lines.append(f"| {name} | {row['dense']:.2f} | {row['pruned']:.2f} | {row['pruned'] / row['dense']:.2f}x |")
@@ -361,8 +361,24 @@ def structured_markdown(info: dict) -> list[str]:
     return lines + [""]
 
 
+def _dense_key(model_spec: str) -> str | None:
+    try:
+        return model_fingerprint(model_spec)
+    except PrunewiseError:
+        return None
+
+
 def run(recipe: Recipe, progress: bool = True) -> dict:
-    """The whole job: evaluate dense, prune, evaluate pruned, save (if ``recipe.output``). Returns the report."""
+    """The whole job: evaluate dense, prune, evaluate pruned, save (if ``recipe.output``). Returns the report.
+
+    Evaluation covers perplexity on ``recipe.evaluation``, zero-shot accuracy on ``recipe.tasks`` and greedy
+    completions of fixed prompts, each beside the dense model; the folder gets report.json, report.md (with
+    figures/) and a self-contained report.html.
+    """
+    from .evaluate.completions import greedy_completions
+    from .report.build import report_files, run_sections
+    from .tasks.suite import evaluate_tasks, load_tasks
+
     if recipe.output:
         check_output(recipe.output, recipe.overwrite, source=recipe.model)
     calibs = calibration_corpora(recipe.calibration) if recipe.evaluation else []
@@ -370,21 +386,32 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         corpus = get_corpus(name, "evaluation")
         for calib in calibs:
             check_no_overlap(calib, corpus)
+    tasks = load_tasks(recipe.tasks, recipe.task_limit) if recipe.tasks else []
     model, tokenizer = load_model(recipe.model)
     dense = evaluate(model, tokenizer, recipe.evaluation, recipe.eval_tokens, recipe.eval_seqlen,
                      dense_spec=recipe.model, progress=progress) if recipe.evaluation else {}
+    dense_tasks = evaluate_tasks(model, tokenizer, tasks, dense_key=_dense_key(recipe.model),
+                                 progress=progress) if tasks else {}
+    dense_text = greedy_completions(model, tokenizer) if recipe.completions else []
     result = prune(recipe, model, tokenizer, progress)
     pruned = evaluate(result.model, tokenizer, recipe.evaluation, recipe.eval_tokens, recipe.eval_seqlen,
                       progress=progress) if recipe.evaluation else {}
     report = result.report
     report["perplexity"] = {n: {"dense": dense[n], "pruned": pruned[n]} for n in recipe.evaluation}
+    if tasks:
+        report["tasks"] = {"dense": dense_tasks, "pruned": evaluate_tasks(result.model, tokenizer, tasks, progress=progress)}
+    if recipe.completions:
+        report["completions"] = {"dense": dense_text, "pruned": greedy_completions(result.model, tokenizer)}
     if recipe.output:
+        title, lead, sections = run_sections(report, result.plan)
+        pages = report_files(title, lead, sections)
+        pages["report.md"] += "\n## Details\n\n" + report_markdown(report, result.plan, details_only=True)
         save_pruned(result.model, tokenizer, recipe.output, {
             "recipe.yaml": recipe.to_yaml(),
             "plan.json": result.plan.model_dump_json(indent=1),
             **({"plan.png": png} if (png := plot_plan(result.plan)) is not None else {}),
             "report.json": json.dumps(report, indent=1),
-            "report.md": report_markdown(report, result.plan),
+            **pages,
             **result.files,
         }, overwrite=recipe.overwrite)
     return report

@@ -1,4 +1,4 @@
-"""Command line: ``prunewise prune | eval | models | data``, a thin front over the recipe and the API."""
+"""Command line: ``prunewise prune | sweep | eval | tasks | models | data``, a thin front over the recipe and the API."""
 
 from __future__ import annotations
 
@@ -55,24 +55,33 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _cmd_prune(args) -> int:
-    from .api import run
+def _recipe_from_args(args, **extra):
     from .recipe import Recipe, make_recipe
 
     fields = Recipe.from_yaml(args.recipe).model_dump(exclude_unset=True) if args.recipe else {}
     for flag, (field, _, _) in PRUNE_FLAGS.items():
-        value = getattr(args, field)
+        value = getattr(args, field, None)
         if value is not None:
             fields[field] = value
     if args.eval is not None:
         fields["evaluation"] = args.eval
-    if args.overwrite:
-        fields["overwrite"] = True
-    if args.rowwise:
-        fields["rowwise"] = True
-    if args.bias_compensation:
-        fields["bias_compensation"] = True
-    recipe = make_recipe(**fields)
+    if args.tasks is not None:
+        fields["tasks"] = args.tasks
+    if args.task_limit is not None:
+        fields["task_limit"] = args.task_limit
+    if args.no_completions:
+        fields["completions"] = False
+    for flag in ("overwrite", "rowwise", "bias_compensation"):
+        if getattr(args, flag, None):
+            fields[flag] = True
+    fields.update(extra)
+    return make_recipe(**fields)
+
+
+def _cmd_prune(args) -> int:
+    from .api import run
+
+    recipe = _recipe_from_args(args)
     report = run(recipe, progress=not args.no_progress)
     print(format_prune_report(report, recipe))
     return 0
@@ -90,9 +99,38 @@ def format_prune_report(report: dict, recipe) -> str:
                  f"peak RSS {report['peak_rss_mb']:.0f} MB")
     if report.get("cholesky_retries"):
         lines.append(f"Cholesky needed more dampening in {len(report['cholesky_retries'])} modules (see report.json)")
+    if report.get("tasks"):
+        from .report.figures import mean_metric, mean_retention
+
+        dense, pruned = report["tasks"]["dense"], report["tasks"]["pruned"]
+        lines.append(f"zero-shot mean acc over {len(dense)} tasks: dense {mean_metric(dense):.3f}, pruned "
+                     f"{mean_metric(pruned):.3f}, retention {(mean_retention(dense, pruned) or 0):.0%}")
     if recipe.output:
-        lines.append(f"saved: {recipe.output} (model, recipe.yaml, plan.json, plan.png, report.json, report.md)")
+        lines.append(f"saved: {recipe.output} (model, recipe.yaml, plan.json, report.html, report.md, report.json)")
     return "\n".join(lines)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise PrunewiseError(f"--sparsities {text!r} must be numbers, e.g. 0.3,0.5,0.7") from None
+
+
+def _cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    if not args.output:
+        raise PrunewiseError("`prunewise sweep` needs --output FOLDER (rerun with the same folder to resume)")
+    base = _recipe_from_args(args, output=None)
+    sparsities = [v for text in args.sparsities for v in _floats(text)]
+    scores = [v for text in args.scores for v in text.replace(",", " ").split()]
+    allocations = [v for text in args.allocations for v in text.replace(",", " ").split()]
+    summary = run_sweep(base, scores, sparsities, allocations, args.output, save_models=args.save_models,
+                        progress=not args.no_progress,
+                        on_cell=lambda name, status: print(f"sweep: {name}: {status}", flush=True))
+    print(f"sweep: {len(summary['cells'])}/{summary['grid_size']} cells; report: {args.output}/report.html")
+    return 0
 
 
 def _cmd_eval(args) -> int:
@@ -100,11 +138,66 @@ def _cmd_eval(args) -> int:
     from .models.loading import load_model
 
     model, tokenizer = load_model(args.model)
-    results = evaluate(model, tokenizer, args.data, args.eval_tokens, args.seqlen, calibration=args.calibration,
-                       dense_spec=None, progress=not args.no_progress)
-    print(f"{'data':<14}{'perplexity':>12}")
-    for name, ppl in results.items():
-        print(f"{name:<14}{ppl:>12.3f}")
+    progress = not args.no_progress
+    if args.data:
+        results = evaluate(model, tokenizer, args.data, args.eval_tokens, args.seqlen, calibration=args.calibration,
+                           dense_spec=None, progress=progress)
+        print(f"{'data':<14}{'perplexity':>12}")
+        for name, ppl in results.items():
+            print(f"{name:<14}{ppl:>12.3f}")
+    for path in args.task_loss or []:
+        from .data.task import load_task_records, task_windows
+        from .evaluate.task_loss import task_loss
+
+        ids, mask = task_windows(tokenizer, load_task_records(path), args.seqlen)
+        r = task_loss(model, ids, mask, progress=progress)
+        print(f"task loss {path}: {r['nll']:.4f} nats/token over {r['tokens']} completion tokens "
+              f"(perplexity {r['perplexity']:.3f})")
+    if args.tasks or args.harness:
+        _eval_tasks(model, tokenizer, args, progress)
+    return 0
+
+
+def _eval_tasks(model, tokenizer, args, progress: bool) -> None:
+    import tempfile
+
+    from .tasks.suite import evaluate_tasks, format_task_table, load_tasks
+
+    offline = [t for t in (args.tasks or ["default"]) if not t.startswith("harness:")]
+    named = [t.removeprefix("harness:") for t in (args.tasks or []) if t.startswith("harness:")]
+    tasks = load_tasks(offline, args.limit) if offline else []
+    ours = evaluate_tasks(model, tokenizer, tasks, progress=progress) if tasks else {}
+    if ours:
+        print("\n".join(format_task_table(ours)))
+    if not args.harness:
+        return
+    from .tasks.harness import run_harness
+
+    with tempfile.TemporaryDirectory(prefix="prunewise-harness-") as folder:
+        theirs = run_harness(model, tokenizer, folder, tasks, named, batch_size=args.harness_batch_size)
+    def count(row, key):
+        if not row:
+            return ""
+        return f"{row[key]}/{row['n']}" if key in row else f"{row.get('acc' if key == 'correct' else 'acc_norm', 0):.3f}"
+
+    print(f"{'task':<48}{'prunewise acc':>15}{'lm-eval acc':>13}{'prunewise norm':>16}{'lm-eval norm':>14}")
+    for name, row in theirs.items():
+        mine = ours.get(name)
+        print(f"{name:<48}{count(mine, 'correct'):>15}{count(row, 'correct'):>13}"
+              f"{count(mine, 'correct_norm'):>16}{count(row, 'correct_norm'):>14}")
+
+
+def _cmd_tasks(args) -> int:
+    from .tasks.items import list_tasks
+    from .tasks.suite import DEFAULT_SUITE, TASK_ALIASES
+
+    if args.action == "suite":
+        reverse = {v: k for k, v in TASK_ALIASES.items()}
+        for name, n in DEFAULT_SUITE.items():
+            print(f"{reverse.get(name, ''):<20}{name:<56}{n:>6} items")
+        return 0
+    for name, row in sorted(list_tasks(args.package).items()):
+        print(f"{name:<64}{row['items']:>7} items  chance {row['chance']:.3f}")
     return 0
 
 
@@ -137,6 +230,13 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _task_flags(p) -> None:
+    p.add_argument("--tasks", nargs="*", default=None, help="zero-shot multiple-choice tasks evaluated dense and "
+                   "pruned: default (the suite), bigbench/..., evals/..., a .jsonl file")
+    p.add_argument("--task-limit", type=int, default=None, help="at most this many items per task")
+    p.add_argument("--no-completions", action="store_true", help="skip the greedy completions of fixed prompts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunewise", description="Prune LLMs for the task you care about.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -153,11 +253,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-compensation", action="store_true", default=None,
                    help="structured: fold the removed units' mean contribution into output biases (FLAP)")
     p.add_argument("--no-progress", action="store_true")
+    _task_flags(p)
     p.set_defaults(func=_cmd_prune)
 
-    e = sub.add_parser("eval", help="perplexity of a model or pruned folder")
+    w = sub.add_parser("sweep", help="a grid of scores x sparsities (x allocations) from one recipe, resumable, "
+                                     "with a report of curves")
+    w.add_argument("--recipe", help="YAML recipe for everything the grid does not vary")
+    for flag, (field, typ, text) in PRUNE_FLAGS.items():
+        if field not in ("score", "sparsity", "allocation", "plan"):
+            w.add_argument(flag, dest=field, type=typ, default=None, help=text)
+    w.add_argument("--scores", nargs="+", default=["wanda", "sparsegpt"], help="scores of the grid")
+    w.add_argument("--sparsities", nargs="+", default=["0.3,0.5,0.6,0.7"], help="sparsities of the grid")
+    w.add_argument("--allocations", nargs="+", default=["uniform"], help="allocations of the grid")
+    w.add_argument("--eval", nargs="*", default=None, help="perplexity data (default wiki-test)")
+    w.add_argument("--save-models", action="store_true", help="also save every pruned model under OUTPUT/models/")
+    w.add_argument("--rowwise", action="store_true", default=None)
+    w.add_argument("--no-progress", action="store_true")
+    _task_flags(w)
+    w.set_defaults(func=_cmd_sweep)
+
+    t = sub.add_parser("tasks", help="list the offline multiple-choice tasks, or the default suite")
+    t.add_argument("action", nargs="?", choices=["list", "suite"], default="list")
+    t.add_argument("--package", choices=["bigbench", "evals"], default=None)
+    t.set_defaults(func=_cmd_tasks)
+
+    e = sub.add_parser("eval", help="perplexity, zero-shot tasks (and lm-eval agreement) of a model or pruned folder")
     e.add_argument("--model", required=True)
-    e.add_argument("--data", nargs="+", default=["wiki-test"])
+    e.add_argument("--data", nargs="*", default=["wiki-test"], help="perplexity data; none to skip")
+    e.add_argument("--tasks", nargs="*", default=None, help="multiple-choice tasks: default (the suite), "
+                   "bigbench/..., evals/..., a .jsonl file; harness:NAME for an lm-eval task (online)")
+    e.add_argument("--limit", type=int, default=None, help="at most this many items per task")
+    e.add_argument("--harness", action="store_true", help="also run lm-evaluation-harness on the same items "
+                   "(pip install 'prunewise[harness]') and print both counts")
+    e.add_argument("--harness-batch-size", type=int, default=16)
+    e.add_argument("--task-loss", nargs="*", default=None, help="JSONL files of {prompt, completion}: mean loss on "
+                   "the completions")
     e.add_argument("--calibration", default=None, help="refuse evaluation data overlapping this calibration data "
                                                              "(a corpus or a mixture SOURCE:WEIGHT,...)")
     e.add_argument("--eval-tokens", type=int, default=32768)

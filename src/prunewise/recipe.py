@@ -70,6 +70,10 @@ class Recipe(BaseModel):
     evaluation: list[str] = Field(default_factory=lambda: ["wiki-test"])
     eval_tokens: int = Field(32768, ge=2)
     eval_seqlen: int = Field(512, ge=2)
+    tasks: list[str] = Field(default_factory=list, description="zero-shot multiple-choice tasks evaluated dense and "
+                                                                "pruned: default (the suite), bigbench/..., evals/..., a .jsonl")
+    task_limit: int | None = Field(None, ge=1, description="at most this many items per task")
+    completions: bool = Field(True, description="greedy completions of fixed prompts, dense vs pruned, in the report")
     output: str | None = None
     overwrite: bool = False
 

@@ -1,0 +1,133 @@
+"""Screen every offline multiple-choice task for the default suite (writes JSON and a markdown table).
+
+Stage 1 scores the first items of every multiple-choice task of the bigbench 1.0.0 sdist and the evals 3.0.1.post1
+wheel with the dense model (at most --stage1-items items and --stage1-tokens tokens per task). Tasks whose
+stage-1 accuracy or length-normalised accuracy is at least --margin above chance go to stage 2, which scores
+*other* items (after the stage-1 ones, so the screening does not pick its own confirmation sample) up to
+--stage2-items items or --stage2-tokens tokens, and reports Wilson 95% intervals. A task qualifies when the
+lower end of its stage-2 accuracy interval is above chance. The suite takes the qualifying tasks, sized so the
+whole suite scores in about --suite-seconds on this machine.
+
+    python bench/screen_tasks.py            # resumable: finished tasks are read back from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from prunewise.models.loading import load_model  # noqa: E402
+from prunewise.tasks.items import get_task, list_tasks  # noqa: E402
+from prunewise.tasks.scoring import PairEncoder, mc_metrics, score_items  # noqa: E402
+
+
+def cost(encoder, item) -> int:
+    """Tokens the shared-context scorer runs for one item."""
+    ctx = len(encoder.encode(item.context))
+    return ctx + sum(len(encoder.encode(item.context + c)) - ctx for c in item.choices)
+
+
+def take(task, start, max_items, max_tokens, encoder):
+    items, tokens = [], 0
+    for item in task.items[start:]:
+        c = cost(encoder, item)
+        if items and (len(items) >= max_items or tokens + c > max_tokens):
+            break
+        items.append(item)
+        tokens += c
+        if len(items) >= max_items or tokens >= max_tokens:
+            break
+    return items, tokens
+
+
+def save(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--stage1-items", type=int, default=30)
+    ap.add_argument("--stage1-tokens", type=int, default=4000)
+    ap.add_argument("--max-item-tokens", type=int, default=1500, help="skip tasks whose first item costs more")
+    ap.add_argument("--margin", type=float, default=0.08)
+    ap.add_argument("--stage2-items", type=int, default=400)
+    ap.add_argument("--stage2-tokens", type=int, default=40000)
+    ap.add_argument("--suite-seconds", type=float, default=600)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/screen_tasks.json"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.exists() else {"stage1": {}, "stage2": {}}
+    data["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
+    model, tokenizer = load_model(args.model)
+    encoder = PairEncoder(tokenizer)
+    names = sorted(list_tasks())
+    t0 = time.perf_counter()
+    for i, name in enumerate(names, 1):
+        if name in data["stage1"]:
+            continue
+        task = get_task(name)
+        first = cost(encoder, task.items[0])
+        if first > args.max_item_tokens:
+            data["stage1"][name] = {"skipped": f"first item costs {first} tokens", "items_total": len(task.items)}
+            save(out, data)
+            continue
+        items, tokens = take(task, 0, args.stage1_items, args.stage1_tokens, encoder)
+        start = time.perf_counter()
+        m = mc_metrics(items, score_items(model, tokenizer, items))
+        m.update(items_total=len(task.items), tokens=tokens, seconds=time.perf_counter() - start)
+        data["stage1"][name] = m
+        save(out, data)
+        print(f"[{i}/{len(names)} {time.perf_counter() - t0:.0f}s] {name}: n={m['n']} acc {m['acc']:.2f} "
+              f"norm {m['acc_norm']:.2f} chance {m['chance']:.2f} ({m['seconds']:.1f}s)", flush=True)
+    for name, m in sorted(data["stage1"].items()):
+        if "skipped" in m or name in data["stage2"]:
+            continue
+        if max(m["acc"], m["acc_norm"]) - m["chance"] < args.margin or m["items_total"] <= m["n"]:
+            continue
+        task = get_task(name)
+        items, tokens = take(task, m["n"], args.stage2_items, args.stage2_tokens, encoder)
+        start = time.perf_counter()
+        s = mc_metrics(items, score_items(model, tokenizer, items))
+        s.update(start=m["n"], tokens=tokens, seconds=time.perf_counter() - start)
+        data["stage2"][name] = s
+        save(out, data)
+        print(f"stage 2 {name}: n={s['n']} acc {s['acc']:.3f} {s['acc_ci95']} norm {s['acc_norm']:.3f} "
+              f"chance {s['chance']:.3f} ({s['seconds']:.0f}s)", flush=True)
+    qualify = {n: s for n, s in data["stage2"].items() if s["acc_ci95"][0] > s["chance"]}
+    data["qualifying"] = sorted(qualify)
+    save(out, data)
+    lines = ["# Screening of the offline multiple-choice tasks", "",
+             f"Model {args.model}; stage 1: {len(data['stage1'])} tasks "
+             f"({sum('skipped' in m for m in data['stage1'].values())} skipped as too long); stage 2: "
+             f"{len(data['stage2'])} tasks at least {args.margin:.2f} above chance in stage 1; "
+             f"{len(qualify)} qualify (stage-2 accuracy interval above chance).", "",
+             "| task | stage-1 n | stage-1 acc | stage-2 n | chance | acc [95% CI] | acc_norm [95% CI] | s/item | qualifies |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in sorted(data["stage2"].items(), key=lambda kv: kv[1]["acc_ci95"][0] - kv[1]["chance"], reverse=True):
+        m = data["stage1"][name]
+        lines.append(f"| {name} | {m['n']} | {m['acc']:.2f} | {s['n']} | {s['chance']:.3f} | {s['acc']:.3f} "
+                     f"[{s['acc_ci95'][0]:.3f}, {s['acc_ci95'][1]:.3f}] | {s['acc_norm']:.3f} "
+                     f"[{s['acc_norm_ci95'][0]:.3f}, {s['acc_norm_ci95'][1]:.3f}] | {s['seconds'] / s['n']:.2f} | "
+                     f"{'yes' if name in qualify else ''} |")
+    lines += ["", "## Stage 1 (every task)", "", "| task | n | acc | acc_norm | chance |", "|---|---|---|---|---|"]
+    for name, m in sorted(data["stage1"].items()):
+        if "skipped" in m:
+            lines.append(f"| {name} | skipped: {m['skipped']} | | | |")
+        else:
+            lines.append(f"| {name} | {m['n']} | {m['acc']:.2f} | {m['acc_norm']:.2f} | {m['chance']:.2f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:8 + len(data["stage2"])]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Multiple-choice tasks, offline: BIG-bench ``task.json`` files, OpenAI-evals JSONL, and the user's own JSONL.
+
+Every task becomes a list of :class:`MCItem`: a context and the exact continuation strings that are scored after
+it (a leading space included where the context does not end in whitespace), and the indices of the correct ones.
+The same strings are what ``prunewise eval --harness`` exports for lm-evaluation-harness (with an empty target
+delimiter), so both tools score identical token sequences.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cache import cache_dir, pip_download, sha256_file
+from ..errors import PrunewiseError
+
+logger = logging.getLogger(__name__)
+
+BIGBENCH_VERSION = "1.0.0"
+EVALS_VERSION = "3.0.1.post1"
+_BB_TASKS = "bigbench/benchmark_tasks/"
+_EVALS_DATA = "evals/registry/data/"
+
+
+@dataclass(frozen=True)
+class MCItem:
+    context: str
+    choices: tuple[str, ...]  # exact continuations scored after the context
+    gold: tuple[int, ...]     # indices of the correct choices (usually one)
+
+    @property
+    def chance(self) -> float:
+        return len(self.gold) / len(self.choices)
+
+
+@dataclass(frozen=True)
+class MCTask:
+    name: str
+    items: tuple[MCItem, ...]
+    source: str
+
+    @property
+    def chance(self) -> float:
+        """Expected accuracy of a uniform random guess."""
+        return sum(item.chance for item in self.items) / len(self.items)
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for item in self.items:
+            digest.update(json.dumps([item.context, item.choices, item.gold]).encode())
+        return digest.hexdigest()
+
+    def window(self, start: int, count: int | None) -> "MCTask":
+        """Items ``start`` to ``start + count`` of the fixed shuffled order (``count`` None: to the end)."""
+        end = len(self.items) if count is None else min(len(self.items), start + count)
+        if start >= end:
+            raise PrunewiseError(f"task '{self.name}' has {len(self.items)} items, none from item {start}")
+        return MCTask(self.name, self.items[start:end], self.source + f" (items {start}-{end - 1})")
+
+    def head(self, limit: int | None) -> "MCTask":
+        """The first ``limit`` items (the items are already in a fixed shuffled order)."""
+        if limit is None or limit >= len(self.items):
+            return self
+        if limit < 1:
+            raise PrunewiseError(f"--limit must be at least 1, got {limit}")
+        return MCTask(self.name, self.items[:limit], self.source + f" (first {limit})")
+
+
+def _continuations(context: str, choices) -> tuple[str, ...]:
+    """Choices as scored: after a space unless the context already ends in whitespace."""
+    sep = "" if (not context or context[-1].isspace()) else " "
+    return tuple(sep + str(c).strip() for c in choices)
+
+
+def _shuffled(items: list[MCItem], name: str) -> tuple[MCItem, ...]:
+    """A fixed order that does not depend on file order: items are reproducible prefixes of it (seeded by name)."""
+    rng = random.Random(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
+    items = list(items)
+    rng.shuffle(items)
+    return tuple(items)
+
+
+# ---------------------------------------------------------------- BIG-bench
+
+
+def _bigbench_item(task: dict, example: dict) -> MCItem | None:
+    """One BIG-bench example in the package's zero-shot multiple-choice format (json_task defaults)."""
+    scores = example.get("target_scores")
+    if not isinstance(scores, dict) or len(scores) < 2 or not isinstance(example.get("input"), str):
+        return None
+    choices = [str(c) for c in scores]
+    values = [float(v) for v in scores.values()]
+    best = max(values)
+    if best <= 0 or values.count(best) == len(values):
+        return None
+    gold = tuple(i for i, v in enumerate(values) if v == best)
+    prefix = task.get("task_prefix") or ""
+    in_prefix = task.get("example_input_prefix")
+    out_prefix = task.get("example_output_prefix")
+    in_prefix = "\nQ: " if in_prefix is None else in_prefix
+    out_prefix = "\nA: " if out_prefix is None else out_prefix
+    text = prefix + in_prefix + example["input"]
+    if task.get("append_choices_to_input", True):
+        choice_prefix = task.get("choice_prefix", "\n  choice: ")
+        text += "".join(choice_prefix + c for c in choices)
+    context = (text + out_prefix).lstrip("\n")
+    return MCItem(context, _continuations(context, choices), gold)
+
+
+def _bigbench_task_name(member: str) -> str:
+    return "bigbench/" + member[len(_BB_TASKS):].removesuffix("/task.json")
+
+
+def _bigbench_cache() -> Path:
+    return cache_dir("tasks", f"bigbench-{BIGBENCH_VERSION}")
+
+
+@functools.lru_cache(maxsize=1)
+def _bigbench_index() -> dict[str, dict]:
+    """name -> {file, items, chance}: every multiple-choice task.json of the sdist, extracted once (one pass)."""
+    root = _bigbench_cache()
+    index_path = root / "index.json"
+    if index_path.exists():
+        try:
+            return json.loads(index_path.read_text())["tasks"]
+        except (ValueError, KeyError):
+            logger.warning("ignoring unreadable task index %s", index_path)
+    archive = pip_download("bigbench", BIGBENCH_VERSION)
+    prefix = f"bigbench-{BIGBENCH_VERSION}/"
+    index = {}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for info in tar:
+                if not (info.isfile() and info.name.endswith("/task.json") and info.name.startswith(prefix + _BB_TASKS)):
+                    continue
+                task = json.load(tar.extractfile(info))
+                examples = task.get("examples") or []
+                name = _bigbench_task_name(info.name[len(prefix):])
+                items = [it for ex in examples if (it := _bigbench_item(task, ex)) is not None]
+                if not items:
+                    continue
+                slim = {k: task.get(k) for k in ("task_prefix", "example_input_prefix", "example_output_prefix",
+                                                    "append_choices_to_input", "choice_prefix") if k in task}
+                slim["examples"] = [{"input": ex["input"], "target_scores": ex["target_scores"]} for ex in examples
+                                    if _bigbench_item(task, ex) is not None]
+                file = root / (name.replace("/", "__") + ".json")
+                file.write_text(json.dumps(slim, ensure_ascii=False), encoding="utf-8")
+                index[name] = {"file": file.name, "items": len(items),
+                               "chance": sum(it.chance for it in items) / len(items)}
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        raise PrunewiseError(f"could not read the bigbench {BIGBENCH_VERSION} sdist at {archive} ({exc}); "
+                             "delete it and retry so it is downloaded again") from exc
+    tmp = index_path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"archive_sha256": sha256_file(archive), "tasks": index}))
+    os.replace(tmp, index_path)
+    return index
+
+
+def _bigbench_task(name: str) -> MCTask:
+    entry = _bigbench_index()[name]
+    task = json.loads((_bigbench_cache() / entry["file"]).read_text(encoding="utf-8"))
+    items = [it for ex in task["examples"] if (it := _bigbench_item(task, ex)) is not None]
+    return MCTask(name, _shuffled(items, name), f"bigbench=={BIGBENCH_VERSION} sdist, {name[9:]}/task.json")
+
+
+# ---------------------------------------------------------------- OpenAI evals
+
+_OPTION = re.compile(r"(?:^|(?<=[\s(]))\(?([A-E])[\.\):]\s+")
+
+
+def _split_options(text: str) -> tuple[str, list[str]] | None:
+    """'stem A. x B. y ...' -> (stem, [x, y, ...]) when the options A, B, ... appear in order, else None."""
+    marks, want = [], "A"
+    for m in _OPTION.finditer(text):
+        if m.group(1) == want:
+            marks.append(m)
+            want = chr(ord(want) + 1)
+    if len(marks) < 2:
+        return None
+    stem = text[:marks[0].start()].strip()
+    options = [text[a.end():(b.start() if b is not None else len(text))].strip()
+               for a, b in zip(marks, marks[1:] + [None])]
+    options[-1] = re.sub(r"\s*(Answer|Reply|Respond)\b.*$", "", options[-1], flags=re.S | re.I).strip()
+    if not stem or any(not o for o in options):
+        return None
+    return stem, options
+
+
+def _evals_item(record: dict) -> MCItem | None:
+    """An MMLU-style evals record (options A-E in the prompt, a letter as answer) as a cloze item."""
+    if "question" in record and "answer" in record:
+        prompt, ideal = record["question"], record["answer"]
+    elif "input" in record and "ideal" in record:
+        prompt, ideal = record["input"], record["ideal"]
+        if isinstance(prompt, list):
+            user = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+            if len(user) != 1:
+                return None
+            prompt = user[0]
+    else:
+        return None
+    if isinstance(ideal, list):
+        ideal = ideal[0] if len(ideal) == 1 else None
+    if not isinstance(prompt, str) or not isinstance(ideal, str):
+        return None
+    letter = re.fullmatch(r"\s*\(?([A-E])\)?\.?\s*", ideal)
+    split = _split_options(prompt)
+    if letter is None or split is None:
+        return None
+    stem, options = split
+    gold = ord(letter.group(1)) - ord("A")
+    if gold >= len(options):
+        return None
+    context = stem.removesuffix("Answer:").strip() + "\nAnswer:"
+    return MCItem(context, _continuations(context, options), (gold,))
+
+
+@functools.lru_cache(maxsize=1)
+def _evals_archive() -> Path:
+    return pip_download("evals", EVALS_VERSION)
+
+
+@functools.lru_cache(maxsize=1)
+def _evals_index() -> dict[str, dict]:
+    """name -> {items, chance}: every evals JSONL whose records are mostly multiple choice."""
+    index = {}
+    with zipfile.ZipFile(_evals_archive()) as zf:
+        for member in zf.namelist():
+            if not (member.startswith(_EVALS_DATA) and member.endswith(".jsonl")):
+                continue
+            items = _evals_items(zf, member)
+            if len(items) >= 10:
+                index["evals/" + member[len(_EVALS_DATA):].removesuffix(".jsonl")] = {
+                    "items": len(items), "chance": sum(it.chance for it in items) / len(items)}
+    return index
+
+
+def _evals_items(zf: zipfile.ZipFile, member: str) -> list[MCItem]:
+    try:
+        lines = zf.read(member).decode("utf-8").splitlines()
+    except (UnicodeDecodeError, KeyError):
+        return []
+    items, total = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        total += 1
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and (item := _evals_item(record)) is not None:
+            items.append(item)
+    return items if total and len(items) >= 0.9 * total else []
+
+
+def _evals_task(name: str) -> MCTask:
+    member = _EVALS_DATA + name[len("evals/"):] + ".jsonl"
+    with zipfile.ZipFile(_evals_archive()) as zf:
+        items = _evals_items(zf, member)
+    return MCTask(name, _shuffled(items, name), f"evals=={EVALS_VERSION} wheel, {member}")
+
+
+# ---------------------------------------------------------------- the user's own JSONL
+
+
+def load_mc_jsonl(path: str | os.PathLike) -> MCTask:
+    """A local multiple-choice task: one {"question" (or "context"), "choices": [...], "answer"} object per line.
+
+    ``answer`` is the index of the correct choice, its text, or a list of either; items keep file order.
+    """
+    spec = os.fspath(path)
+    hint = 'write one {"question": ..., "choices": [...], "answer": index or text} object per line'
+    try:
+        lines = Path(spec).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PrunewiseError(f"cannot read multiple-choice task file {spec} ({exc.__class__.__name__}); check the path") from exc
+    items = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise PrunewiseError(f"{spec} line {number} is not JSON; {hint}") from exc
+        context = record.get("question", record.get("context")) if isinstance(record, dict) else None
+        choices = record.get("choices") if isinstance(record, dict) else None
+        if not isinstance(context, str) or not isinstance(choices, list) or len(choices) < 2 \
+                or not all(isinstance(c, str) and c.strip() for c in choices) or "answer" not in record:
+            raise PrunewiseError(f"{spec} line {number} needs a question, at least two non-empty choices and an answer; {hint}")
+        answers = record["answer"] if isinstance(record["answer"], list) else [record["answer"]]
+        gold = []
+        for answer in answers:
+            if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+                gold.append(answer)
+            elif isinstance(answer, str) and answer in choices:
+                gold.append(choices.index(answer))
+            else:
+                raise PrunewiseError(f"{spec} line {number}: answer {answer!r} is neither a choice index nor a choice; {hint}")
+        items.append(MCItem(context, _continuations(context, choices), tuple(sorted(set(gold)))))
+    if not items:
+        raise PrunewiseError(f"multiple-choice task file {spec} has no items; {hint}")
+    return MCTask(Path(spec).stem, tuple(items), f"local file {spec}")
+
+
+# ---------------------------------------------------------------- names
+
+
+def list_tasks(package: str | None = None) -> dict[str, dict]:
+    """Every offline multiple-choice task: name -> {items, chance}."""
+    out = {}
+    if package in (None, "bigbench"):
+        out.update({k: {"items": v["items"], "chance": v["chance"]} for k, v in _bigbench_index().items()})
+    if package in (None, "evals"):
+        out.update(_evals_index())
+    return out
+
+
+def get_task(name: str) -> MCTask:
+    """A task by name (``bigbench/...``, ``evals/...``, a suite alias) or a local ``.jsonl`` file."""
+    from .suite import TASK_ALIASES
+
+    name = TASK_ALIASES.get(name, name)
+    if name.lower().endswith(".jsonl"):
+        return load_mc_jsonl(name)
+    if name.startswith("bigbench/") and name in _bigbench_index():
+        return _bigbench_task(name)
+    if name.startswith("evals/") and name in _evals_index():
+        return _evals_task(name)
+    raise PrunewiseError(f"unknown task '{name}'; see `prunewise tasks list` for the offline tasks, "
+                         "or give a .jsonl file of multiple-choice items")

@@ -1,0 +1,246 @@
+"""Multiple-choice scoring, task formats, the report page and resumable sweeps (tiny models, seconds)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model, tiny_tokenizer, write_paragraphs
+from prunewise.errors import PrunewiseError
+from prunewise.tasks.items import MCItem, _bigbench_item, _evals_item, _split_options, load_mc_jsonl
+from prunewise.tasks.scoring import PairEncoder, loglikelihoods, mc_metrics, wilson
+
+
+def reference_ll(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context) from one plain forward over the whole sequence."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(ids).logits[0].float(), dim=-1)
+    return float(sum(logprobs[p - 1, whole[p]] for p in range(len(ctx), len(whole))))
+
+
+REQUESTS = [("the quick brown fox", " jumps over"), ("the quick brown fox", " sleeps"), ("the quick brown fox", " sings"),
+            ("birds sing songs of ", "rain and sun"), ("birds sing songs of ", "sun"),
+            ("a small cat sleeps near the warm fire and birds sing", " songs"), ("green hills", " where rivers run")]
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_loglikelihoods_match_a_plain_forward(share):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    got = loglikelihoods(model, tok, REQUESTS, batch_tokens=40, share_context=share)
+    for (ctx, cont), (ll, _) in zip(REQUESTS, got):
+        assert ll == pytest.approx(reference_ll(model, tok, ctx, cont), abs=1e-4)
+
+
+def test_shared_context_scores_like_whole_sequences_on_gemma3():
+    """Repeating a KV cache across choices must not change scores, including sliding-window layers."""
+    model, tok = tiny_model("gemma3"), tiny_tokenizer()
+    flat = loglikelihoods(model, tok, REQUESTS, share_context=False)
+    shared = loglikelihoods(model, tok, REQUESTS, share_context=True)
+    for (a, _), (b, _) in zip(flat, shared):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_greedy_flag_matches_a_plain_forward():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.resize_token_embeddings(len(tok))  # every token the model can pick has text
+    ctx = "the quick brown"
+    ids = tok.encode(ctx)
+    with torch.no_grad():  # greedy-decode three tokens: that continuation is greedy if its text round-trips
+        for _ in range(3):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    greedy_text = tok.decode(ids[len(tok.encode(ctx)):])
+    requests = [(ctx, greedy_text)] + REQUESTS
+    flags = [g for _, g in loglikelihoods(model, tok, requests)]
+    for (c, cont), flag in zip(requests, flags):
+        ctx_ids, cont_ids = PairEncoder(tok)(c, cont)
+        whole, n = ctx_ids + cont_ids, len(ctx_ids)
+        with torch.no_grad():
+            logits = model(torch.tensor([whole])).logits[0]
+        assert flag == all(int(logits[p - 1].argmax()) == whole[p] for p in range(n, len(whole)))
+    if tok.encode(ctx + greedy_text) == ids:  # the decode round-trips: then it must be flagged greedy
+        assert flags[0]
+
+
+def test_pair_encoder_moves_trailing_space_to_the_continuation():
+    tok = tiny_tokenizer()
+    enc = PairEncoder(tok)
+    ctx, cont = enc("the quick ", "brown")
+    assert ctx == tok.encode("the quick")
+    assert ctx + cont == tok.encode("the quick brown")
+
+
+def test_accuracy_and_length_normalised_accuracy_as_lm_eval_defines_them():
+    items = [MCItem("q", (" a", " bbbbbbbb"), (1,)),      # raw argmax a (-2 > -6); per char: -1 vs -0.75 -> b
+             MCItem("q", (" yes", " no"), (0,)),          # tie: the first maximum wins -> right
+             MCItem("q", (" x", " y", " z"), (1, 2))]     # two golds: choosing z counts
+    lls = [[-2.0, -6.0], [-1.0, -1.0], [-5.0, -4.0, -3.0]]
+    m = mc_metrics(items, lls)
+    assert (m["correct"], m["correct_norm"], m["n"]) == (2, 3, 3)
+    assert m["chance"] == pytest.approx((1 / 2 + 1 / 2 + 2 / 3) / 3)
+
+
+def test_wilson_interval():
+    lo, hi = wilson(60, 100)
+    assert (round(lo, 3), round(hi, 3)) == (0.502, 0.691)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_bigbench_examples_follow_the_package_format():
+    task = {"task_prefix": "Answer.\n", "example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: ",
+            "append_choices_to_input": False}
+    item = _bigbench_item(task, {"input": "Is ice cold?", "target_scores": {"Yes": 1, "No": 0}})
+    assert item.context == "Answer.\n\nQ: Is ice cold?\nA: "
+    assert item.choices == ("Yes", "No") and item.gold == (0,)
+    listed = _bigbench_item({}, {"input": "Pick", "target_scores": {"a": 0, "b": 1, "c": 1}})
+    assert listed.context == "Q: Pick\n  choice: a\n  choice: b\n  choice: c\nA: "  # json_task's defaults
+    assert listed.gold == (1, 2)
+    assert _bigbench_item({}, {"input": "x", "target_scores": {"a": 0, "b": 0}}) is None  # no right answer
+    assert _bigbench_item({}, {"input": "x", "target": "free text"}) is None
+
+
+def test_evals_mmlu_format_becomes_a_cloze_item():
+    record = {"input": [{"role": "system", "content": "Answer with a letter."},
+                        {"role": "user", "content": "Which gas do plants absorb?\nA. Oxygen\nB. Carbon dioxide\n"
+                                                    "C. Helium\nD. Neon\nAnswer:"}], "ideal": "B"}
+    item = _evals_item(record)
+    assert item.context == "Which gas do plants absorb?\nAnswer:"
+    assert item.choices == (" Oxygen", " Carbon dioxide", " Helium", " Neon") and item.gold == (1,)
+    inline = _split_options("The level: A) lowest above B) highest below C) set by ATC")
+    assert inline == ("The level:", ["lowest above", "highest below", "set by ATC"])
+    assert _evals_item({"input": "no options here", "ideal": "A"}) is None
+    assert _evals_item({"question": "Q?\nA. x\nB. y\nAnswer:", "answer": "C"}) is None  # gold outside the options
+
+
+def test_local_multiple_choice_jsonl(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"question": "2+2=", "choices": ["3", "4"], "answer": 1}) + "\n" +
+                    json.dumps({"context": "Sky is ", "choices": ["blue", "green"], "answer": "blue"}) + "\n")
+    task = load_mc_jsonl(path)
+    assert [i.gold for i in task.items] == [(1,), (0,)]
+    assert task.items[0].choices == (" 3", " 4") and task.items[1].choices == ("blue", "green")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
+    with pytest.raises(PrunewiseError, match="neither a choice index nor a choice"):
+        load_mc_jsonl(bad)
+    bad.write_text(json.dumps({"question": "q", "choices": ["a"], "answer": 0}) + "\n")
+    with pytest.raises(PrunewiseError, match="at least two non-empty choices"):
+        load_mc_jsonl(bad)
+    bad.write_text("\n")
+    with pytest.raises(PrunewiseError, match="has no items"):
+        load_mc_jsonl(bad)
+
+
+def test_unknown_task_names_the_fix():
+    from prunewise.tasks.items import get_task
+
+    with pytest.raises(PrunewiseError, match="prunewise tasks list"):
+        get_task("no-such-task")
+
+
+# ---------------------------------------------------------------- runs, sweeps and the report page
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    mc = tmp_path / "mc.jsonl"
+    with open(mc, "w") as fh:
+        for i in range(12):
+            fh.write(json.dumps({"question": f"the quick brown fox {i}", "choices": ["jumps", "sleeps", "sings"],
+                                 "answer": i % 3}) + "\n")
+    return {"model": str(folder), "calibration": write_paragraphs(tmp_path / "calib.txt", 1),
+            "evaluation": [write_paragraphs(tmp_path / "eval.txt", 2)], "nsamples": 4, "seqlen": 32,
+            "eval_tokens": 512, "eval_seqlen": 32, "tasks": [str(mc)]}
+
+
+def test_run_reports_tasks_completions_and_a_page(tiny_setup, tmp_path):
+    from prunewise.api import run
+    from prunewise.recipe import make_recipe
+
+    out = tmp_path / "run"
+    report = run(make_recipe(**tiny_setup, sparsity=0.6, output=str(out)), progress=False)
+    dense, pruned = report["tasks"]["dense"]["mc"], report["tasks"]["pruned"]["mc"]
+    assert dense["n"] == pruned["n"] == 12 and dense["chance"] == pytest.approx(1 / 3)
+    assert len(report["completions"]["dense"]) == len(report["completions"]["pruned"]) == 5
+    page = (out / "report.html").read_text()
+    assert page.count("<figure data-figure=") == 4  # perplexity, tasks, retention, plan
+    md = (out / "report.md").read_text()
+    for fig in ("perplexity", "tasks", "retention", "plan"):
+        assert f"figures/{fig}.png" in md and (out / "figures" / f"{fig}.png").stat().st_size > 1000
+    assert "Greedy completions" in md and "| module | planned | achieved |" in md
+
+
+def test_sweep_resumes_only_missing_cells(tiny_setup, tmp_path, monkeypatch):
+    import prunewise.sweep as sweep
+    from prunewise.recipe import make_recipe
+
+    base = make_recipe(**tiny_setup)
+    out = tmp_path / "sweep"
+    real = sweep._run_cell
+    calls = []
+
+    def interrupted(recipe, progress, model_dir):
+        calls.append(recipe.score + str(recipe.sparsity))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(recipe, progress, model_dir)
+
+    monkeypatch.setattr(sweep, "_run_cell", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(base, ["magnitude", "wanda"], [0.3, 0.6], ["uniform"], out, progress=False)
+    assert sorted(p.name for p in (out / "cells").glob("*.json")) == ["magnitude-uniform-0.3.json",
+                                                                       "magnitude-uniform-0.6.json"]
+    assert not list((out / "cells").glob(".*tmp*"))
+    calls.clear()
+    summary = sweep.run_sweep(base, ["magnitude", "wanda"], [0.3, 0.6], ["uniform"], out, progress=False)
+    assert calls == ["wanda0.3", "wanda0.6"]  # only the missing cells ran
+    assert len(summary["cells"]) == 4 and (out / "report.html").exists()
+    ppl = {(c["score"], c["sparsity"]): c["perplexity"] for c in summary["cells"]}
+    assert ppl[("magnitude", 0.3)] != ppl[("magnitude", 0.6)]
+    calls.clear()
+    changed = make_recipe(**dict(tiny_setup, eval_tokens=256))
+    sweep.run_sweep(changed, ["magnitude"], [0.3], ["uniform"], out, progress=False)
+    assert calls == ["magnitude0.3"]  # a changed recipe recomputes its cell
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_report_page_renders_every_figure_in_headless_chromium(tiny_setup, tmp_path):
+    from prunewise.sweep import run_sweep
+    from prunewise.recipe import make_recipe
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (make test installs it with apt-get)")
+    out = tmp_path / "sweep"
+    run_sweep(make_recipe(**tiny_setup), ["magnitude", "wanda"], [0.3, 0.6], ["uniform"], out, progress=False)
+    page = out / "report.html"
+    expected = page.read_text().count("<figure data-figure=")
+    assert expected == 4  # perplexity curves, accuracy curves, plans, cost
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                          "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert f'data-figures-total="{expected}"' in dom and f'data-figures-rendered="{expected}"' in dom
+    assert dom.count('data-rendered="yes"') == expected
+    # a broken image must be caught: the same page with one figure's data cut off
+    broken = tmp_path / "broken.html"
+    text = page.read_text()
+    start = text.index("base64,") + len("base64,")
+    broken.write_text(text[:start] + "AAAA" + text[start + 200:])
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                          "--dump-dom", broken.resolve().as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert f'data-figures-rendered="{expected - 1}"' in dom
