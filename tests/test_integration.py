@@ -69,3 +69,24 @@ def test_gemma3_prunes_through_its_adapter():
     assert len(result.plan.modules) == 7 * model.config.num_hidden_layers
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(10, 40)[None]).logits).all()
+
+
+def test_accuracy_agrees_exactly_with_lm_evaluation_harness(tmp_path):
+    """Dense smollm2-135m on three offline tasks: the same correct counts (acc and acc_norm) as lm-eval 0.4.13,
+    and per-choice log-likelihoods within float noise (prunewise shares contexts; lm-eval runs whole sequences)."""
+    pytest.importorskip("lm_eval")
+    from prunewise.tasks import get_task, mc_metrics, score_items
+    from prunewise.tasks.harness import run_harness
+
+    model, tokenizer = load_model("smollm2-135m")
+    tasks = [get_task(name).head(40) for name in ("bigbench/strategyqa", "bigbench/emoji_movie",
+                                                  "evals/sandbagging/samples-all")]
+    theirs = run_harness(model, tokenizer, tmp_path / "harness", tasks)
+    for task in tasks:
+        lls = score_items(model, tokenizer, task.items)
+        mine, other = mc_metrics(task.items, lls), theirs[task.name]
+        assert other["n"] == mine["n"] == 40
+        assert (other["correct"], other["correct_norm"]) == (mine["correct"], mine["correct_norm"]), task.name
+        assert max(abs(a - b) for x, y in zip(lls, other["loglikelihoods"]) for a, b in zip(x, y)) < 2e-3
+        print(f"{task.name}: prunewise {mine['correct']}/{mine['correct_norm']}, "
+              f"lm-eval {other['correct']}/{other['correct_norm']} of 40 (acc/acc_norm)")

@@ -83,7 +83,8 @@ def run_harness(model: nn.Module, tokenizer, folder: str | Path, tasks: list[MCT
                 named: list[str] | None = None, batch_size: int = 16) -> dict[str, dict]:
     """Run lm-eval on the in-memory model: prunewise ``tasks`` exported to ``folder``, and lm-eval ``named`` tasks.
 
-    Returns task -> {"acc", "acc_norm", "n", "correct", "correct_norm"} (prunewise task names for exported tasks).
+    Returns task -> {"acc", "acc_norm", "n", "correct", "correct_norm", "loglikelihoods" (per item, per choice)},
+    keyed by prunewise's names for exported tasks.
     """
     lm_eval, HFLM, TaskManager = _import_harness()
     tasks = tasks or []
@@ -93,7 +94,7 @@ def run_harness(model: nn.Module, tokenizer, folder: str | Path, tasks: list[MCT
     manager = TaskManager(include_path=str(Path(folder).resolve()) if tasks else None)
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=exported + list(named or []), task_manager=manager,
-                                      num_fewshot=0, log_samples=False, bootstrap_iters=0)
+                                      num_fewshot=0, log_samples=True, bootstrap_iters=0)
     except Exception as exc:  # the harness raises many kinds; name the likely cause for named tasks
         if named:
             raise PrunewiseError(f"lm-eval could not run {', '.join(named)} ({exc.__class__.__name__}: {exc}); its named "
@@ -108,5 +109,9 @@ def run_harness(model: nn.Module, tokenizer, folder: str | Path, tasks: list[MCT
         entry = dict(metrics, n=n)
         if n:
             entry.update(correct=round(metrics.get("acc", 0) * n), correct_norm=round(metrics.get("acc_norm", 0) * n))
+        samples = (out.get("samples") or {}).get(name)
+        if samples:  # per-item choice log-likelihoods, in item order
+            entry["loglikelihoods"] = [[float(r[0]) for r in s["filtered_resps"]]
+                                       for s in sorted(samples, key=lambda s: s["doc_id"])]
         results[task.name if task else name] = entry
     return results
