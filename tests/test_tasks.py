@@ -231,7 +231,7 @@ def test_report_page_renders_every_figure_in_headless_chromium(tiny_setup, tmp_p
     run_sweep(make_recipe(**tiny_setup), ["magnitude", "wanda"], [0.3, 0.6], ["uniform"], out, progress=False)
     page = out / "report.html"
     expected = page.read_text().count("<figure data-figure=")
-    assert expected == 4  # perplexity curves, accuracy curves, plans, cost
+    assert expected == 5  # perplexity curves, accuracy curves, retention per task, plans, cost
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
                           "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert f'data-figures-total="{expected}"' in dom and f'data-figures-rendered="{expected}"' in dom
@@ -244,3 +244,29 @@ def test_report_page_renders_every_figure_in_headless_chromium(tiny_setup, tmp_p
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
                           "--dump-dom", broken.resolve().as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert f'data-figures-rendered="{expected - 1}"' in dom
+
+
+def test_cli_eval_tasks_task_loss_and_sweep(tiny_setup, tmp_path, capsys):
+    from prunewise.cli import main
+
+    records = tmp_path / "pairs.jsonl"
+    records.write_text("\n".join(json.dumps({"prompt": f"the quick brown {i}", "completion": " fox jumps"})
+                                 for i in range(4)) + "\n")
+    assert main(["eval", "--model", tiny_setup["model"], "--data", "--tasks", tiny_setup["tasks"][0],
+                 "--task-loss", str(records), "--seqlen", "32", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "task loss" in out and "nats/token over 4" not in out  # 4 records, more than 4 completion tokens
+    assert "| mc | 12 | 0.333 |" in out
+    assert main(["sweep", "--model", tiny_setup["model"], "--calibration", tiny_setup["calibration"], "--eval",
+                 *tiny_setup["evaluation"], "--eval-tokens", "256", "--eval-seqlen", "32", "--nsamples", "4", "--seqlen", "32",
+                 "--scores", "magnitude", "--sparsities", "0.2,0.4", "--no-completions",
+                 "--output", str(tmp_path / "sw"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "magnitude-uniform-0.2: finished" in out and "2/2 cells" in out
+    assert main(["sweep", "--model", tiny_setup["model"], "--calibration", tiny_setup["calibration"], "--eval",
+                 *tiny_setup["evaluation"], "--eval-tokens", "256", "--eval-seqlen", "32", "--nsamples", "4", "--seqlen", "32",
+                 "--scores", "magnitude", "--sparsities", "0.2,0.4", "--no-completions",
+                 "--output", str(tmp_path / "sw"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("done before") == 2
+    assert main(["eval", "--model", tiny_setup["model"], "--data", "--tasks", "nope"]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err

@@ -41,6 +41,7 @@ PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--targets": ("targets", str, "regex of module names to prune"),
     "--ignore": ("ignore", str, "regex of module names never pruned"),
     "--eval-tokens": ("eval_tokens", int, "evaluation tokens per corpus"),
+    "--eval-seqlen": ("eval_seqlen", int, "tokens per perplexity window (default 512)"),
     "--output": ("output", str, "folder for the pruned model, recipe, plan and report"),
 }
 
@@ -313,7 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunewise: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prunewise: interrupted; no output was written and the source model is untouched", file=sys.stderr)
+        if args.command == "sweep":
+            print(f"prunewise: interrupted; finished cells are kept in {args.output}/cells, rerun the same command "
+                  "to finish only the missing ones", file=sys.stderr)
+        else:
+            print("prunewise: interrupted; no output was written and the source model is untouched", file=sys.stderr)
         return 130
 
 

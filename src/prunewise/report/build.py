@@ -110,6 +110,8 @@ def sweep_sections(sweep: dict) -> tuple[str, str, list]:
         sections.append(("Zero-shot multiple choice", [
             ("figure", "sweep_accuracy", figures.sweep_accuracy(dense, cells),
              "mean accuracy and retention vs sparsity; dashed: dense, solid: chance"),
+            ("figure", "sweep_task_retention", figures.sweep_task_retention(dense, cells),
+             "retention per task vs sparsity (tasks where the dense model is above chance)"),
             ("table", ["task", "chance", "dense"] + [f"{c['label']} {c['sparsity']:g}" for c in cells], per_task),
         ]))
     plans = [(f"{c['label']} at {c['sparsity']:g} (achieved {AllocationPlan.model_validate(c['plan']).achieved():.4f})",

@@ -146,6 +146,29 @@ def sweep_accuracy(dense: dict, cells: list[dict], metric: str = "acc") -> bytes
         plt.close(fig)
 
 
+def sweep_task_retention(dense: dict, cells: list[dict], metric: str = "acc") -> bytes:
+    """Retention of each task vs sparsity, one panel per method."""
+    plt = pyplot()
+    series = _series(cells)
+    tasks = [n for n in dense["tasks"] if dense["tasks"][n][metric] > dense["tasks"][n]["chance"]]
+    fig, axes = plt.subplots(1, len(series), figsize=(4.4 * len(series), 3.3), squeeze=False, sharey=True)
+    try:
+        for ax, (label, cs) in zip(axes[0], series.items()):
+            for i, name in enumerate(tasks):
+                ax.plot([c["sparsity"] for c in cs], [retention(dense["tasks"][name], c["tasks"][name], metric)
+                                                      for c in cs], "o-", markersize=3, label=name.split("/")[-1][:22],
+                        color=f"C{i % 10}")
+            ax.axhline(1.0, color="#444", linestyle="--", linewidth=1)
+            ax.axhline(0.0, color="black", linewidth=0.8)
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel("sparsity")
+        axes[0][0].set_ylabel(f"retention ({metric} above chance)")
+        axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        return figure_png(fig)
+    finally:
+        plt.close(fig)
+
+
 def sweep_cost(cells: list[dict]) -> bytes:
     """Pruning time and peak memory of every cell."""
     plt = pyplot()
