@@ -16,10 +16,12 @@ from .scoring import SCORER_VERSION, mc_metrics, score_items
 
 logger = logging.getLogger(__name__)
 
-# Short names for the default suite's tasks (chosen by bench/screen_tasks.py; see the README).
-TASK_ALIASES: dict[str, str] = {}
-# name -> items evaluated by default (a fixed prefix of the task's shuffled items)
-DEFAULT_SUITE: dict[str, int] = {}
+# The default suite, chosen by bench/screen_tasks.py (see the README): task -> (first item, item count) of its
+# fixed shuffled order. The window is the screening's stage-2 sample, disjoint from the stage-1 items that picked
+# the candidates.
+DEFAULT_SUITE: dict[str, tuple[int, int]] = {}
+# Short names for the suite's tasks
+TASK_ALIASES: dict[str, str] = {name.rsplit("/", 1)[-1]: name for name in DEFAULT_SUITE}
 
 
 def suite_names(tasks: list[str] | None) -> list[str]:
@@ -31,11 +33,13 @@ def suite_names(tasks: list[str] | None) -> list[str]:
 
 
 def load_tasks(tasks: list[str] | None, limit: int | None = None) -> list[MCTask]:
-    """Tasks by name; the default suite's tasks are cut to their default item counts, then to ``limit``."""
+    """Tasks by name; the default suite's tasks are cut to their item windows, then to ``limit``."""
     out = []
     for name in suite_names(tasks):
+        name = TASK_ALIASES.get(name, name)
         task = get_task(name)
-        task = task.head(DEFAULT_SUITE.get(name))
+        if name in DEFAULT_SUITE:
+            task = task.window(*DEFAULT_SUITE[name])
         out.append(task.head(limit))
     return out
 

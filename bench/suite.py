@@ -1,0 +1,55 @@
+"""Evaluate the default task suite on one model and time it (writes JSON and a markdown table).
+
+    python bench/suite.py                      # dense smollm2-135m, every suite item
+    python bench/suite.py --model out/demo     # a pruned folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from prunewise.models.loading import load_model  # noqa: E402
+from prunewise.tasks.suite import DEFAULT_SUITE, evaluate_tasks, format_task_table, load_tasks  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/suite.json"))
+    args = ap.parse_args()
+    model, tokenizer = load_model(args.model)
+    start = time.perf_counter()
+    tasks = load_tasks(["default"])
+    loaded = time.perf_counter() - start
+    results = evaluate_tasks(model, tokenizer, tasks, progress=True)  # no cache: this run is the measurement
+    seconds = time.perf_counter() - start
+    excl = [n for n, r in results.items() if r["acc_ci95"][0] > r["chance"]]
+    data = {"model": args.model, "threads": torch.get_num_threads(), "suite": {k: list(v) for k, v in DEFAULT_SUITE.items()},
+            "seconds_total": seconds, "seconds_loading_tasks": loaded, "results": results,
+            "tasks_whose_95ci_excludes_chance": excl}
+    out = Path(args.out)
+    out.write_text(json.dumps(data, indent=1))
+    lines = [f"# Default suite on {args.model}", "",
+             f"{len(results)} tasks, {sum(r['n'] for r in results.values())} items, {seconds:.0f} s in all on "
+             f"{torch.get_num_threads()} threads ({loaded:.0f} s of it loading the tasks); {len(excl)} tasks have a "
+             "95% Wilson interval of accuracy above chance.", "",
+             f"Command: `python bench/suite.py --model {args.model}`", ""] + format_task_table(results)
+    lines[-len(results) - 2] += " seconds |"
+    lines[-len(results) - 1] += "---|"
+    for i, r in enumerate(results.values()):
+        lines[-len(results) + i] += f" {r['seconds']:.0f} |"
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
