@@ -195,7 +195,7 @@ def _cmd_tasks(args) -> int:
     if args.action == "suite":
         reverse = {v: k for k, v in TASK_ALIASES.items()}
         for name, (start, n) in DEFAULT_SUITE.items():
-            print(f"{reverse.get(name, ''):<24}{name:<56}items {start}-{start + n - 1}")
+            print(f"{reverse.get(name, ''):<26}{name:<56}items {start}-{start + n - 1}")
         return 0
     for name, row in sorted(list_tasks(args.package).items()):
         print(f"{name:<64}{row['items']:>7} items  chance {row['chance']:.3f}")

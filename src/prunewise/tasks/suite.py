@@ -19,7 +19,19 @@ logger = logging.getLogger(__name__)
 # The default suite, chosen by bench/screen_tasks.py (see the README): task -> (first item, item count) of its
 # fixed shuffled order. The window is the screening's stage-2 sample, disjoint from the stage-1 items that picked
 # the candidates.
-DEFAULT_SUITE: dict[str, tuple[int, int]] = {}
+DEFAULT_SUITE: dict[str, tuple[int, int]] = {
+    "bigbench/unit_conversion/unit_identification": (24, 300),
+    "bigbench/temporal_sequences": (12, 76),
+    "bigbench/emoji_movie": (24, 76),
+    "bigbench/undo_permutation/reorder_words": (23, 77),
+    "bigbench/unit_conversion/si_conversion": (24, 249),
+    "bigbench/unit_conversion/different_systems": (24, 260),
+    "bigbench/bbq_lite_json/age_disambig": (20, 143),
+    "bigbench/bbq_lite_json/religion_disambig": (24, 161),
+    "bigbench/physics": (18, 104),
+    "bigbench/arithmetic/2_digit_multiplication": (24, 194),
+    "bigbench/similarities_abstraction": (24, 52),
+}
 # Short names for the suite's tasks
 TASK_ALIASES: dict[str, str] = {name.rsplit("/", 1)[-1]: name for name in DEFAULT_SUITE}
 
