@@ -270,3 +270,14 @@ def test_cli_eval_tasks_task_loss_and_sweep(tiny_setup, tmp_path, capsys):
     assert capsys.readouterr().out.count("done before") == 2
     assert main(["eval", "--model", tiny_setup["model"], "--data", "--tasks", "nope"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_cli_harness_prints_both_counts(tiny_setup, capsys):
+    pytest.importorskip("lm_eval")
+    from prunewise.cli import main
+
+    assert main(["eval", "--model", tiny_setup["model"], "--data", "--tasks", tiny_setup["tasks"][0], "--harness",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("mc ")][0].split()
+    assert row[1] == row[2] and row[3] == row[4] and row[1].endswith("/12")  # prunewise == lm-eval, acc and norm
