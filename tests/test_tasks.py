@@ -281,3 +281,34 @@ def test_cli_harness_prints_both_counts(tiny_setup, capsys):
     out = capsys.readouterr().out
     row = [line for line in out.splitlines() if line.startswith("mc ")][0].split()
     assert row[1] == row[2] and row[3] == row[4] and row[1].endswith("/12")  # prunewise == lm-eval, acc and norm
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sweep_command_stops_cleanly_on_a_signal(tiny_setup, tmp_path, sig):
+    """Even started in the background (where a shell ignores SIGINT), the command stops with its own message,
+    keeps the finished cells and leaves no partial file; the rerun finishes the rest."""
+    import os
+    import signal
+    import sys
+    import time
+
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "prunewise.cli", "sweep", "--model", tiny_setup["model"], "--calibration",
+           tiny_setup["calibration"], "--eval", *tiny_setup["evaluation"], "--eval-tokens", "256", "--eval-seqlen", "32",
+           "--nsamples", "4", "--seqlen", "32", "--scores", "magnitude", "wanda", "--sparsities",
+           "0.1,0.2,0.3,0.4", "--no-completions", "--no-progress", "--output", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 120
+    while not list((out / "cells").glob("*.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "finished cells are kept" in err
+    done = sorted(p.name for p in (out / "cells").glob("*.json"))
+    assert 1 <= len(done) < 8 and not list((out / "cells").glob(".*"))
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.count("done before") == len(done) and "8/8 cells" in rerun.stdout
