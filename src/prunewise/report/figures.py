@@ -92,6 +92,11 @@ def retention_bars(dense: dict, pruned: dict, metric: str = "acc") -> bytes:
         plt.close(fig)
 
 
+def _nan_if_none(value: float | None) -> float:
+    """A gap in the curve (not a fake zero) where a value is undefined."""
+    return float("nan") if value is None else value
+
+
 def _series(cells: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for cell in cells:
@@ -130,7 +135,7 @@ def sweep_accuracy(dense: dict, cells: list[dict], metric: str = "acc") -> bytes
         for i, (label, series) in enumerate(_series(cells).items()):
             xs = [c["sparsity"] for c in series]
             ax.plot(xs, [mean_metric(c["tasks"], metric) for c in series], "o-", label=label, color=_color(i, label))
-            ax2.plot(xs, [mean_retention(tasks, c["tasks"], metric) or 0.0 for c in series], "o-", label=label,
+            ax2.plot(xs, [_nan_if_none(mean_retention(tasks, c["tasks"], metric)) for c in series], "o-", label=label,
                      color=_color(i, label))
         ax.axhline(mean_metric(tasks, metric), color="#444", linestyle="--", linewidth=1, label="dense")
         ax.axhline(sum(t["chance"] for t in tasks.values()) / len(tasks), color="black", linewidth=0.8, label="chance")

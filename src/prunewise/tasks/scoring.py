@@ -12,7 +12,6 @@ lm-eval's rules, kept here so both tools score the same tokens:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import torch
@@ -191,8 +190,3 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
 
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
