@@ -2,7 +2,7 @@
 
 Cells are ``score/sparsity/allocation/calibration`` with score in {wanda, sparsegpt}, sparsity in
 {0.6, 0.7}, allocation in {uniform, owl, profile, search, search+rowwise} and calibration in
-{wiki, code, mix} (mix = code:0.5,wiki:0.5; mix30 = code:0.3,wiki:0.7, run on request). Each cell runs in its own process: it allocates
+{wiki, code, mix} (mix = code:0.5,wiki:0.5; mixNN = NN% code and the rest wiki, run on request). Each cell runs in its own process: it allocates
 (timed), prunes with ``nsamples`` x ``seqlen`` calibration windows and reports perplexity on
 ``wiki-test`` and on the held-out ``code`` files beside the dense model. ``search+rowwise``
 reuses the plan its ``search`` cell saved (under ``results/allocation_plans``) and adds TRIM's
@@ -26,7 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cells import add_cell_args, run_cell_process, start  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CALIBRATIONS = {"wiki": "wiki", "code": "code", "mix": "code:0.5,wiki:0.5", "mix30": "code:0.3,wiki:0.7", "mix20": "code:0.2,wiki:0.8"}
+CALIBRATIONS = {"wiki": "wiki", "code": "code", "mix": "code:0.5,wiki:0.5"}
+
+
+def calibration_spec(name: str) -> str:
+    """wiki, code, mix (= mix50), or mixNN: NN% code windows and the rest wiki (the mixture frontier)."""
+    if name in CALIBRATIONS:
+        return CALIBRATIONS[name]
+    share = name.removeprefix("mix")
+    if name.startswith("mix") and share.isdigit() and 0 < int(share) < 100:
+        return f"code:{int(share) / 100},wiki:{(100 - int(share)) / 100}"
+    raise SystemExit(f"unknown calibration {name!r}: use wiki, code, mix or mixNN (NN% code, the rest wiki)")
 ALLOCATIONS = ("uniform", "owl", "profile", "search", "search+rowwise")
 GRID = [f"{score}/{sparsity}/{allocation}/{calib}" for score in ("wanda", "sparsegpt") for sparsity in (0.6, 0.7)
         for calib in ("wiki", "code", "mix") for allocation in ALLOCATIONS]
@@ -47,7 +57,7 @@ def run_cell(args, cell: str) -> dict:
     rowwise = allocation.endswith("+rowwise")
     base_alloc = allocation.removesuffix("+rowwise")
     fields = dict(model=args.model, score=score, sparsity=float(sparsity), allocation=base_alloc,
-                  calibration=CALIBRATIONS[calib], nsamples=args.nsamples, seqlen=args.seqlen, evaluation=[],
+                  calibration=calibration_spec(calib), nsamples=args.nsamples, seqlen=args.seqlen, evaluation=[],
                   rowwise=rowwise, search_time_limit=args.search_time_limit, search_generations=args.search_generations)
     searched_s = 0.0
     if rowwise:
@@ -111,6 +121,38 @@ def table(results: dict, args) -> str:
     return "\n".join(lines)
 
 
+def awareness(results: dict) -> str:
+    """Per (score, target, allocation): how much code calibration lowers code perplexity against wiki
+    calibration, and how far each mixture is from the best calibration on each test set."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in results["cells"].values():
+        if {"wiki-test", "code"} <= set(r["perplexity"]):
+            groups.setdefault((r["score"], r["target"], r["allocation"]), {})[r["calibration"]] = r["perplexity"]
+    lines = ["| score | target | allocation | code ppl: code vs wiki calibration | mixture | wiki-test over best | code over best |",
+             "|---|---|---|---|---|---|---|"]
+    for (score, target, allocation), by_calib in sorted(groups.items()):
+        if not {"wiki", "code"} <= set(by_calib):
+            continue
+        gain = 1 - by_calib["code"]["code"] / by_calib["wiki"]["code"]
+        best = {c: min(p[c] for p in by_calib.values()) for c in ("wiki-test", "code")}
+        mixes = sorted(c for c in by_calib if c.startswith("mix")) or ["-"]
+        for mix in mixes:
+            gaps = [f"{by_calib[mix][c] / best[c] - 1:+.1%}" if mix in by_calib else "-" for c in ("wiki-test", "code")]
+            lines.append(f"| {score} | {target:.1f} | {allocation} | {gain:.1%} lower | {mix} | {gaps[0]} | {gaps[1]} |")
+    if len(lines) == 2:
+        return "(needs a wiki and a code cell with the same score, target and allocation)"
+    return "\n".join(lines)
+
+
+def write_markdown(results: dict, args, out: Path) -> None:
+    """The results table and the task-awareness table next to the JSON."""
+    out.with_suffix(".md").write_text(
+        f"# Allocation benchmark\n\n`{results['command']}`\n\n{results['threads']} threads. Perplexity on "
+        f"{args.eval_tokens} tokens per corpus (windows of 512); calibration {args.nsamples} x {args.seqlen}.\n\n"
+        f"{table(results, args)}\n\n## Task awareness\n\nBest = the lowest perplexity on that test set over every "
+        f"calibration measured with the same score, target and allocation.\n\n{awareness(results)}\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -144,9 +186,7 @@ def main() -> None:
         out.write_text(json.dumps(results, indent=1))
     out.write_text(json.dumps(results, indent=1))
     md = table(results, args)
-    out.with_suffix(".md").write_text(f"# Allocation benchmark\n\n`{results['command']}`\n\n"
-                                      f"{results['threads']} threads. Perplexity on {args.eval_tokens} tokens per corpus "
-                                      f"(windows of 512); calibration {args.nsamples} x {args.seqlen}.\n\n{md}\n")
+    write_markdown(results, args, out)
     print(md)
 
 
