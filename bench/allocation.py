@@ -144,13 +144,15 @@ def awareness(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(results: dict, args, out: Path) -> None:
-    """The results table and the task-awareness table next to the JSON."""
+def write_markdown(results: dict, args, out: Path) -> str:
+    """Write the results table and the task-awareness table next to the JSON; return the results table."""
+    md = table(results, args)
     out.with_suffix(".md").write_text(
         f"# Allocation benchmark\n\n`{results['command']}`\n\n{results['threads']} threads. Perplexity on "
         f"{args.eval_tokens} tokens per corpus (windows of 512); calibration {args.nsamples} x {args.seqlen}.\n\n"
-        f"{table(results, args)}\n\n## Task awareness\n\nBest = the lowest perplexity on that test set over every "
+        f"{md}\n\n## Task awareness\n\nBest = the lowest perplexity on that test set over every "
         f"calibration measured with the same score, target and allocation.\n\n{awareness(results)}\n")
+    return md
 
 
 def main() -> None:
@@ -185,9 +187,7 @@ def main() -> None:
               f", allocation {r['allocation_s']:.0f} s, prune {r['prune_s']:.0f} s", flush=True)
         out.write_text(json.dumps(results, indent=1))
     out.write_text(json.dumps(results, indent=1))
-    md = table(results, args)
-    write_markdown(results, args, out)
-    print(md)
+    print(write_markdown(results, args, out))
 
 
 if __name__ == "__main__":
