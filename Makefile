@@ -3,15 +3,23 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pip is pinned, never upgraded to whatever is newest; every other package is pinned by constraints.txt.
+PIP_VERSION ?= 25.3
 
-.PHONY: demo test test-fast bench bench-structured clean
+.PHONY: demo test test-fast test-all lock bench bench-structured clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+## Regenerate constraints.txt from the working virtualenv (after a deliberate dependency change).
+lock: $(STAMP)
+	{ echo "# Every dependency of prunewise[dev], pinned as CI tested them (make lock regenerates it)."; \
+	  $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' | sort -f; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
 
 ## Prune the default model (smollm2-135m) to 50% with Wanda + OWL; dense vs pruned perplexity on wiki-test and code.
 demo: $(STAMP)

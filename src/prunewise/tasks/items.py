@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache import cache_dir, pip_download, sha256_file
+from ..cache import cache_dir, fetch_distribution, sha256_file
 from ..errors import PrunewiseError
 
 logger = logging.getLogger(__name__)
@@ -125,50 +125,91 @@ def _bigbench_cache() -> Path:
     return cache_dir("tasks", f"bigbench-{BIGBENCH_VERSION}")
 
 
-@functools.lru_cache(maxsize=1)
-def _bigbench_index() -> dict[str, dict]:
-    """name -> {file, items, chance}: every multiple-choice task.json of the sdist, extracted once (one pass)."""
-    root = _bigbench_cache()
-    index_path = root / "index.json"
-    if index_path.exists():
-        try:
-            return json.loads(index_path.read_text())["tasks"]
-        except (ValueError, KeyError):
-            logger.warning("ignoring unreadable task index %s", index_path)
-    archive = pip_download("bigbench", BIGBENCH_VERSION)
+def _slim_file(name: str) -> Path:
+    return _bigbench_cache() / (name.replace("/", "__") + ".json")
+
+
+def _slim(task: dict) -> dict | None:
+    """The fields of a task.json that scoring needs, with its multiple-choice examples; None when it has none."""
+    examples = [ex for ex in task.get("examples") or [] if _bigbench_item(task, ex) is not None]
+    if not examples:
+        return None
+    slim = {k: task.get(k) for k in ("task_prefix", "example_input_prefix", "example_output_prefix",
+                                        "append_choices_to_input", "choice_prefix") if k in task}
+    slim["examples"] = [{"input": ex["input"], "target_scores": ex["target_scores"]} for ex in examples]
+    return slim
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _scan_bigbench(wanted: set[str] | None) -> dict[str, dict]:
+    """One pass over the sdist: extract the multiple-choice tasks named in ``wanted`` (every one when None).
+
+    Each task is cached as a slim JSON file; the pass stops as soon as every wanted task is found.
+    Returns name -> {file, items, chance} for the tasks extracted.
+    """
+    archive = fetch_distribution("bigbench", BIGBENCH_VERSION)
     prefix = f"bigbench-{BIGBENCH_VERSION}/"
-    index = {}
+    found: dict[str, dict] = {}
+    seen: set[str] = set()
     try:
         with tarfile.open(archive, "r:gz") as tar:
             for info in tar:
                 if not (info.isfile() and info.name.endswith("/task.json") and info.name.startswith(prefix + _BB_TASKS)):
                     continue
-                task = json.load(tar.extractfile(info))
-                examples = task.get("examples") or []
                 name = _bigbench_task_name(info.name[len(prefix):])
-                items = [it for ex in examples if (it := _bigbench_item(task, ex)) is not None]
-                if not items:
+                if wanted is not None and name not in wanted:
                     continue
-                slim = {k: task.get(k) for k in ("task_prefix", "example_input_prefix", "example_output_prefix",
-                                                    "append_choices_to_input", "choice_prefix") if k in task}
-                slim["examples"] = [{"input": ex["input"], "target_scores": ex["target_scores"]} for ex in examples
-                                    if _bigbench_item(task, ex) is not None]
-                file = root / (name.replace("/", "__") + ".json")
-                file.write_text(json.dumps(slim, ensure_ascii=False), encoding="utf-8")
-                index[name] = {"file": file.name, "items": len(items),
-                               "chance": sum(it.chance for it in items) / len(items)}
+                seen.add(name)
+                slim = _slim(json.load(tar.extractfile(info)))
+                if slim is not None:
+                    _write_atomic(_slim_file(name), json.dumps(slim, ensure_ascii=False))
+                    items = [_bigbench_item(slim, ex) for ex in slim["examples"]]
+                    found[name] = {"file": _slim_file(name).name, "items": len(items),
+                                   "chance": sum(it.chance for it in items) / len(items)}
+                if wanted is not None and seen >= wanted:
+                    break
     except (tarfile.TarError, OSError, ValueError) as exc:
         raise PrunewiseError(f"could not read the bigbench {BIGBENCH_VERSION} sdist at {archive} ({exc}); "
                              "delete it and retry so it is downloaded again") from exc
-    tmp = index_path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"archive_sha256": sha256_file(archive), "tasks": index}))
-    os.replace(tmp, index_path)
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _bigbench_index() -> dict[str, dict]:
+    """name -> {file, items, chance}: every multiple-choice task.json of the sdist, extracted once (one pass)."""
+    index_path = _bigbench_cache() / "index.json"
+    if index_path.exists():
+        try:
+            return json.loads(index_path.read_text())["tasks"]
+        except (ValueError, KeyError):
+            logger.warning("ignoring unreadable task index %s", index_path)
+    index = _scan_bigbench(None)
+    archive = fetch_distribution("bigbench", BIGBENCH_VERSION)
+    _write_atomic(index_path, json.dumps({"archive_sha256": sha256_file(archive), "tasks": index}))
     return index
 
 
-def _bigbench_task(name: str) -> MCTask:
-    entry = _bigbench_index()[name]
-    task = json.loads((_bigbench_cache() / entry["file"]).read_text(encoding="utf-8"))
+def prefetch_bigbench(names) -> None:
+    """Extract the named bigbench tasks that are not cached yet, all in one pass over the sdist.
+
+    Loading a few tasks (a suite, a test) this way costs one partial pass instead of indexing all 320.
+    """
+    missing = {n for n in names if n.startswith("bigbench/") and not _slim_file(n).exists()}
+    if missing and not (_bigbench_cache() / "index.json").exists():
+        _scan_bigbench(missing)
+
+
+def _bigbench_task(name: str) -> MCTask | None:
+    """A bigbench task from its cached slim file (extracted on first use), or None when there is no such task."""
+    prefetch_bigbench([name])
+    if not _slim_file(name).exists():
+        return None
+    task = json.loads(_slim_file(name).read_text(encoding="utf-8"))
     items = [it for ex in task["examples"] if (it := _bigbench_item(task, ex)) is not None]
     return MCTask(name, _shuffled(items, name), f"bigbench=={BIGBENCH_VERSION} sdist, {name[9:]}/task.json")
 
@@ -227,7 +268,7 @@ def _evals_item(record: dict) -> MCItem | None:
 
 @functools.lru_cache(maxsize=1)
 def _evals_archive() -> Path:
-    return pip_download("evals", EVALS_VERSION)
+    return fetch_distribution("evals", EVALS_VERSION)
 
 
 @functools.lru_cache(maxsize=1)
@@ -267,7 +308,7 @@ def _evals_items(zf: zipfile.ZipFile, member: str) -> list[MCItem]:
 def _evals_task(name: str) -> MCTask:
     member = _EVALS_DATA + name[len("evals/"):] + ".jsonl"
     with zipfile.ZipFile(_evals_archive()) as zf:
-        items = _evals_items(zf, member)
+        items = _evals_items(zf, member) if member in zf.NameToInfo else []
     return MCTask(name, _shuffled(items, name), f"evals=={EVALS_VERSION} wheel, {member}")
 
 
@@ -333,9 +374,9 @@ def get_task(name: str) -> MCTask:
     name = TASK_ALIASES.get(name, name)
     if name.lower().endswith(".jsonl"):
         return load_mc_jsonl(name)
-    if name.startswith("bigbench/") and name in _bigbench_index():
-        return _bigbench_task(name)
-    if name.startswith("evals/") and name in _evals_index():
-        return _evals_task(name)
+    if name.startswith("bigbench/") and (task := _bigbench_task(name)) is not None:
+        return task
+    if name.startswith("evals/") and len((task := _evals_task(name)).items) >= 10:  # as the index counts tasks
+        return task
     raise PrunewiseError(f"unknown task '{name}'; see `prunewise tasks list` for the offline tasks, "
                          "or give a .jsonl file of multiple-choice items")

@@ -46,7 +46,10 @@ def suite_names(tasks: list[str] | None) -> list[str]:
 
 def load_tasks(tasks: list[str] | None, limit: int | None = None) -> list[MCTask]:
     """Tasks by name; the default suite's tasks are cut to their item windows, then to ``limit``."""
+    from .items import prefetch_bigbench
+
     out = []
+    prefetch_bigbench([TASK_ALIASES.get(n, n) for n in suite_names(tasks)])  # one pass for every task asked for
     for name in suite_names(tasks):
         name = TASK_ALIASES.get(name, name)
         task = get_task(name)
