@@ -78,6 +78,10 @@ def test_existing_output_is_refused_unless_overwrite(tiny_folder, tmp_path):
     with pytest.raises(PrunewiseError, match="--overwrite"):
         run(_recipe(tiny_folder, tmp_path, evaluation=[]), progress=False)
     assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(PrunewiseError, match="holds files prunewise did not write"):  # --overwrite spares them too
+        run(_recipe(tiny_folder, tmp_path, evaluation=[], overwrite=True), progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / ".prunewise-output").write_text("")  # a folder prunewise wrote is replaced
     run(_recipe(tiny_folder, tmp_path, evaluation=[], overwrite=True), progress=False)
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
 

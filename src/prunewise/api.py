@@ -28,7 +28,7 @@ from .engine.sequential import SequentialEngine
 from .errors import PrunewiseError
 from .evaluate.perplexity import perplexity
 from .evaluate.sparsity import measure_sparsity
-from .export.save import check_output, save_pruned
+from .export.save import check_output, output_lock, save_pruned
 from .models.adapters import get_adapter, prunable_weights
 from .models.loading import load_model, model_fingerprint
 from .recipe import Recipe
@@ -375,12 +375,24 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
     completions of fixed prompts, each beside the dense model; the folder gets report.json, report.md (with
     figures/) and a self-contained report.html.
     """
+    if recipe.output:
+        check_output(recipe.output, recipe.overwrite, source=recipe.model)
+        with output_lock(recipe.output):  # a second run to the same output fails at once
+            return _run(recipe, progress)
+    return _run(recipe, progress)
+
+
+def _stored_bytes(model) -> int:
+    """Bytes of the model's distinct tensors: about the size of its safetensors file."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    return sum(seen.values())
+
+
+def _run(recipe: Recipe, progress: bool) -> dict:
     from .evaluate.completions import greedy_completions
     from .report.build import report_files, run_sections
     from .tasks.suite import evaluate_tasks, load_tasks
 
-    if recipe.output:
-        check_output(recipe.output, recipe.overwrite, source=recipe.model)
     calibs = calibration_corpora(recipe.calibration) if recipe.evaluation else []
     for name in recipe.evaluation:  # refuse overlapping data before any work
         corpus = get_corpus(name, "evaluation")
@@ -388,6 +400,9 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             check_no_overlap(calib, corpus)
     tasks = load_tasks(recipe.tasks, recipe.task_limit) if recipe.tasks else []
     model, tokenizer = load_model(recipe.model)
+    if recipe.output:  # room for the weights (and a margin for the report), before any work
+        check_output(recipe.output, recipe.overwrite, source=recipe.model,
+                     expected_bytes=int(_stored_bytes(model) * 1.05) + (16 << 20))
     dense = evaluate(model, tokenizer, recipe.evaluation, recipe.eval_tokens, recipe.eval_seqlen,
                      dense_spec=recipe.model, progress=progress) if recipe.evaluation else {}
     dense_tasks = evaluate_tasks(model, tokenizer, tasks, dense_key=_dense_key(recipe.model),
@@ -413,5 +428,5 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             "report.json": json.dumps(report, indent=1),
             **pages,
             **result.files,
-        }, overwrite=recipe.overwrite)
+        }, overwrite=recipe.overwrite, source=recipe.model)
     return report

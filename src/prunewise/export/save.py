@@ -1,11 +1,19 @@
-"""Writing a pruned model folder atomically: temporary folder first, then one rename.
+"""Writing a pruned model folder safely: checked first, written to a temporary folder, then one rename.
 
 The folder loads with stock ``AutoModelForCausalLM.from_pretrained``; the recipe, the allocation
-plan and the report sit beside the weights. An interrupted save leaves no half-written folder.
+plan and the report sit beside the weights. Before any work the output is checked: it must not
+be, contain or lie inside the source model, nor be the current folder, a filesystem root or a
+folder of someone else's files that ``--overwrite`` would delete; its filesystem must be writable
+and have room. While a run writes an output it holds a lock on it, so a second run to the same
+output fails at once. An interrupted or failed save leaves no half-written folder and no
+temporary folder; every error from saving is one line naming the path and the cause.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
 import shutil
 import tempfile
@@ -15,47 +23,201 @@ from torch import nn
 
 from ..errors import PrunewiseError
 
+#: Written into every folder prunewise saves; ``--overwrite`` only ever replaces folders that have it.
+OUTPUT_MARKER = ".prunewise-output"
+# Folders written by prunewise before the marker existed hold these files.
+_LEGACY_FILES = ("recipe.yaml", "report.json")
+_HELD: set[str] = set()
 
-def check_output(out: str | Path, overwrite: bool, source: str | Path | None = None) -> Path:
-    """Refuse, before any work, an output folder that exists with content (unless overwrite) or is the source."""
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def source_paths(source: str | Path | None) -> list[Path]:
+    """The files and folders on disk that make up the source model ``source`` (resolved)."""
+    if source is None:
+        return []
+    paths = []
+    text = str(source)
+    candidate = Path(text).expanduser()
+    if candidate.exists():
+        paths.append(candidate.resolve())
+    else:
+        from ..models.registry import NAMED_MODELS
+
+        if text in NAMED_MODELS:  # the converted folder and the assembled GGUF in the cache
+            from ..cache import cache_root
+
+            entry = NAMED_MODELS[text]
+            paths += [(cache_root() / "models" / entry.folder_name).resolve(),
+                      (cache_root() / "gguf" / f"{entry.name}-{entry.version}-{entry.sha256[:12]}").resolve()]
+    return paths
+
+
+def _written_by_prunewise(folder: Path) -> bool:
+    return (folder / OUTPUT_MARKER).is_file() or all((folder / name).is_file() for name in _LEGACY_FILES)
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = " ".join(str(exc).split())
+    return text[:200] or type(exc).__name__
+
+
+def check_output(out: str | Path, overwrite: bool, source: str | Path | None = None,
+                 expected_bytes: int | None = None) -> Path:
+    """Refuse, before any work, an output that is unsafe or cannot be written; return it as a Path.
+
+    Refused: an empty path, a filesystem root, the current folder or one that contains it, the home
+    folder or one that contains it; any path that equals, contains or lies inside the source model
+    (symlinks followed); a file; a non-empty folder without ``overwrite``, or with it when the folder
+    holds files prunewise did not write; a path whose filesystem is not writable; and, given
+    ``expected_bytes``, a filesystem without room for them.
+    """
+    if not str(out).strip():
+        raise PrunewiseError("empty --output; pass the folder to write the pruned model to, e.g. --output out/pruned")
     out = Path(out).expanduser()
-    if source is not None and Path(source).expanduser().exists() and out.resolve() == Path(source).expanduser().resolve():
-        raise PrunewiseError(f"output folder {out} is the source model; prunewise never modifies the source: choose another --output")
+    resolved = out.resolve()
+    hint = "prunewise writes a new folder: choose one such as --output out/pruned"
+    if resolved == Path(resolved.anchor):
+        raise PrunewiseError(f"output {out} is a filesystem root; {hint}")
+    for what, folder in (("the current folder", Path.cwd().resolve()), ("your home folder", Path.home().resolve())):
+        if _inside(folder, resolved):
+            raise PrunewiseError(f"output {out} is or contains {what} ({folder}); {hint}")
+    for src in source_paths(source):
+        if _inside(resolved, src) or _inside(src, resolved):
+            relation = "is" if resolved == src else ("lies inside" if _inside(resolved, src) else "contains")
+            raise PrunewiseError(f"output {out} {relation} the source model {src}; prunewise never modifies the "
+                                 "source: choose an --output outside it")
     if out.exists() and not out.is_dir():
         raise PrunewiseError(f"output {out} exists and is not a folder; choose another --output")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PrunewiseError(f"output folder {out} exists and is not empty; pass --overwrite or choose another --output")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise PrunewiseError(f"output folder {out} exists and is not empty; pass --overwrite or choose another --output")
+        if not _written_by_prunewise(out):
+            raise PrunewiseError(f"output folder {out} holds files prunewise did not write (no {OUTPUT_MARKER}); "
+                                 "--overwrite only replaces prunewise outputs: choose another --output")
+    check_writable(out, expected_bytes)
     return out
 
 
-def save_pruned(model: nn.Module, tokenizer, out: str | Path, extra_files: dict[str, str | bytes],
-                overwrite: bool = False) -> Path:
-    """Save weights, config, tokenizer and ``extra_files`` (name -> content) to ``out`` atomically."""
-    out = check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def check_writable(out: Path, expected_bytes: int | None = None) -> None:
+    """Refuse an output whose filesystem cannot take a new folder (or ``expected_bytes`` more)."""
+    base = _nearest_existing(out.expanduser().resolve().parent)
+    if not base.is_dir():
+        raise PrunewiseError(f"cannot write {out}: {base} is not a folder; choose another --output")
     try:
-        config = model.config
-        if getattr(config, "quantization_config", None) is not None:
-            del config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, content in extra_files.items():
-            path = tmp / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, bytes):
-                path.write_bytes(content)
-            else:
-                path.write_text(content)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        probe = Path(tempfile.mkdtemp(prefix=".prunewise-probe-", dir=base))
+        probe.rmdir()
+    except OSError as exc:
+        raise PrunewiseError(f"cannot write {out}: {base} is not writable ({_cause(exc)}); choose another --output") from exc
+    if expected_bytes:
+        free = shutil.disk_usage(base).free
+        if free < expected_bytes:
+            raise PrunewiseError(f"cannot write {out}: it needs about {expected_bytes / 1e6:.0f} MB and {base} has "
+                                 f"{free / 1e6:.0f} MB free; free some space or choose another --output")
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path):
+    """Hold an exclusive lock on ``out`` for this process; a second process gets a one-line error at once.
+
+    The lock is a hidden file beside the output (``.<name>.lock``), so it holds whatever cache each
+    process uses; it is removed when the run ends (a killed run's stale file is taken over by the next).
+    """
+    out = Path(out).expanduser().resolve()
+    key = str(out)
+    if key in _HELD:  # this process already holds it (run -> save_pruned)
+        yield
+        return
+    lock = out.with_name(f".{out.name}.lock")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fh = open(lock, "a")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                fh.close()
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise PrunewiseError(f"another prunewise process is writing {out}; wait for it to finish or "
+                                     "choose another --output") from None
+            try:
+                if os.fstat(fh.fileno()).st_ino == os.stat(lock).st_ino:
+                    break  # still the file at that path (another run did not remove it meanwhile)
+            except FileNotFoundError:
+                pass
+            fh.close()
+    except OSError as exc:
+        raise PrunewiseError(f"cannot write {out}: {_cause(exc)}; choose another --output") from exc
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        fh.close()
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove temporary folders an interrupted save of ``out`` left (we hold the output's lock)."""
+    if not out.parent.is_dir():
+        return
+    for stale in list(out.parent.glob(f".{out.name}.tmp-*")) + list(out.parent.glob(f".{out.name}.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write(model: nn.Module, tokenizer, tmp: Path, extra_files: dict[str, str | bytes]) -> None:
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, content in {**extra_files, OUTPUT_MARKER: "written by prunewise\n"}.items():
+        path = tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+
+
+def save_pruned(model: nn.Module, tokenizer, out: str | Path, extra_files: dict[str, str | bytes],
+                overwrite: bool = False, source: str | Path | None = None) -> Path:
+    """Save weights, config, tokenizer and ``extra_files`` (name -> content) to ``out`` atomically."""
+    out = check_output(out, overwrite, source)
+    with output_lock(out):
+        _remove_leftovers(out)
+        tmp = None
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            _write(model, tokenizer, tmp, extra_files)
+            old = None
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.rename(out, old)
+            os.rename(tmp, out)
+            tmp = None
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except PrunewiseError:
+            raise
+        except Exception as exc:
+            raise PrunewiseError(f"could not save the pruned model to {out}: {_cause(exc)}; nothing was written, "
+                                 "fix the cause (space, permissions) and rerun") from exc
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
     return out

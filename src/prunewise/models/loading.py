@@ -356,21 +356,55 @@ def fetch_model(spec: str = DEFAULT_MODEL) -> Path:
     return _convert_gguf(resolved.path, target, sha, source=str(resolved.path))
 
 
+ALLOW_PICKLE_ENV = "PRUNEWISE_ALLOW_PICKLE"
+
+
+def _refuse_pickle_only(folder: Path) -> bool:
+    """Refuse a checkpoint that has only pickle weights (``*.bin``, ``*.pt``) unless the user opts in.
+
+    Unpickling runs code from the file; prunewise reads safetensors only, unless
+    ``PRUNEWISE_ALLOW_PICKLE=1`` is set. Returns True when pickle weights are allowed and used.
+    """
+    if any(folder.glob("*.safetensors")) or not any(folder.glob("*.bin")) and not any(folder.glob("*.pt")):
+        return False
+    if _env_flag(ALLOW_PICKLE_ENV):
+        logger.warning("Loading pickle weights from %s (%s=1)", folder, ALLOW_PICKLE_ENV)
+        return True
+    raise PrunewiseError(
+        f"{folder} has only pickle weights (pytorch_model.bin), which can run code when loaded; convert them to "
+        f"safetensors, or set {ALLOW_PICKLE_ENV}=1 if you trust the file"
+    )
+
+
+def check_finite(model: torch.nn.Module, spec: str) -> None:
+    """Refuse a model any of whose tensors (embeddings, norms, head, linears) holds NaN or infinite values."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            raise PrunewiseError(
+                f"tensor {name} of model '{spec}' contains NaN or infinite values; the checkpoint is corrupt: "
+                "re-download or re-convert it"
+            )
+
+
 def load_model(
     spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``spec`` as a causal LM (in eval mode) and its tokenizer."""
     folder = fetch_model(spec)
+    pickled = _refuse_pickle_only(folder)
     start = time.perf_counter()
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # Remote code never runs unless the user's own folder ships it and they load it themselves.
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False,
+                                                     use_safetensors=not pickled)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:
         raise PrunewiseError(
             f"could not load model '{spec}' from {folder} ({_one_line(exc)}); the folder needs config.json, "
             "weights and tokenizer files for a causal LM"
         ) from exc
     model.eval()
+    check_finite(model, spec)
     logger.info("Loaded %s (%s) from %s in %.1f s", spec, type(model).__name__, folder, time.perf_counter() - start)
     return model, tokenizer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 
 import numpy as np
@@ -27,17 +28,34 @@ def mean_retention(dense: dict, pruned: dict, metric: str = "acc") -> float | No
     return sum(values) / len(values) if values else None
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _log_scale_if_possible(ax, values) -> None:
+    """Log scale when some value can be drawn on it (a NaN or infinite perplexity never crashes a plot)."""
+    if any(_finite(v) for v in values):
+        ax.set_yscale("log")
+
+
 def perplexity_bars(perplexity: dict) -> bytes:
-    """Dense vs pruned perplexity per corpus (log scale)."""
+    """Dense vs pruned perplexity per corpus (log scale); a NaN or infinite value is written, not drawn."""
     plt = pyplot()
     names = list(perplexity)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 1.5), 3.0))
     try:
         xs = range(len(names))
-        ax.bar([x - 0.2 for x in xs], [perplexity[n]["dense"] for n in names], 0.4, label="dense", color="#444")
-        ax.bar([x + 0.2 for x in xs], [perplexity[n]["pruned"] for n in names], 0.4, label="pruned", color="#1f77b4")
+        values = []
+        for offset, key, color in ((-0.2, "dense", "#444"), (0.2, "pruned", "#1f77b4")):
+            ys = [perplexity[n][key] for n in names]
+            values += ys
+            ax.bar([x + offset for x in xs], [y if _finite(y) else 0 for y in ys], 0.4, label=key, color=color)
+            for x, y in zip(xs, ys):
+                if not _finite(y):
+                    ax.annotate(str(y), (x + offset, 0), xycoords=("data", "axes fraction"), ha="center",
+                                va="bottom", color="#b00", fontsize=8)
         ax.set_xticks(list(xs), names)
-        ax.set_yscale("log")
+        _log_scale_if_possible(ax, values)
         ax.set_ylabel("perplexity")
         ax.legend(fontsize=8)
         ax.set_title("perplexity, dense vs pruned", fontsize=9)
@@ -111,11 +129,16 @@ def sweep_perplexity(dense: dict, cells: list[dict]) -> bytes:
     fig, axes = plt.subplots(1, max(1, len(corpora)), figsize=(4.2 * max(1, len(corpora)), 3.2), squeeze=False)
     try:
         for ax, corpus in zip(axes[0], corpora):
+            values: list[float] = []
             for i, (label, series) in enumerate(_series(cells).items()):
-                pts = [(c["sparsity"], c["perplexity"][corpus]) for c in series if corpus in c.get("perplexity", {})]
+                pts = [(c["sparsity"], c["perplexity"][corpus]) for c in series
+                       if _finite(c.get("perplexity", {}).get(corpus))]  # a NaN/inf cell is a gap in the curve
+                values += [p[1] for p in pts]
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label, color=_color(i, label))
-            ax.axhline(dense["perplexity"][corpus], color="#444", linestyle="--", linewidth=1, label="dense")
-            ax.set_yscale("log")
+            if _finite(dense["perplexity"][corpus]):
+                values.append(dense["perplexity"][corpus])
+                ax.axhline(dense["perplexity"][corpus], color="#444", linestyle="--", linewidth=1, label="dense")
+            _log_scale_if_possible(ax, values)
             ax.set_xlabel("sparsity")
             ax.set_ylabel("perplexity")
             ax.set_title(corpus, fontsize=9)
