@@ -32,9 +32,13 @@ $(CHROMIUM): $(STAMP)
 	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	touch $(CHROMIUM)
 
-## Unit tests and the marked integration tests on the real smollm2-135m (and lm-eval agreement).
+## Unit tests and the integration tests on the real smollm2-135m (and lm-eval agreement), on two workers.
 test: $(STAMP) $(CHROMIUM)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadgroup
+
+## Everything, with the slow real-model tests (gemma3-270m, qwen2.5-coder-0.5b, lm-eval on 3 x 40 items).
+test-all: $(STAMP) $(CHROMIUM)
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 ## Unit tests only (seconds).
 test-fast: $(STAMP)

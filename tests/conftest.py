@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
@@ -32,6 +34,14 @@ def _isolated_cache(request, tmp_path, monkeypatch):
     """Unit tests get an empty cache; integration tests share the real one (downloads happen once)."""
     if request.node.get_closest_marker("integration") is None:
         monkeypatch.setenv("PRUNEWISE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs two workers on two cores: the real-model worker computes with two threads,
+        # the tiny-model worker (mostly Python overhead) with one.
+        torch.set_num_threads(2 if request.node.get_closest_marker("integration") else 1)
 
 
 @pytest.fixture
@@ -76,3 +86,4 @@ def tiny_folder(tmp_path):
     tiny_tokenizer().save_pretrained(folder)
     return {"model": str(folder), "calib": write_paragraphs(tmp_path / "calib.txt", 1),
             "eval": write_paragraphs(tmp_path / "eval.txt", 2)}
+

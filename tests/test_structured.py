@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -171,21 +172,47 @@ def test_bias_compensation_keeps_the_mean_output_of_the_pruned_mlp(windows):
             assert (got - want).abs().max() > 1e-3
 
 
+# One fresh process without prunewise loads every saved folder (importing transformers costs ~10 s a process):
+# it reads "path flag" lines and answers each with one line.
 RELOAD = """
-import sys, torch
+import sys, json, torch
 from transformers import AutoModelForCausalLM
-path, flag = sys.argv[1], sys.argv[2] == "remote"
-model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=flag).eval()
-assert "prunewise" not in sys.modules
-ids = torch.load(path + "/ids.pt")
-with torch.no_grad():
-    diff = (model(input_ids=ids).logits - torch.load(path + "/logits.pt")).abs().max()
-gen = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False)
-print(type(model).__name__, float(diff), gen[0].tolist())
+for line in sys.stdin:
+    path, flag = line.split()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=flag == "remote").eval()
+        assert "prunewise" not in sys.modules
+        ids = torch.load(path + "/ids.pt")
+        with torch.no_grad():
+            diff = (model(input_ids=ids).logits - torch.load(path + "/logits.pt")).abs().max()
+        gen = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False)
+        print(json.dumps([type(model).__name__, float(diff), gen[0].tolist()]), flush=True)
+    except Exception as exc:
+        print(json.dumps(["error", repr(exc)]), flush=True)
 """
 
 
-def _save_and_reload(model, tmp_path, files, flag):
+@pytest.fixture(scope="module")
+def reloader():
+    proc = subprocess.Popen([sys.executable, "-c", RELOAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    yield proc
+    proc.stdin.close()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture
+def _reload(reloader):
+    def ask(path, flag):
+        reloader.stdin.write(f"{path} {flag}\n")
+        reloader.stdin.flush()
+        line = reloader.stdout.readline()
+        assert line, reloader.stderr.read()[-2000:]
+        return json.loads(line)
+    return ask
+
+
+def _save_and_reload(model, tmp_path, files, flag, reload):
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         logits = model(input_ids=ids).logits
@@ -193,23 +220,24 @@ def _save_and_reload(model, tmp_path, files, flag):
     out = save_pruned(model, None, tmp_path / "out", files)
     torch.save(ids, out / "ids.pt")
     torch.save(logits, out / "logits.pt")
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(out), flag], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    cls, diff, tokens = proc.stdout.split(maxsplit=2)
+    answer = reload(out, flag)
+    assert answer[0] != "error", answer[1]
+    cls, diff, tokens = answer
     assert float(diff) < 1e-4
-    assert json.loads(tokens) == gen[0].tolist()
+    assert tokens == gen[0].tolist()
     return cls, out
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
-def test_per_block_widths_with_bias_reload_with_remote_code_and_same_logits(family, windows, tmp_path):
+def test_per_block_widths_with_bias_reload_with_remote_code_and_same_logits(family, windows, tmp_path, _reload):
     from prunewise.export.register import MODELING_FILE
 
     model = tiny_model(family, layers=4)
     _, info = prune_structured(model, get_adapter(model), _recipe(score="fluctuation", allocation="global",
                                                                   bias_compensation=True), windows, progress=False)
     assert info["config"] == "custom" and any(r["down_proj_bias"] for r in info["layers"])
-    cls, out = _save_and_reload(model, tmp_path, {"modeling_prunewise.py": MODELING_FILE.read_text()}, "remote")
+    cls, out = _save_and_reload(model, tmp_path, {"modeling_prunewise.py": MODELING_FILE.read_text()}, "remote",
+                                _reload)
     assert cls.startswith("Pruned")
     # with prunewise imported the folder loads without the flag
     again = AutoModelForCausalLM.from_pretrained(out)
@@ -217,25 +245,25 @@ def test_per_block_widths_with_bias_reload_with_remote_code_and_same_logits(fami
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
-def test_uniform_widths_reload_with_a_stock_config(family, windows, tmp_path):
+def test_uniform_widths_reload_with_a_stock_config(family, windows, tmp_path, _reload):
     model = tiny_model(family, layers=2)
     _, info = prune_structured(model, get_adapter(model), _recipe(score="magnitude"), None, progress=False)
     assert info["config"] == "stock"
-    cls, out = _save_and_reload(model, tmp_path, {}, "stock")
+    cls, out = _save_and_reload(model, tmp_path, {}, "stock", _reload)
     config = json.loads((out / "config.json").read_text())
     assert "auto_map" not in config and config["intermediate_size"] < 128 and not cls.startswith("Pruned")
 
 
-def test_llama_uniform_bias_compensation_uses_stock_bias_flags(windows, tmp_path):
+def test_llama_uniform_bias_compensation_uses_stock_bias_flags(windows, tmp_path, _reload):
     model = tiny_model("llama", layers=2)
     _, info = prune_structured(model, get_adapter(model), _recipe(bias_compensation=True), windows, progress=False)
     assert info["config"] == "stock"
-    cls, out = _save_and_reload(model, tmp_path, {}, "stock")
+    cls, out = _save_and_reload(model, tmp_path, {}, "stock", _reload)
     config = json.loads((out / "config.json").read_text())
     assert config["mlp_bias"] and config["attention_bias"] and cls == "LlamaForCausalLM"
 
 
-def test_blocks_remove_the_least_influential_and_generate_with_cache(windows, tmp_path):
+def test_blocks_remove_the_least_influential_and_generate_with_cache(windows, tmp_path, _reload):
     model = tiny_model("llama", layers=4)
     _, info = prune_structured(model, get_adapter(model), _recipe(structure="blocks", sparsity=0.5), windows,
                                progress=False)
@@ -243,7 +271,7 @@ def test_blocks_remove_the_least_influential_and_generate_with_cache(windows, tm
     assert info["removed_blocks"] == sorted(torch.argsort(influence)[:2].tolist())
     assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
     assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1]
-    cls, _ = _save_and_reload(model, tmp_path, {}, "stock")
+    cls, _ = _save_and_reload(model, tmp_path, {}, "stock", _reload)
     assert cls == "LlamaForCausalLM"
 
 
@@ -320,7 +348,7 @@ def test_sublayer_damage_ranks_a_silent_sublayer_first(windows):
     assert info["layers"][1]["intermediate_size"] == 0
 
 
-def test_uniform_heads_stay_loadable_by_the_stock_gemma3_config(tmp_path):
+def test_uniform_heads_stay_loadable_by_the_stock_gemma3_config(tmp_path, _reload):
     """Gemma 3's config requires hidden % heads == 0 (gemma3-270m: 640 hidden, 4 heads, 1 key/value head), so
     uniform widths keep 2 heads rather than 3."""
     from transformers import Gemma3TextConfig
@@ -332,7 +360,7 @@ def test_uniform_heads_stay_loadable_by_the_stock_gemma3_config(tmp_path):
     _, info = prune_structured(model, get_adapter(model), _recipe(structure="heads", score="magnitude", sparsity=0.3),
                                None, progress=False)
     assert info["config"] == "stock" and info["layers"][0]["num_attention_heads"] == 2
-    cls, _ = _save_and_reload(model, tmp_path, {}, "stock")
+    cls, _ = _save_and_reload(model, tmp_path, {}, "stock", _reload)
     assert cls == "Gemma3ForCausalLM"
 
 

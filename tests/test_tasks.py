@@ -284,7 +284,7 @@ def test_cli_harness_prints_both_counts(tiny_setup, capsys):
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_sweep_command_stops_cleanly_on_a_signal(tiny_setup, tmp_path, sig):
+def test_sweep_command_stops_cleanly_on_a_signal(tiny_setup, tmp_path, sig, capsys):
     """Even started in the background (where a shell ignores SIGINT), the command stops with its own message,
     keeps the finished cells and leaves no partial file; the rerun finishes the rest."""
     import os
@@ -295,7 +295,7 @@ def test_sweep_command_stops_cleanly_on_a_signal(tiny_setup, tmp_path, sig):
     out = tmp_path / "sw"
     cmd = [sys.executable, "-m", "prunewise.cli", "sweep", "--model", tiny_setup["model"], "--calibration",
            tiny_setup["calibration"], "--eval", *tiny_setup["evaluation"], "--eval-tokens", "256", "--eval-seqlen", "32",
-           "--nsamples", "4", "--seqlen", "32", "--scores", "magnitude", "wanda", "--sparsities",
+           "--nsamples", "4", "--seqlen", "32", "--scores", "magnitude", "--sparsities",
            "0.1,0.2,0.3,0.4", "--no-completions", "--no-progress", "--output", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -308,7 +308,9 @@ def test_sweep_command_stops_cleanly_on_a_signal(tiny_setup, tmp_path, sig):
     assert proc.returncode == 130, err
     assert "finished cells are kept" in err
     done = sorted(p.name for p in (out / "cells").glob("*.json"))
-    assert 1 <= len(done) < 8 and not list((out / "cells").glob(".*"))
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
-    assert rerun.stdout.count("done before") == len(done) and "8/8 cells" in rerun.stdout
+    assert 1 <= len(done) < 4 and not list((out / "cells").glob(".*"))
+    from prunewise.cli import main  # the rerun in this process (a second child would import torch again)
+
+    assert main(cmd[3:]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done before") == len(done) and "4/4 cells" in printed
