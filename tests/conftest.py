@@ -37,11 +37,9 @@ def _isolated_cache(request, tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _threads(request):
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        # `make test` runs two workers on two cores: the real-model worker computes with two threads,
-        # the tiny-model worker (mostly Python overhead) with one.
-        torch.set_num_threads(2 if request.node.get_closest_marker("integration") else 1)
+def _threads():
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
+        torch.set_num_threads(1)
 
 
 @pytest.fixture

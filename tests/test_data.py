@@ -228,7 +228,6 @@ def test_no_false_positive_on_disjoint_text(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.xdist_group("real-models")
 def test_wiki_corpora_load_and_do_not_overlap():
     wiki = get_corpus("wiki")
     wiki_test = get_corpus("wiki-test", role="evaluation")

@@ -29,6 +29,7 @@ from prunewise.export.save import OUTPUT_MARKER, save_pruned
 from conftest import tiny_model, tiny_tokenizer, write_paragraphs
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
+pytestmark = pytest.mark.xdist_group("faults")  # one worker starts the module's fault children, once
 
 
 def _tree_hash(folder: Path) -> dict[str, str]:

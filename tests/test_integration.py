@@ -14,7 +14,7 @@ from prunewise.models.adapters import prunable_weights
 from prunewise.models.loading import load_model
 from prunewise.recipe import make_recipe
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("real-models")]  # one worker: one conversion
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

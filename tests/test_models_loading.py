@@ -369,7 +369,6 @@ def test_list_models() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.xdist_group("real-models")
 def test_smollm2_fetch_load_and_matches_gguf() -> None:
     folder = fetch_model("smollm2-135m")
     config = json.loads((folder / "config.json").read_text())
@@ -395,7 +394,6 @@ def test_smollm2_fetch_load_and_matches_gguf() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.xdist_group("real-models")
 @pytest.mark.slow
 def test_gemma3_loads() -> None:
     model, tokenizer = load_model("gemma3-270m")
@@ -409,7 +407,6 @@ def test_gemma3_loads() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.xdist_group("real-models")
 @pytest.mark.slow
 def test_qwen_coder_loads() -> None:
     model, tokenizer = load_model("qwen2.5-coder-0.5b")

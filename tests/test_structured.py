@@ -25,6 +25,9 @@ from prunewise.structured.widths import choose_widths
 from prunewise.engine.sequential import SequentialEngine
 
 
+pytestmark = pytest.mark.xdist_group("structured")  # one worker starts the module's reload process, once
+
+
 def gqa_model(family: str, seed: int = 0) -> torch.nn.Module:
     """9 query heads in 3 key/value groups of 3, as smollm2-135m (head_dim 8 instead of 64)."""
     torch.manual_seed(seed)

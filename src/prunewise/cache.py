@@ -251,9 +251,9 @@ def _progress(dist: Distribution):
 
 
 @contextlib.contextmanager
-def _locked(folder: Path):
-    """Hold an exclusive lock on ``folder`` so concurrent first uses download once."""
-    with open(folder / ".lock", "a") as fh:
+def locked(lock_file: Path):
+    """Hold an exclusive lock on ``lock_file`` (waiting for it), so concurrent first uses do the work once."""
+    with open(lock_file, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -289,7 +289,7 @@ def fetch_distribution(package: str, version: str) -> Path:
     found = _cached(dest, dist)
     if found is not None:
         return found
-    with _locked(dest):
+    with locked(dest / ".lock"):
         found = _cached(dest, dist)
         if found is not None:
             return found

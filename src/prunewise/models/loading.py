@@ -30,7 +30,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..cache import cache_dir, fetch_distribution, sha256_file
+from ..cache import cache_dir, fetch_distribution, locked, sha256_file
 from ..errors import PrunewiseError
 from .registry import DEFAULT_MODEL, NAMED_MODELS, NamedModel, get_named_model
 
@@ -234,6 +234,13 @@ def _convert_gguf(gguf: Path, target: Path, sha256: str, source: str) -> Path:
     """Dequantize ``gguf`` into a plain fp32 safetensors folder at ``target``, atomically."""
     if _is_converted(target):
         return target
+    with locked(cache_dir("locks") / f"{target.name}.lock"):  # a concurrent first use waits, then finds it done
+        if _is_converted(target):
+            return target
+        return _convert_locked(gguf, target, sha256, source)
+
+
+def _convert_locked(gguf: Path, target: Path, sha256: str, source: str) -> Path:
     parent = target.parent
     _clean_stale_tmp(parent, target.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
