@@ -16,11 +16,11 @@ from prunewise.allocation.knapsack import Budget, allocate_from_profile, bytes_p
 from prunewise.allocation.plan import AllocationPlan
 from prunewise.allocation.profile import (Profiler, SensitivityProfile, check_levels, compute_profile, plot_profile,
                                           profile_units, weights_fingerprint)
-from prunewise.engine.pruner import PruneVisitor
+from prunewise.pipeline.visitor import PruneVisitor
 from prunewise.engine.sequential import SequentialEngine
 from prunewise.errors import PrunewiseError
 from prunewise.models.adapters import get_adapter, prunable_weights
-from prunewise.scores import get_score
+from prunewise.pipeline.parts import make_pruner as get_score
 from prunewise.structures.masks import NM, Unstructured
 
 
@@ -274,7 +274,7 @@ def test_profile_options_on_the_command_line_and_in_recipes(tiny_folder, tmp_pat
 
     with pytest.raises(PrunewiseError, match="multiple of 1/4"):
         make_recipe(structure="2:4", allocation="profile", profile_levels=[0.3, 0.5])
-    assert make_recipe(allocation="profile", profile_levels=[0.7, 0.3]).profile_levels == [0.3, 0.7]
+    assert make_recipe(allocation="profile", profile_levels=[0.7, 0.3]).allocation["levels"] == [0.3, 0.7]
     argv = ["prune", "--model", tiny_folder["model"], "--calibration", tiny_folder["calib"], "--nsamples", "2",
             "--seqlen", "16", "--eval", "--no-progress", "--allocation", "profile", "--profile-unit", "module",
             "--sparsity", "0.5", "--output", str(tmp_path / "cli")]
@@ -282,4 +282,4 @@ def test_profile_options_on_the_command_line_and_in_recipes(tiny_folder, tmp_pat
     plan = json.loads((tmp_path / "cli" / "plan.json").read_text())
     assert plan["params"]["unit"] == "module" and (tmp_path / "cli" / "profile.json").exists()
     assert main(argv[:-4] + ["--profile-unit", "layer"]) == 2
-    assert "profile_unit" in capsys.readouterr().err
+    assert "allocation profile: unit" in capsys.readouterr().err

@@ -10,11 +10,13 @@ from conftest import tiny_model
 from prunewise.allocation.methods import (ImportanceSampleVisitor, OutlierVisitor, allocate_global, allocate_owl,
                                           allocate_uniform, owl_block_sparsity)
 from prunewise.allocation.plan import exact_counts
-from prunewise.engine.pruner import PruneVisitor
+from prunewise.pipeline.visitor import PruneVisitor
 from prunewise.engine.sequential import SequentialEngine
 from prunewise.errors import PrunewiseError
 from prunewise.models.adapters import get_adapter, prunable_weights
-from prunewise.scores import LinearStats, get_score, inverse_hessian_factor
+from prunewise.core.hessian import inverse_hessian_factor
+from prunewise.core.stats import LinearStats
+from prunewise.pipeline.parts import make_pruner as get_score
 from prunewise.structures.masks import NM, Unstructured, parse_structure
 
 

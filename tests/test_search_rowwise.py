@@ -14,11 +14,11 @@ from prunewise.allocation.profile import Profiler
 from prunewise.allocation.rowwise import RowPruner, exact_row_counts, trim_row_sparsities
 from prunewise.allocation.search import (ConfigEvaluator, SearchConfig, VariantCache, _mutate, search_allocation,
                                          search_step)
-from prunewise.engine.pruner import PruneVisitor
+from prunewise.pipeline.visitor import PruneVisitor
 from prunewise.engine.sequential import SequentialEngine
 from prunewise.errors import PrunewiseError
 from prunewise.models.adapters import get_adapter, prunable_weights
-from prunewise.scores import get_score
+from prunewise.pipeline.parts import make_pruner as get_score
 from prunewise.structures.masks import NM, Unstructured
 
 

@@ -15,17 +15,37 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from conftest import tiny_model
 from prunewise.errors import PrunewiseError
 from prunewise.export.save import save_pruned
-from prunewise.models.adapters import get_adapter
+from prunewise.models.adapters import ADAPTERS, get_adapter
 from prunewise.recipe import make_recipe
-from prunewise.structured.geometry import BlockGeometry, BlockKeep, Structured, check_gqa
-from prunewise.structured.run import prune_structured
-from prunewise.structured.scores import StatsVisitor, unit_scores
-from prunewise.structured.shrink import shrink_block
-from prunewise.structured.widths import choose_widths
+from prunewise.structures import Structured
+from prunewise.structures.geometry import BlockGeometry, BlockKeep, check_gqa
+from prunewise.pipeline.structured import prune_structured
+from prunewise.engine.services import StatsVisitor
+from prunewise.scores import get_score
+from prunewise.structures.units import unit_scores
+from prunewise.structures.shrink import shrink_block
+from prunewise.structures.widths import choose_widths
 from prunewise.engine.sequential import SequentialEngine
 
 
 pytestmark = pytest.mark.xdist_group("structured")  # one worker starts the module's reload process, once
+
+
+LLAMA = ADAPTERS[0]  # every supported family names its linears the same way
+
+
+def _by_role(stats: dict, grads: dict | None = None) -> dict:
+    """Statistics keyed by role (q, k, v, o, gate, up, down), with gradients attached when given."""
+    from prunewise.core.stats import LinearStats
+
+    out = {}
+    for role, name in LLAMA.roles.items():
+        s = stats.get(name) or LinearStats(1)
+        if grads is not None:
+            s = copy.copy(s)
+            s.gradient = grads[name]
+        out[role] = s
+    return out
 
 
 def gqa_model(family: str, seed: int = 0) -> torch.nn.Module:
@@ -72,7 +92,7 @@ def test_removing_heads_never_orphans_a_query_head(family, mode, share):
     dense attention with exactly the removed heads silenced (a wrong group mapping would change the output)."""
     model = gqa_model(family)
     block = model.model.layers[0]
-    g = BlockGeometry.of(block, 8)
+    g = BlockGeometry.of(LLAMA.roles_of(block), 8)
     assert (g.heads, g.kv_heads, g.group_size) == (9, 3, 3)
     scores = [{"channels": torch.rand(g.intermediate), "query": torch.rand(g.heads), "kv": torch.rand(g.kv_heads)}]
     budget = int(share * g.attn_params)
@@ -84,7 +104,7 @@ def test_removing_heads_never_orphans_a_query_head(family, mode, share):
     with torch.no_grad():
         reference = _attention_out(block, x, kwargs, removed)
         pruned = copy.deepcopy(block)
-        shrink_block(pruned, keep, 8)
+        shrink_block(pruned, keep, 8, LLAMA)
         out = _attention_out(pruned, x, kwargs)
     assert 0 < len(removed) < 9
     if mode == "group":
@@ -96,7 +116,7 @@ def test_removing_heads_never_orphans_a_query_head(family, mode, share):
 
 
 def test_check_gqa_refuses_a_query_head_without_its_kv_head():
-    g = BlockGeometry.of(gqa_model("llama").model.layers[0], 8)
+    g = BlockGeometry.of(LLAMA.roles_of(gqa_model("llama").model.layers[0]), 8)
     bad = BlockKeep(torch.arange(g.intermediate), torch.tensor([0, 1, 3]), torch.tensor([0]))
     with pytest.raises(AssertionError, match="key/value"):
         check_gqa(bad, g)
@@ -122,7 +142,8 @@ def test_fluctuation_is_input_variance_times_squared_column_norm(windows):
     h.remove()
     x = torch.cat(captured).double()
     expected = x.var(0) * block.mlp.down_proj.weight.double().pow(2).sum(0)
-    got = unit_scores("fluctuation", block, BlockGeometry.of(block, 16), stats[0])["channels"]
+    got = unit_scores(get_score("fluctuation"), LLAMA.roles_of(block), BlockGeometry.of(LLAMA.roles_of(block), 16),
+                      _by_role(stats[0]))["channels"]
     torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-6)
 
 
@@ -132,7 +153,7 @@ def _recipe(**kw):
 
 def test_uniform_widths_are_equal_multiples_and_meet_the_budget(windows):
     model = tiny_model("llama", layers=3)
-    _, info = prune_structured(model, get_adapter(model), _recipe(width_multiple=8), windows, progress=False)
+    _, info, _ = prune_structured(model, get_adapter(model), _recipe(width_multiple=8), windows, progress=False)
     widths = {(r["intermediate_size"], r["num_attention_heads"]) for r in info["layers"]}
     assert len(widths) == 1 and next(iter(widths))[0] % 8 == 0
     assert info["config"] == "stock"
@@ -142,7 +163,7 @@ def test_uniform_widths_are_equal_multiples_and_meet_the_budget(windows):
 
 def test_global_widths_differ_per_block(windows):
     model = tiny_model("llama", layers=4)
-    _, info = prune_structured(model, get_adapter(model), _recipe(score="fluctuation", allocation="global"),
+    _, info, _ = prune_structured(model, get_adapter(model), _recipe(score="fluctuation", allocation="global"),
                                windows, progress=False)
     assert len({r["intermediate_size"] for r in info["layers"]}) > 1
     assert all(r["intermediate_size"] % 8 == 0 for r in info["layers"])
@@ -236,7 +257,7 @@ def test_per_block_widths_with_bias_reload_with_remote_code_and_same_logits(fami
     from prunewise.export.register import MODELING_FILE
 
     model = tiny_model(family, layers=4)
-    _, info = prune_structured(model, get_adapter(model), _recipe(score="fluctuation", allocation="global",
+    _, info, _ = prune_structured(model, get_adapter(model), _recipe(score="fluctuation", allocation="global",
                                                                   bias_compensation=True), windows, progress=False)
     assert info["config"] == "custom" and any(r["down_proj_bias"] for r in info["layers"])
     cls, out = _save_and_reload(model, tmp_path, {"modeling_prunewise.py": MODELING_FILE.read_text()}, "remote",
@@ -250,7 +271,7 @@ def test_per_block_widths_with_bias_reload_with_remote_code_and_same_logits(fami
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 def test_uniform_widths_reload_with_a_stock_config(family, windows, tmp_path, _reload):
     model = tiny_model(family, layers=2)
-    _, info = prune_structured(model, get_adapter(model), _recipe(score="magnitude"), None, progress=False)
+    _, info, _ = prune_structured(model, get_adapter(model), _recipe(score="magnitude"), None, progress=False)
     assert info["config"] == "stock"
     cls, out = _save_and_reload(model, tmp_path, {}, "stock", _reload)
     config = json.loads((out / "config.json").read_text())
@@ -259,7 +280,7 @@ def test_uniform_widths_reload_with_a_stock_config(family, windows, tmp_path, _r
 
 def test_llama_uniform_bias_compensation_uses_stock_bias_flags(windows, tmp_path, _reload):
     model = tiny_model("llama", layers=2)
-    _, info = prune_structured(model, get_adapter(model), _recipe(bias_compensation=True), windows, progress=False)
+    _, info, _ = prune_structured(model, get_adapter(model), _recipe(bias_compensation=True), windows, progress=False)
     assert info["config"] == "stock"
     cls, out = _save_and_reload(model, tmp_path, {}, "stock", _reload)
     config = json.loads((out / "config.json").read_text())
@@ -268,7 +289,7 @@ def test_llama_uniform_bias_compensation_uses_stock_bias_flags(windows, tmp_path
 
 def test_blocks_remove_the_least_influential_and_generate_with_cache(windows, tmp_path, _reload):
     model = tiny_model("llama", layers=4)
-    _, info = prune_structured(model, get_adapter(model), _recipe(structure="blocks", sparsity=0.5), windows,
+    _, info, _ = prune_structured(model, get_adapter(model), _recipe(structure="blocks", sparsity=0.5), windows,
                                progress=False)
     influence = torch.tensor(info["influence"]["block"])
     assert info["removed_blocks"] == sorted(torch.argsort(influence)[:2].tolist())
@@ -281,10 +302,10 @@ def test_blocks_remove_the_least_influential_and_generate_with_cache(windows, tm
 def test_removed_attention_keeps_cached_decoding_exact():
     """A block without attention still advances the KV cache: cached greedy decoding equals uncached decoding."""
     model = tiny_model("llama", layers=3)
-    g = BlockGeometry.of(model.model.layers[0], 16)
+    g = BlockGeometry.of(LLAMA.roles_of(model.model.layers[0]), 16)
     none = torch.zeros(0, dtype=torch.long)
-    shrink_block(model.model.layers[0], BlockKeep(torch.arange(g.intermediate), none, none), 16)
-    shrink_block(model.model.layers[2], BlockKeep(none, torch.arange(g.heads), torch.arange(g.kv_heads)), 16)
+    shrink_block(model.model.layers[0], BlockKeep(torch.arange(g.intermediate), none, none), 16, LLAMA)
+    shrink_block(model.model.layers[2], BlockKeep(none, torch.arange(g.heads), torch.arange(g.kv_heads)), 16, LLAMA)
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
     cached = model.generate(ids, max_new_tokens=8, do_sample=False)
     seq = ids
@@ -297,9 +318,9 @@ def test_removed_attention_keeps_cached_decoding_exact():
 
 def test_sublayers_meet_the_parameter_budget_of_blocks(windows):
     model = tiny_model("llama", layers=4)
-    _, info = prune_structured(model, get_adapter(model), _recipe(structure="sublayers", sparsity=0.5), windows,
+    _, info, _ = prune_structured(model, get_adapter(model), _recipe(structure="sublayers", sparsity=0.5), windows,
                                progress=False)
-    smallest = min(BlockGeometry.of(b, 16).attn_params for b in tiny_model("llama", layers=1).model.layers)
+    smallest = min(BlockGeometry.of(LLAMA.roles_of(b), 16).attn_params for b in tiny_model("llama", layers=1).model.layers)
     assert abs(info["removed_targeted_params"] - info["budget_params"]) <= smallest // 2
 
 
@@ -339,14 +360,14 @@ def test_cli_prunes_structured_and_saves_a_smaller_loadable_folder(tiny_folder, 
 
 def test_sublayer_damage_ranks_a_silent_sublayer_first(windows):
     """A sublayer that already outputs nothing does no damage when removed, so the greedy removes it first."""
-    from prunewise.structured.scores import sublayer_damage
+    from prunewise.engine.services import sublayer_damage
 
     model = tiny_model("llama", layers=3)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.zero_()
     damage = sublayer_damage(model, get_adapter(model), windows[:4], progress=False)
     assert damage["mlp"][1] < 1e-9 and (damage["attention"] > 1e-6).all() and damage["mlp"][0] > 1e-6
-    _, info = prune_structured(model, get_adapter(model), _recipe(structure="sublayers", sparsity=0.2), windows,
+    _, info, _ = prune_structured(model, get_adapter(model), _recipe(structure="sublayers", sparsity=0.2), windows,
                                progress=False)
     assert info["layers"][1]["intermediate_size"] == 0
 
@@ -360,7 +381,7 @@ def test_uniform_heads_stay_loadable_by_the_stock_gemma3_config(tmp_path, _reloa
     cfg = Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    _, info = prune_structured(model, get_adapter(model), _recipe(structure="heads", score="magnitude", sparsity=0.3),
+    _, info, _ = prune_structured(model, get_adapter(model), _recipe(structure="heads", score="magnitude", sparsity=0.3),
                                None, progress=False)
     assert info["config"] == "stock" and info["layers"][0]["num_attention_heads"] == 2
     cls, _ = _save_and_reload(model, tmp_path, {}, "stock", _reload)
@@ -368,7 +389,7 @@ def test_uniform_heads_stay_loadable_by_the_stock_gemma3_config(tmp_path, _reloa
 
 
 def test_a_uniform_width_the_stock_config_refuses_is_saved_with_per_block_widths(windows):
-    from prunewise.structured.shrink import _stock_accepts
+    from prunewise.structures.shrink import _stock_accepts
 
     config = tiny_model("gemma3", layers=1).config
     assert not _stock_accepts(config, {"intermediate_size": 64, "num_attention_heads": 3, "num_key_value_heads": 1}, 16)
@@ -376,11 +397,11 @@ def test_a_uniform_width_the_stock_config_refuses_is_saved_with_per_block_widths
 
 
 def test_taylor_scores_use_the_loss_gradient_and_leave_the_model_untouched(windows):
-    from prunewise.structured.scores import taylor_gradients
+    from prunewise.engine.services import loss_gradients
 
     model = tiny_model("llama")
     before = {n: p.requires_grad for n, p in model.named_parameters()}
-    grads = taylor_gradients(model, get_adapter(model), windows[:4], chunk_size=2, progress=False)
+    grads = loss_gradients(model, get_adapter(model), windows[:4], "sum", chunk_size=2, progress=False)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert all(p.grad is None for p in model.parameters())
     reference = tiny_model("llama")
@@ -389,10 +410,10 @@ def test_taylor_scores_use_the_loss_gradient_and_leave_the_model_untouched(windo
     want = reference.model.layers[1].mlp.up_proj.weight.grad
     torch.testing.assert_close(grads[(1, "mlp.up_proj")], want, rtol=1e-3, atol=1e-6)
     block = model.model.layers[1]
-    g = BlockGeometry.of(block, 16)
+    g = BlockGeometry.of(LLAMA.roles_of(block), 16)
     block_grads = {n: grads[(1, n)] for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-    scores = unit_scores("taylor", block, g, {}, block_grads)
+    scores = unit_scores(get_score("taylor"), LLAMA.roles_of(block), g, _by_role({}, block_grads))
     m = block.mlp
     expected = ((m.gate_proj.weight * block_grads["mlp.gate_proj"]).abs().sum(1)
                 + (m.up_proj.weight * block_grads["mlp.up_proj"]).abs().sum(1)

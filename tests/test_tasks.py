@@ -193,7 +193,7 @@ def test_sweep_resumes_only_missing_cells(tiny_setup, tmp_path, monkeypatch):
     calls = []
 
     def interrupted(recipe, progress, model_dir):
-        calls.append(recipe.score + str(recipe.sparsity))
+        calls.append(recipe.score["name"] + str(recipe.sparsity))
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(recipe, progress, model_dir)

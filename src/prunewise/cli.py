@@ -84,31 +84,10 @@ def _cmd_prune(args) -> int:
 
     recipe = _recipe_from_args(args)
     report = run(recipe, progress=not args.no_progress)
+    from .report.markdown import format_prune_report
+
     print(format_prune_report(report, recipe))
     return 0
-
-
-def format_prune_report(report: dict, recipe) -> str:
-    lines = [f"prunewise: {recipe.model} | {report['score']} + {report['allocation']} | {report['structure']} | "
-             f"target {report['target_sparsity']:.4f}, achieved {report['achieved_sparsity']:.4f}"]
-    if report.get("perplexity"):
-        lines.append(f"{'perplexity':<14}{'dense':>10}{'pruned':>10}{'ratio':>8}")
-        for name, row in report["perplexity"].items():
-            lines.append(f"{name:<14}{row['dense']:>10.2f}{row['pruned']:>10.2f}{row['pruned'] / row['dense']:>7.2f}x")
-    t = report["timings"]
-    lines.append(f"allocation {t.get('allocation_s', 0):.1f} s, pruning {t.get('prune_s', 0):.1f} s, "
-                 f"peak RSS {report['peak_rss_mb']:.0f} MB")
-    if report.get("cholesky_retries"):
-        lines.append(f"Cholesky needed more dampening in {len(report['cholesky_retries'])} modules (see report.json)")
-    if report.get("tasks"):
-        from .report.figures import mean_metric, mean_retention
-
-        dense, pruned = report["tasks"]["dense"], report["tasks"]["pruned"]
-        lines.append(f"zero-shot mean acc over {len(dense)} tasks: dense {mean_metric(dense):.3f}, pruned "
-                     f"{mean_metric(pruned):.3f}, retention {(mean_retention(dense, pruned) or 0):.0%}")
-    if recipe.output:
-        lines.append(f"saved: {recipe.output} (model, recipe.yaml, plan.json, report.html, report.md, report.json)")
-    return "\n".join(lines)
 
 
 def _floats(text: str) -> list[float]:

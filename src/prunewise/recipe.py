@@ -12,58 +12,134 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import allocation, compensation, recovery, scores, structures  # noqa: F401  (every part registered)
+from .core.registry import REGISTRIES, refusal
 from .data.mixture import MixtureItem, mixture_items, parse_calibration
 from .errors import PrunewiseError
-from .structured.geometry import Structured
-from .structures.masks import NM, parse_structure
+
+
+# Flat fields of recipes written before the per-axis recipe, and where each one went.
+LEGACY_FIELDS = {
+    "group": ("structure", "group"), "heads_mode": ("structure", "heads_mode"),
+    "width_multiple": ("structure", "width_multiple"),
+    "owl_m": ("allocation", "m"), "owl_lambda": ("allocation", "lambda"), "min_density": ("allocation", "min_density"),
+    "profile_levels": ("allocation", "levels"), "profile_unit": ("allocation", "unit"),
+    "profile_nsamples": ("allocation", "nsamples"), "profile_seqlen": ("allocation", "seqlen"),
+    "search_generations": ("allocation", "generations"), "search_offspring": ("allocation", "offspring"),
+    "search_time_limit": ("allocation", "time_limit"), "search_nsamples": ("allocation", "search_nsamples"),
+    "search_seqlen": ("allocation", "search_seqlen"), "search_cache_mb": ("allocation", "cache_mb"),
+    "rowwise": ("allocation", "rowwise"), "damp": ("score+obs", "damp"), "blocksize": ("obs", "blocksize"),
+    "bias_compensation": ("bias", None),
+}
+
+
+def _choice(value, axis: str) -> dict:
+    """An axis entry as a mapping ``{name: ..., option: value, ...}`` (a bare name is accepted)."""
+    if isinstance(value, str):
+        return {"name": value.strip()}
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return dict(value)
+    raise ValueError(f"{axis} must be a name or a mapping with a name and its options, not {value!r}")
+
+
+def _normalise(data: dict) -> dict:
+    """Fold the flat fields of old recipes (and of the command line) into the per-axis entries."""
+    data = dict(data)
+    legacy = {k: data.pop(k) for k in list(data) if k in LEGACY_FIELDS}
+    score = _choice(data.get("score", "wanda"), "score")
+    structure = _choice(data.get("structure", "unstructured"), "structure")
+    allocation = _choice(data.get("allocation", "uniform"), "allocation")
+    text = structure["name"].lower()
+    if ":" in text and text not in REGISTRIES["structure"].parts:  # N:M written as 2:4
+        n, _, m = text.partition(":")
+        if not (n.isdigit() and m.isdigit()):
+            raise ValueError(f"unknown structure '{structure['name']}'; use 'unstructured', 'N:M' such as 2:4, or one of "
+                             "channels, heads, width, sublayers, blocks")
+        if not 0 < int(n) < int(m):
+            raise ValueError(f"N:M structure '{text}' needs 0 < N < M (N zeros in every M weights), e.g. 2:4")
+        structure = {**structure, "name": "n:m", "n": int(n), "m": int(m)}
+    compensation = data.get("compensation")
+    explicit = compensation is not None
+    compensation = [_choice(c, "compensation") for c in (compensation or [])]
+    s_cls = REGISTRIES["structure"].parts.get(structure["name"].lower())
+    a_cls = REGISTRIES["allocation"].parts.get(allocation["name"])
+    c_obs = {"name": "obs"}
+    legacy_obs = {"damp" if k == "damp" else "blocksize" for k in legacy if k in ("damp", "blocksize")}
+    for key, value in legacy.items():
+        if value is None:
+            continue
+        axis, option = LEGACY_FIELDS[key]
+        if axis == "structure":
+            if s_cls is not None and option in s_cls.Config.model_fields:
+                structure[option] = value
+        elif axis == "allocation":
+            fields = a_cls.Config.model_fields if a_cls is not None else {}
+            aliases = {f.alias or n for n, f in fields.items()} | set(fields)
+            name = option if option in aliases else {"m": "owl_m", "lambda": "owl_lambda"}.get(option)
+            if name in aliases:
+                allocation[name] = value
+            if key in ("profile_nsamples", "profile_seqlen") and structure["name"] == "sublayers":
+                structure[option] = value  # sublayer damage was measured on the profile windows
+        elif axis == "score+obs":
+            if score["name"] == "sparsegpt":
+                score["damp"] = value
+            c_obs["damp"] = value
+        elif axis == "obs":
+            c_obs["blocksize"] = value
+        elif axis == "bias" and value:
+            if not any(c["name"] == "bias" for c in compensation):
+                compensation.append({"name": "bias"})
+    if not explicit:
+        s_part = REGISTRIES["score"].parts.get(score["name"])
+        if s_part is not None:
+            for name in s_part.requires.get("compensation", ())[:1]:
+                if not any(c["name"] == name for c in compensation):
+                    compensation.insert(0, c_obs if name == "obs" else {"name": name})
+    for c in compensation:
+        if c["name"] == "obs":
+            c.update({k: v for k, v in c_obs.items() if k in legacy_obs})
+    data.update(score=score, structure=structure, allocation=allocation, compensation=compensation,
+                recovery=[_choice(r, "recovery") for r in data.get("recovery") or []])
+    return data
+
+
+def _build(axis: str, entry: dict):
+    options = {k: v for k, v in entry.items() if k != "name"}
+    try:
+        return REGISTRIES[axis].build(entry["name"].lower() if axis == "structure" else entry["name"], **options)
+    except PrunewiseError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class Recipe(BaseModel):
-    """Everything a pruning run needs. Defaults reproduce ``make demo`` minus its evaluation sets."""
+    """Everything a pruning run needs. Defaults reproduce ``make demo`` minus its evaluation sets.
+
+    One entry per axis (``score``, ``structure``, ``allocation``; lists for ``compensation`` and
+    ``recovery``), each a part name with the options its part's config validates. Recipes written
+    before (flat fields such as ``owl_m``, ``damp``, ``bias_compensation``) load into the same entries.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     model: str = "smollm2-135m"
-    score: Literal["magnitude", "wanda", "sparsegpt", "fluctuation", "taylor"] = "wanda"
-    structure: str = Field("unstructured", description="unstructured | N:M | channels | heads | width (channels and heads) "
-                                                       "| sublayers | blocks")
-    group: Literal["row", "layer"] | None = Field(None, description="comparison group for unstructured; default per score")
+    score: dict = Field(default_factory=lambda: {"name": "wanda"}, description="score part and its options")
+    structure: dict = Field(default_factory=lambda: {"name": "unstructured"}, description="structure part")
+    allocation: dict = Field(default_factory=lambda: {"name": "uniform"}, description="allocation part")
+    compensation: list[dict] = Field(default_factory=list, description="compensation parts, in order")
+    recovery: list[dict] = Field(default_factory=list, description="recovery parts, in order")
     sparsity: float | None = Field(None, description="fraction of targeted weights removed; N:M implies N/M")
     budget: str | None = Field(None, description="instead of a sparsity: KIND=VALUE with KIND keep_params, remove_params, "
                                                  "keep_bytes or remove_bytes (keep_* counts the whole model)")
     budget_dtype: str = Field("float32", description="dtype that converts bytes budgets to parameters")
-    allocation: Literal["uniform", "global", "owl", "profile", "search"] = "uniform"
     plan: str | None = Field(None, description="a plan.json to reuse instead of allocating")
-    owl_m: float = Field(5.0, gt=0)
-    owl_lambda: float = Field(0.08, ge=0, lt=0.5)
-    min_density: float = Field(0.1, gt=0, le=1)
-    profile_levels: list[float] | None = Field(
-        None, description="profile allocation: sparsity ladder; default 0.3..0.9, or every k/M for N:M")
-    profile_unit: Literal["module", "block"] = Field("block", description="profile allocation: one level per block or per module")
-    profile_nsamples: int = Field(8, ge=1, description="profile allocation: calibration windows used to measure damage")
-    profile_seqlen: int = Field(256, ge=2, description="profile allocation: tokens per window used to measure damage")
-    search_generations: int = Field(150, ge=0, description="search allocation: generations (the time limit may stop it first)")
-    search_offspring: int = Field(12, ge=1, description="search allocation: offspring per generation")
-    search_time_limit: float = Field(900.0, gt=0, description="search allocation: seconds for the generation loop")
-    search_nsamples: int = Field(16, ge=4, description="search allocation: calibration windows fitness is drawn from")
-    search_seqlen: int = Field(256, ge=2, description="search allocation: tokens per search window")
-    search_cache_mb: float = Field(3072.0, gt=0, description="search allocation: bound on cached pruned module variants")
-    bias_compensation: bool = Field(False, description="structured: fold the removed inputs' mean contribution into "
-                                                       "a bias of the output projection (FLAP)")
-    width_multiple: int = Field(8, ge=1, description="structured: MLP widths change in multiples of this many channels")
-    heads_mode: Literal["query", "group"] = Field(
-        "query", description="structured heads: remove query heads evenly within key/value groups, or whole groups")
-    rowwise: bool = Field(False, description="spread each module's level over its output rows (TRIM) on top of the plan")
     calibration: str | list[MixtureItem] = Field(
         "wiki", description="a corpus spec, or a mixture: a list of {source, weight} (or 'code:0.7,wiki:0.3')")
     nsamples: int = Field(64, ge=1)
     seqlen: int = Field(512, ge=2)
     seed: int = 0
-    damp: float = Field(0.01, gt=0)
-    blocksize: int = Field(128, ge=1)
     within_block: Literal["sequential", "parallel"] | None = Field(
         None, description="sequential: each linear sees its pruned predecessors; parallel: all see the dense block "
-                          "(default: parallel for magnitude/wanda as in the Wanda paper, sequential for sparsegpt)")
+                          "(default: sequential with a reconstructing compensation such as obs, else parallel)")
     chunk_size: int | None = Field(None, ge=1, description="calibration windows per forward chunk; default all")
     targets: str = Field(r".*", description="regex a module name must match to be pruned")
     ignore: str | None = Field(None, description="regex of module names never pruned")
@@ -77,11 +153,10 @@ class Recipe(BaseModel):
     output: str | None = None
     overwrite: bool = False
 
-    @field_validator("structure")
+    @model_validator(mode="before")
     @classmethod
-    def _structure(cls, v: str) -> str:
-        parse_structure(v)
-        return v.strip().lower()
+    def _axes(cls, data):
+        return _normalise(data) if isinstance(data, dict) else data
 
     @field_validator("calibration", mode="before")
     @classmethod
@@ -107,32 +182,27 @@ class Recipe(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _sparsity(self) -> "Recipe":
-        struct = parse_structure(self.structure)
-        if isinstance(struct, Structured):
-            _check_structured(self, struct)
-        elif self.score in STRUCTURED_ONLY:
-            raise ValueError(f"score {self.score} ranks structured units; use it with --structure channels, heads or width")
-        elif self.bias_compensation:
-            raise ValueError("bias compensation applies to structured pruning (--structure channels, heads, width, "
-                             "sublayers or blocks)")
-        if isinstance(struct, NM):
+    def _parts(self) -> "Recipe":
+        parts = self.parts()
+        # store every entry with all its options (defaults included): the saved recipe says everything
+        self.score = {"name": parts.score.key, **parts.score.options()}
+        self.structure = {"name": parts.structure.key, **parts.structure.options()}
+        self.allocation = {"name": parts.allocation.key, **parts.allocation.options()}
+        self.compensation = [{"name": c.key, **c.options()} for c in parts.compensation]
+        self.recovery = [{"name": r.key, **r.options()} for r in parts.recovery]
+        reason = refusal(parts.chosen())
+        if reason:
+            raise ValueError(reason)
+        struct = parts.structure
+        if struct.fixed_sparsity:
             if self.sparsity is None:
                 self.sparsity = struct.sparsity
             elif abs(self.sparsity - struct.sparsity) > 1e-9:
                 raise ValueError(f"sparsity {self.sparsity} contradicts {struct.name} (= {struct.sparsity:g}); omit --sparsity with N:M")
-            if self.allocation in ("global", "search"):
-                raise ValueError(f"{self.allocation} allocation cannot produce N:M levels; use uniform, owl or profile with N:M")
-            if self.rowwise:
-                raise ValueError("row-wise allocation cannot be N:M (every N:M row has the same sparsity); use unstructured")
-        if self.profile_levels is not None:
-            from .allocation.profile import check_levels
-            try:
-                self.profile_levels = list(check_levels(self.profile_levels, struct))
-            except PrunewiseError as exc:
-                raise ValueError(str(exc)) from None
+        if self.plan and not struct.weight_level and struct.depth:
+            raise ValueError(f"{struct.kind} are ranked by how little they change their input; leave --allocation at uniform")
         if self.budget is not None:
-            if isinstance(struct, NM):
+            if struct.fixed_sparsity:
                 raise ValueError("a parameter or byte budget needs unstructured sparsity (N:M fixes the sparsity)")
             parse_budget(self.budget, self.budget_dtype)
         if self.sparsity is None:
@@ -141,14 +211,29 @@ class Recipe(BaseModel):
             raise ValueError(f"sparsity {self.sparsity} is outside [0, 1); give the fraction of weights to remove, e.g. 0.5")
         return self
 
+    def parts(self):
+        """The recipe's parts, built (and validated) from its entries."""
+        from .pipeline.parts import PartSet
+
+        score = _build("score", self.score)
+        structure = dict(self.structure)
+        if structure["name"] == "unstructured" and structure.get("group") is None:
+            structure["group"] = score.default_group
+        return PartSet(score=score, structure=_build("structure", structure),
+                       allocation=_build("allocation", self.allocation),
+                       compensation=[_build("compensation", c) for c in self.compensation],
+                       recovery=[_build("recovery", r) for r in self.recovery])
+
     @property
     def sequential(self) -> bool:
-        """Within-block order: the recipe's choice, else sequential only for reconstruction (sparsegpt)."""
-        return (self.within_block or ("sequential" if self.score == "sparsegpt" else "parallel")) == "sequential"
+        """Within-block order: the recipe's choice, else sequential only with a reconstruction (obs)."""
+        if self.within_block:
+            return self.within_block == "sequential"
+        return any(c["name"] == "obs" for c in self.compensation)
 
     @property
     def structure_obj(self):
-        return parse_structure(self.structure, self.group or _default_group(self.score))
+        return self.parts().structure
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
@@ -183,29 +268,6 @@ def parse_budget(text: str, dtype: str = "float32", other_params: int = 0):
     except PrunewiseError as exc:
         raise ValueError(str(exc)) from None
     return Budget(kind.strip(), number, per, other_params)
-
-
-STRUCTURED_ONLY = ("fluctuation", "taylor")
-
-
-def _check_structured(recipe: Recipe, struct: Structured) -> None:
-    """Combinations structured pruning cannot do, refused at validation time."""
-    if recipe.score == "sparsegpt":
-        raise ValueError("sparsegpt reconstructs single weights; structured pruning scores units with magnitude, wanda, "
-                         "fluctuation or taylor")
-    if recipe.rowwise:
-        raise ValueError("row-wise allocation is for unstructured sparsity; structured pruning removes whole units")
-    if struct.kind in ("channels", "heads", "width") and recipe.allocation not in ("uniform", "global", "owl") \
-            and not recipe.plan:
-        raise ValueError(f"structured widths are allocated uniform, global (FLAP), owl or from --plan, not "
-                         f"{recipe.allocation}; make a plan.json with an unstructured run and pass --plan")
-    if struct.kind in ("sublayers", "blocks") and (recipe.allocation not in ("uniform",) or recipe.plan):
-        raise ValueError(f"{struct.kind} are ranked by how little they change their input; leave --allocation at uniform")
-
-
-def _default_group(score: str) -> str:
-    from .scores import SCORES
-    return SCORES[score].default_group if score in SCORES else "row"
 
 
 def make_recipe(**fields) -> Recipe:

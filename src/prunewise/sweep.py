@@ -74,10 +74,9 @@ def grid_recipes(base: Recipe, scores: list[str], sparsities: list[float], alloc
 
 def _dense(base: Recipe, out: Path, progress: bool) -> dict:
     """The dense model's evaluation, once per sweep folder (and its task scores cached across folders)."""
-    from .api import _dense_key, evaluate
-    from .evaluate.completions import greedy_completions
     from .models.loading import load_model
-    from .tasks.suite import evaluate_tasks, load_tasks
+    from .pipeline.run import evaluate_dense
+    from .tasks.suite import load_tasks
 
     path = out / "dense.json"
     key = {"model": base.model, "evaluation": base.evaluation, "eval_tokens": base.eval_tokens,
@@ -88,34 +87,27 @@ def _dense(base: Recipe, out: Path, progress: bool) -> dict:
         if data.get("key") == key:
             return data
     model, tokenizer = load_model(base.model)
-    data = {"key": key,
-            "perplexity": evaluate(model, tokenizer, base.evaluation, base.eval_tokens, base.eval_seqlen,
-                                   calibration=base.calibration, dense_spec=base.model, progress=progress),
-            "tasks": evaluate_tasks(model, tokenizer, load_tasks(base.tasks, base.task_limit),
-                                    dense_key=_dense_key(base.model), progress=progress) if base.tasks else {},
-            "completions": greedy_completions(model, tokenizer) if base.completions else []}
+    tasks = load_tasks(base.tasks, base.task_limit) if base.tasks else []
+    data = {"key": key, **evaluate_dense(model, tokenizer, base, tasks, progress)}
     _write_json(path, data)
     return data
 
 
 def _run_cell(recipe: Recipe, progress: bool, model_dir: Path | None) -> dict:
-    from .api import evaluate, prune
-    from .evaluate.completions import greedy_completions
     from .export.save import save_pruned
-    from .tasks.suite import evaluate_tasks, load_tasks
+    from .pipeline.run import evaluate_pruned
+    from .pipeline.prune import prune
+    from .tasks.suite import load_tasks
 
     start = time.perf_counter()
     result = prune(recipe, progress=progress)
-    cell = {"score": recipe.score, "allocation": recipe.allocation, "sparsity": recipe.sparsity,
-            "structure": recipe.structure, "recipe": json.loads(recipe.model_dump_json()),
+    cell = {"score": recipe.score["name"], "allocation": recipe.allocation["name"], "sparsity": recipe.sparsity,
+            "structure": result.report["structure"], "recipe": json.loads(recipe.model_dump_json()),
             "fingerprint": _fingerprint(recipe),
             "achieved_sparsity": result.report["achieved_sparsity"], "timings": result.report["timings"],
             "peak_rss_mb": result.report["peak_rss_mb"], "plan": json.loads(result.plan.model_dump_json())}
-    cell["perplexity"] = evaluate(result.model, result.tokenizer, recipe.evaluation, recipe.eval_tokens,
-                                  recipe.eval_seqlen, progress=progress)
-    cell["tasks"] = evaluate_tasks(result.model, result.tokenizer, load_tasks(recipe.tasks, recipe.task_limit),
-                                   progress=progress) if recipe.tasks else {}
-    cell["completions"] = greedy_completions(result.model, result.tokenizer) if recipe.completions else []
+    tasks = load_tasks(recipe.tasks, recipe.task_limit) if recipe.tasks else []
+    cell.update(evaluate_pruned(result, recipe, tasks, progress))
     if model_dir is not None:
         save_pruned(result.model, result.tokenizer, model_dir, {"recipe.yaml": recipe.to_yaml(), **result.files},
                     overwrite=True)
@@ -133,14 +125,11 @@ def write_sweep_report(out: Path, sweep: dict) -> None:
 def run_sweep(base: Recipe, scores: list[str], sparsities: list[float], allocations: list[str], output: str | Path,
               save_models: bool = False, progress: bool = True, on_cell=None) -> dict:
     """Run (or finish) the grid into ``output``; returns the sweep summary. ``on_cell(name, status)`` reports."""
-    from .data import calibration_corpora, check_no_overlap, get_corpus
+    from .pipeline.run import check_data
 
     out = Path(output).expanduser()
     cells = grid_recipes(base, scores, sparsities, allocations)
-    for name in base.evaluation:  # refuse overlapping data before any work
-        corpus = get_corpus(name, "evaluation")
-        for calib in calibration_corpora(base.calibration):
-            check_no_overlap(calib, corpus)
+    check_data(base)  # refuse overlapping data before any work
     if out.exists() and not out.is_dir():
         raise PrunewiseError(f"sweep output {out} is not a folder; choose another --output")
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +164,7 @@ def run_sweep(base: Recipe, scores: list[str], sparsities: list[float], allocati
 def _summary(base, scores, sparsities, allocations, dense, done) -> dict:
     calibration = base.calibration if isinstance(base.calibration, str) else \
         ",".join(f"{m.source}:{m.weight:g}" for m in base.calibration)
-    return {"model": base.model, "structure": base.structure, "calibration": calibration,
+    return {"model": base.model, "structure": base.structure_obj.name, "calibration": calibration,
             "grid": {"score": list(scores), "sparsity": list(sparsities), "allocation": list(allocations)},
             "grid_size": len(scores) * len(sparsities) * len(allocations),
             "dense": dense, "cells": list(done.values())}

@@ -27,17 +27,18 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..cache import cache_dir
-from ..engine.sequential import SequentialEngine, _block_output
+from ..core.registry import register
+from ..core.stats import LinearStats, Needs
+from ..engine.sequential import SequentialEngine
 from ..errors import PrunewiseError
 from ..models.adapters import ArchitectureAdapter, get_adapter
+from .base import Allocation, AllocationConfig, AllocationContext
 from .plan import figure_png, load_json_model, pyplot
-from ..scores.base import LinearStats
-from ..structures.masks import NM
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,9 @@ class SensitivityProfile(BaseModel):
 
 def default_levels(structure) -> tuple[float, ...]:
     """The default ladder: 0.3 ... 0.9, or every k/M (0 < k < M) for N:M structures."""
-    if isinstance(structure, NM):
-        return tuple(k / structure.m for k in range(1, structure.m))
+    if structure.level_quantum:
+        q = structure.level_quantum
+        return tuple(k / q for k in range(1, q))
     return DEFAULT_LEVELS
 
 
@@ -105,11 +107,12 @@ def check_levels(levels, structure) -> tuple[float, ...]:
         x = float(x)
         if not 0 <= x < 1:
             raise PrunewiseError(f"profile level {x} is outside [0, 1); give sparsity levels such as 0.3 0.5 0.7")
-        if isinstance(structure, NM):
-            k = x * structure.m
+        if structure.level_quantum:
+            q = structure.level_quantum
+            k = x * q
             if abs(k - round(k)) > 1e-6:
-                raise PrunewiseError(f"profile level {x} is not a multiple of 1/{structure.m}; {structure.name} levels must be k/{structure.m}")
-            x = round(k) / structure.m
+                raise PrunewiseError(f"profile level {x} is not a multiple of 1/{q}; {structure.name} levels must be k/{q}")
+            x = round(k) / q
         out.append(x)
     out = sorted(set(out))
     if not out:
@@ -154,7 +157,7 @@ def windows_fingerprint(windows: torch.Tensor) -> str:
 
 
 def _score_options(score) -> dict:
-    return {k: getattr(score, k) for k in ("damp", "blocksize") if hasattr(score, k)}
+    return dict(score.options)
 
 
 def profile_cache_path(model_fingerprint: str, data_fingerprint: str, score, structure, levels, unit: str,
@@ -172,11 +175,11 @@ class _DenseRecorder:
 
     modifies_weights = False
 
-    def __init__(self, prefix: str, targets: set[str], need: str | None) -> None:
+    def __init__(self, prefix: str, targets: set[str], need: Needs | None) -> None:
         self.prefix, self.targets, self.need = prefix, targets, need
         self.stats: dict[str, LinearStats] = {}
 
-    def needs(self, i: int, name: str) -> str | None:
+    def needs(self, i: int, name: str) -> Needs | None:
         return self.need if f"{self.prefix}.{i}.{name}" in self.targets else None
 
     def visit(self, i: int, name: str, linear: nn.Linear, stats: LinearStats | None) -> None:
@@ -185,17 +188,6 @@ class _DenseRecorder:
 
     def end_block(self, i: int, block: nn.Module) -> None:
         return None
-
-
-class _RecordingEngine(SequentialEngine):
-    """The sequential engine, keeping what its capture step found (block kwargs) for the restarts."""
-
-    captured = None
-
-    def capture(self):
-        cap = super().capture()
-        self.captured = cap
-        return cap
 
 
 class Profiler:
@@ -225,37 +217,15 @@ class Profiler:
         t0 = time.perf_counter()
         targets = {m for ms in self.units.values() for m in ms}
         recorder = _DenseRecorder(self.prefix, targets, self.score.needs)
-        inputs: list[list[torch.Tensor]] = [[] for _ in self.blocks]
-        final: list[torch.Tensor] = []
-
-        engine = _RecordingEngine(self.model, self.adapter, self.windows, self.chunk, self.progress,
-                                  desc="profile: dense pass", sequential=False)
-
-        def pre(i):
-            def hook(module, args, kw):
-                if engine.captured is not None:  # not during the engine's own capture forwards
-                    inputs[i].append((args[0] if args else kw["hidden_states"]).detach().clone())
-            return hook
-
-        def post(module, args, out):
-            if engine.captured is not None:
-                final.append(_block_output(out).detach().clone())
-
-        handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
-        handles.append(self.blocks[-1].register_forward_hook(post))
-        try:
-            engine.run(recorder)
-        finally:
-            for h in handles:
-                h.remove()
+        self.engine = SequentialEngine(self.model, self.adapter, self.windows, self.chunk, self.progress,
+                                       desc="profile: dense pass", sequential=False)
+        recording = self.engine.run(recorder, record=True)
         n = self.windows.shape[0]
-        self.inputs = [torch.cat(parts) for parts in inputs]
-        self.final = torch.cat(final)
+        self.inputs, self.final, self.kwargs = recording.inputs, recording.final, recording.kwargs
         if any(x.shape[0] != n for x in self.inputs) or self.final.shape[0] != n:
             raise RuntimeError("the dense pass did not run every block exactly once over every window")
-        self.kwargs = engine.captured.kwargs
         self.stats = recorder.stats
-        missing = sorted(m for m in targets if self.score.needs is not None and m not in self.stats)
+        missing = sorted(m for m in targets if self.score.needs.inputs and m not in self.stats)
         if missing:
             raise RuntimeError(f"no statistics collected for {missing[:3]}")
         vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -300,9 +270,7 @@ class Profiler:
     def _restart(self, first_block: int) -> Iterator[tuple[int, torch.Tensor]]:
         """Last-block outputs, chunk by chunk, from the dense input of ``first_block`` through the current weights."""
         for start, h in self._chunks_of(self.inputs[first_block]):
-            for j in range(first_block, len(self.blocks)):
-                h = _block_output(self.blocks[j](h, **self.kwargs[j]))
-            yield start, h
+            yield start, self.engine.forward_from(first_block, h, self.kwargs)[0]
 
     def _prune_members(self, unit: str, level: float) -> dict[str, torch.Tensor]:
         saved = {}
@@ -322,8 +290,8 @@ class Profiler:
     def release(self, unit: str) -> None:
         """Drop what pruning ``unit`` cached on its statistics (SparseGPT's inverse-Hessian factor)."""
         for m in self.units[unit]:
-            if getattr(self.stats.get(m), "factor", None) is not None:
-                self.stats[m].factor = None
+            if m in self.stats:
+                self.stats[m].cache.clear()
 
     @torch.no_grad()
     def logits(self, unit: str, level: float) -> torch.Tensor:
@@ -442,3 +410,54 @@ def plot_profile(profile: SensitivityProfile, path: str | Path | None = None) ->
         return figure_png(fig, path)
     finally:
         plt.close(fig)
+
+
+class ProfileConfig(AllocationConfig):
+    levels: list[float] | None = Field(None, description="sparsity ladder; default 0.3..0.9, or every k/M for N:M")
+    unit: Literal["module", "block"] = Field("block", description="one level per block or per module")
+    nsamples: int = Field(8, ge=1, description="calibration windows used to measure damage")
+    seqlen: int = Field(256, ge=2, description="tokens per window used to measure damage")
+
+    @field_validator("levels")
+    @classmethod
+    def _sorted(cls, v):
+        return None if v is None else sorted({float(x) for x in v})
+
+
+def profile_plan(ctx: AllocationContext, config: ProfileConfig, windows: torch.Tensor):
+    """Measure (or load from the cache) the sensitivity profile on ``windows`` and solve for the target."""
+    from .knapsack import allocate_from_profile
+
+    fingerprint = ctx.fingerprint() if ctx.fingerprint else None
+    profile = compute_profile(ctx.model, windows, ctx.pruner, ctx.structure, ctx.numels, unit=config.unit,
+                              levels=config.levels, chunk_size=ctx.chunk_size, progress=ctx.progress,
+                              model_fingerprint=fingerprint)
+    ctx.files["profile.json"] = profile.model_dump_json(indent=1)
+    png = plot_profile(profile)
+    if png is not None:
+        ctx.files["profile.png"] = png
+    return allocate_from_profile(profile, ctx.target)
+
+
+@register("allocation")
+class Profile(Allocation):
+    key = "profile"
+    name = "profile"
+    description = "least measured damage per unit: a sensitivity profile (KL to dense per unit and level) + knapsack"
+    Config = ProfileConfig
+    works_with = {"structure": ("unstructured", "n:m")}
+    hint = "structured widths are allocated uniform, global (FLAP), owl or from --plan; make a plan.json with an " \
+           "unstructured run and pass --plan"
+
+    def conflicts(self, chosen):
+        reason = super().conflicts(chosen)
+        if reason is None and self.config.levels is not None:
+            try:
+                check_levels(self.config.levels, chosen["structure"][0])
+            except PrunewiseError as exc:
+                return str(exc)
+        return reason
+
+    def allocate(self, ctx: AllocationContext):
+        windows = ctx.own_windows(self.config.nsamples, self.config.seqlen, what="profile")
+        return profile_plan(ctx, self.config, windows)

@@ -35,11 +35,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine.sequential import _block_output
+from pydantic import Field
+
+from ..core.registry import register
 from ..errors import PrunewiseError
-from ..structures.masks import NM
+from .base import AllocationContext
 from .plan import AllocationPlan
-from .profile import Profiler
+from .profile import Profile, ProfileConfig, Profiler, profile_plan
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +141,7 @@ class ConfigEvaluator:
     @torch.no_grad()
     def _run(self, first: int, hidden: torch.Tensor, keep: bool) -> tuple[torch.Tensor, list]:
         """Blocks ``first..end`` from ``hidden``; with ``keep`` also every block's input."""
-        kept = []
-        h = hidden
-        for j in range(first, len(self.p.blocks)):
-            if keep:
-                kept.append(h)
-            h = _block_output(self.p.blocks[j](h, **self.p.kwargs[j]))
-        return h, kept
+        return self.p.engine.forward_from(first, hidden, self.p.kwargs, keep=keep)
 
     @torch.no_grad()
     def _kl(self, final: torch.Tensor, idx: list[int]) -> float:
@@ -207,7 +203,7 @@ def search_allocation(model: nn.Module, windows: torch.Tensor, score, structure,
     """
     config = config or SearchConfig()
     config.check()
-    if isinstance(structure, NM):
+    if structure.level_quantum:
         raise PrunewiseError("search allocation moves single weights between modules and cannot keep N:M levels; "
                              "use allocation owl or profile with N:M")
     if not starts:
@@ -314,3 +310,41 @@ def search_allocation(model: nn.Module, windows: torch.Tensor, score, structure,
                      "seconds": {"prepare": t_prep, "total": seconds, "pruning_variants": cache.seconds},
                      "variants_pruned": cache.pruned, "forwards": evaluator.forwards, "tokens_scored": evaluator.tokens})
     return plan
+
+
+class SearchOptions(ProfileConfig):
+    generations: int = Field(150, ge=0, description="generations (the time limit may stop it first)")
+    offspring: int = Field(12, ge=1, description="offspring per generation")
+    time_limit: float = Field(900.0, gt=0, description="seconds for the generation loop")
+    search_nsamples: int = Field(16, ge=4, description="calibration windows fitness is drawn from")
+    search_seqlen: int = Field(256, ge=2, description="tokens per search window")
+    cache_mb: float = Field(3072.0, gt=0, description="bound on cached pruned module variants")
+    owl_m: float = Field(5.0, gt=0, description="the OWL starting plan's M")
+    owl_lambda: float = Field(0.08, ge=0, lt=0.5, description="the OWL starting plan's lambda")
+
+
+@register("allocation")
+class Search(Profile):
+    key = "search"
+    name = "search"
+    description = "evolutionary search (EvoPress-style) from the best of uniform, OWL and profile; KL to dense"
+    Config = SearchOptions
+    works_with = {"structure": ("unstructured",)}
+    hint = "search moves single weights between modules: it cannot keep N:M levels (use owl or profile with N:M), " \
+           "and structured widths are allocated uniform, global, owl or from --plan (make a plan.json with an " \
+           "unstructured run and pass --plan)"
+
+    def allocate(self, ctx: AllocationContext) -> AllocationPlan:
+        from .methods import allocate_uniform, owl_plan
+
+        c = self.config
+        profile_windows = ctx.own_windows(c.nsamples, c.seqlen, what="profile")
+        profiled = profile_plan(ctx, c, profile_windows)
+        search_windows = ctx.own_windows(c.search_nsamples, c.search_seqlen, seed_offset=1, what="search")
+        starts = {"uniform": allocate_uniform(ctx.numels, ctx.target, ctx.structure, exact=True),
+                  "owl": owl_plan(ctx, search_windows, c.owl_m, c.owl_lambda),
+                  "profile": profiled}
+        config = SearchConfig(generations=c.generations, offspring=c.offspring, time_limit_s=c.time_limit,
+                              cache_mb=c.cache_mb, seed=ctx.seed)
+        return search_allocation(ctx.model, search_windows, ctx.pruner, ctx.structure, ctx.numels, starts, config,
+                                 ctx.progress)

@@ -17,6 +17,7 @@ extra pass per dependency level.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,8 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.stats import LinearStats, Needs
 from ..models.adapters import ArchitectureAdapter
-from ..scores.base import LinearStats
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ class BlockVisitor(Protocol):
 
     modifies_weights: bool
 
-    def needs(self, block_index: int, name: str) -> str | None:
-        """Statistics wanted: None (none, handled before the pass), 'sq_norm' or 'hessian', optionally + '+samples'."""
+    def needs(self, block_index: int, name: str) -> Needs | None:
+        """Statistics wanted (None or an empty request: none, the linear is visited before the pass)."""
 
     def visit(self, block_index: int, name: str, linear: nn.Linear, stats: LinearStats | None) -> None:
         """Called once per linear when its statistics are complete; may rewrite ``linear.weight``."""
@@ -52,21 +53,30 @@ class Captured:
     kwargs: list[dict]            # per block: the keyword arguments it is called with
 
 
-def _block_output(out):
+@dataclass
+class Recording:
+    """A dense walk kept for restarts: every block's input, the last block's output, the block kwargs."""
+
+    inputs: list[torch.Tensor]
+    final: torch.Tensor
+    kwargs: list[dict]
+
+
+def block_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
 class SequentialEngine:
     """Walks the blocks of a causal LM in order over calibration windows."""
 
-    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, windows: torch.Tensor,
+    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, windows: torch.Tensor | None,
                  chunk_size: int | None = None, progress: bool = True, desc: str = "pruning",
                  sequential: bool = True) -> None:
         self.model = model
         self.adapter = adapter
         self.windows = windows
         self.requested_chunk = chunk_size
-        self.chunk_size = min(chunk_size or 8, windows.shape[0])
+        self.chunk_size = min(chunk_size or 8, windows.shape[0]) if windows is not None else 0
         self.progress = progress
         self.desc = desc
         self.sequential = sequential  # False: every linear of a block sees the dense block (reference Wanda/SparseGPT)
@@ -106,21 +116,74 @@ class SequentialEngine:
             handle.remove()
         return Captured(torch.cat(hidden_parts), kwargs)
 
+    gradients: dict | None = None  # (block, linear) -> gradient, from compute_gradients, given to the visitors
+
+    def _visit(self, visitor, index: int, name: str, linear: nn.Linear, stats: LinearStats | None,
+               need: Needs | None) -> None:
+        if need is not None and need.gradient:
+            if self.gradients is None or (index, name) not in self.gradients:
+                raise RuntimeError(f"block {index} {name}: gradients were asked for but not computed "
+                                   "(call compute_gradients first)")
+            # siblings reading one input share their statistics; each gets its own gradient on a shallow copy
+            stats = LinearStats(linear.in_features) if stats is None else copy.copy(stats)
+            stats.gradient = self.gradients[(index, name)]
+        visitor.visit(index, name, linear, stats)
+
+    def walk_without_data(self, visitor: BlockVisitor) -> None:
+        """Visit every linear with no input statistics (parts that need no calibration pass)."""
+        for i, block in enumerate(self.adapter.blocks(self.model)):
+            for name, linear in self.adapter.linears(block).items():
+                self._visit(visitor, i, name, linear, None, visitor.needs(i, name))
+            visitor.end_block(i, block)
+
     @torch.no_grad()
-    def run(self, visitor: BlockVisitor) -> None:
-        """Walk all blocks with ``visitor``; afterwards the model holds the visitor's weights."""
+    def run(self, visitor: BlockVisitor, record: bool = False) -> Recording | None:
+        """Walk all blocks with ``visitor``; afterwards the model holds the visitor's weights.
+
+        Without windows the linears are visited with no statistics. With ``record`` (a visitor that does
+        not modify weights) every block's input and the last block's output are kept for restarts.
+        """
+        if self.windows is None or (not record and not self._any_inputs(visitor)):
+            self.walk_without_data(visitor)
+            return None
         n = self.windows.shape[0]
         # Sequential pruning in one chunk takes one pass; otherwise the number of passes does not depend
         # on the chunk size, and small chunks run faster (the block's activations stay in cache).
         one_pass = self.sequential and visitor.modifies_weights
         self.chunk_size = min(self.requested_chunk or (n if one_pass else 8), n)
         cap = self.capture()
+        self.captured = cap
         hidden = cap.hidden
         blocks = self.adapter.blocks(self.model)
+        inputs = []
         bar = tqdm(range(len(blocks)), desc=self.desc, unit="block", disable=not self.progress)
         for i in bar:
+            if record:
+                inputs.append(hidden)
             hidden = self._run_block(i, blocks[i], hidden, cap.kwargs[i], visitor)
             visitor.end_block(i, blocks[i])
+        return Recording(inputs, hidden, cap.kwargs) if record else None
+
+    def _any_inputs(self, visitor) -> bool:
+        for i, block in enumerate(self.adapter.blocks(self.model)):
+            for name in self.adapter.linears(block):
+                need = visitor.needs(i, name)
+                if need is not None and need.inputs:
+                    return True
+        return False
+
+    @torch.no_grad()
+    def forward_from(self, first: int, hidden: torch.Tensor, kwargs: list[dict], keep: bool = False):
+        """Blocks ``first..end`` from ``hidden`` (their inputs) with the current weights: ``(output, kept)``,
+        ``kept`` every block's input when ``keep`` (restarts for profiles and searches)."""
+        blocks = self.adapter.blocks(self.model)
+        kept = []
+        h = hidden
+        for j in range(first, len(blocks)):
+            if keep:
+                kept.append(h)
+            h = block_output(blocks[j](h, **kwargs[j]))
+        return h, kept
 
     def _run_block(self, index: int, block: nn.Module, hidden: torch.Tensor, kwargs: dict,
                    visitor: BlockVisitor) -> torch.Tensor:
@@ -128,8 +191,8 @@ class SequentialEngine:
         pending = {}
         for name, linear in linears.items():
             need = visitor.needs(index, name)
-            if need is None:
-                visitor.visit(index, name, linear, None)  # no statistics: done before any pass
+            if need is None or not need.inputs:
+                self._visit(visitor, index, name, linear, None, need)  # no input statistics: before any pass
             else:
                 pending[name] = need
         n_chunks = (hidden.shape[0] + self.chunk_size - 1) // self.chunk_size
@@ -170,14 +233,14 @@ class SequentialEngine:
                         if sibling in stats and pending.get(sibling) == pending[name]:
                             stats[name], owner[name] = stats[sibling], owner[sibling]
                         else:
-                            stats[name] = LinearStats.for_need(x.shape[-1], pending[name])
+                            stats[name] = LinearStats.for_needs(x.shape[-1], pending[name])
                             owner[name] = name
                 if collecting[name]:
                     if owner[name] == name:
                         stats[name].add(x)
                     if chunk == n_chunks - 1 and self.sequential:
                         stats[name].check_finite(f"block {index} {name}")
-                        visitor.visit(index, name, module, stats[name])
+                        self._visit(visitor, index, name, module, stats[name], pending[name])
                         del pending[name]
             if name in pending and visitor.modifies_weights:
                 stale_in_pass.add(name)
@@ -197,7 +260,7 @@ class SequentialEngine:
                 called.clear()
                 seen_inputs.clear()
                 x = hidden[c * self.chunk_size:(c + 1) * self.chunk_size]
-                outs.append(_block_output(block(x, **kwargs)))
+                outs.append(block_output(block(x, **kwargs)))
         finally:
             for h in handles:
                 h.remove()
@@ -207,7 +270,7 @@ class SequentialEngine:
         if not self.sequential:  # prune after the pass, from statistics of the dense block
             for name in [n for n in pending if collecting.get(n)]:
                 stats[name].check_finite(f"block {index} {name}")
-                visitor.visit(index, name, linears[name], stats[name])
+                self._visit(visitor, index, name, linears[name], stats[name], pending[name])
                 del pending[name]
         stale = bool(stale_in_pass) and visitor.modifies_weights
         assert skip is None or stale, "outputs of a pass that skipped a linear must not be used"

@@ -19,6 +19,11 @@ LLAMA_LINEARS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
 )
+# role -> linear name inside a block: what structured pruning slices (query/key/value/output, gate/up/down)
+LLAMA_ROLES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+ATTENTION_ROLES = ("q", "k", "v", "o")
+MLP_ROLES = ("gate", "up", "down")
 
 
 @dataclass(frozen=True)
@@ -33,10 +38,58 @@ class ArchitectureAdapter:
     final_norm: str = "norm"  # attribute path, from the decoder, of the norm applied after the last block
     # the norm whose input is the residual stream between the attention and the MLP sublayer (first found)
     mid_norms: tuple[str, ...] = ("pre_feedforward_layernorm", "post_attention_layernorm")
-    coupled: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
-        "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
-        "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-    })
+    roles: dict[str, str] = field(default_factory=lambda: dict(LLAMA_ROLES))
+    attention_module: str = "self_attn"  # the attention sublayer inside a block
+    mlp_module: str = "mlp"              # the MLP sublayer inside a block
+    # stock config flags that switch on an output bias (zero biases are added to the siblings): bias kind -> flag
+    bias_flags: dict[str, str] = field(default_factory=lambda: {"o_proj_bias": "attention_bias",
+                                                                "down_proj_bias": "mlp_bias"})
+
+    def coupled(self, kind: str) -> tuple[str, ...]:
+        """Linear names (relative to a block) of the attention or the MLP sublayer: pruned together by units."""
+        return tuple(self.roles[r] for r in (ATTENTION_ROLES if kind == "attention" else MLP_ROLES))
+
+    def roles_of(self, block: nn.Module) -> dict[str, nn.Linear]:
+        """The block's linears by role (q, k, v, o, gate, up, down)."""
+        out = {}
+        for role, name in self.roles.items():
+            module = _get_path(block, name)
+            if not isinstance(module, nn.Linear):
+                raise PrunewiseError(f"a {self.family} block has no linear {name} ({role}); structured pruning needs "
+                                     "q, k, v, o, gate, up and down projections")
+            out[role] = module
+        return out
+
+    def sublayer(self, block: nn.Module, kind: str) -> nn.Module:
+        """The block's ``attention`` or ``mlp`` sublayer module."""
+        return getattr(block, self.attention_module if kind == "attention" else self.mlp_module)
+
+    def set_sublayer(self, block: nn.Module, kind: str, module: nn.Module) -> None:
+        setattr(block, self.attention_module if kind == "attention" else self.mlp_module, module)
+
+    def set_blocks(self, model: nn.Module, blocks: list[nn.Module]) -> None:
+        """Replace the block list (survivors renumbered for the KV cache) and the config's block counts."""
+        decoder = self.decoder(model)
+        n = len(decoder.layers)
+        keep = {id(b) for b in blocks}
+        dropped = [i for i, b in enumerate(decoder.layers) if id(b) not in keep]
+        decoder.layers = nn.ModuleList(blocks)
+        for j, block in enumerate(blocks):
+            if hasattr(block, "layer_idx"):
+                block.layer_idx = j
+            attn = getattr(block, self.attention_module, None)
+            if hasattr(attn, "layer_idx"):
+                attn.layer_idx = j
+        configs = {id(model.config): model.config}
+        text = getattr(model.config, "text_config", None)
+        if text is not None:
+            configs[id(text)] = text
+        for config in configs.values():
+            if getattr(config, "num_hidden_layers", None) == n:
+                config.num_hidden_layers = len(blocks)
+            types = getattr(config, "layer_types", None)
+            if isinstance(types, list) and len(types) == n:
+                config.layer_types = [t for i, t in enumerate(types) if i not in dropped]
 
     def decoder(self, model: nn.Module) -> nn.Module:
         """The module that owns the embedding, the block list and the final norm."""
@@ -123,11 +176,11 @@ class ArchitectureAdapter:
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (
     ArchitectureAdapter("llama", ("llama",)),
-    ArchitectureAdapter("mistral", ("mistral",)),
-    ArchitectureAdapter("qwen2", ("qwen2",)),
-    ArchitectureAdapter("qwen3", ("qwen3",)),
-    ArchitectureAdapter("gemma", ("gemma", "gemma2")),
-    ArchitectureAdapter("gemma3", ("gemma3", "gemma3_text")),
+    ArchitectureAdapter("mistral", ("mistral",), bias_flags={}),
+    ArchitectureAdapter("qwen2", ("qwen2",), bias_flags={}),
+    ArchitectureAdapter("qwen3", ("qwen3",), bias_flags={}),
+    ArchitectureAdapter("gemma", ("gemma", "gemma2"), bias_flags={}),
+    ArchitectureAdapter("gemma3", ("gemma3", "gemma3_text"), bias_flags={"o_proj_bias": "attention_bias"}),
 )
 
 

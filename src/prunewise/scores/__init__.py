@@ -1,23 +1,19 @@
-"""Scores: how important each weight is, and how a linear layer is pruned by that ranking."""
+"""Scores: how important each weight (or structured unit) is. One file per score, registered here."""
 
 from __future__ import annotations
 
-from ..errors import PrunewiseError
-from .base import LinearStats, PruneOutcome, check_weight
-from .simple import MagnitudeScore, WandaScore
-from .sparsegpt import SparseGPTScore, inverse_hessian_factor
+from ..core.registry import REGISTRIES
+from ..core.stats import LinearStats, check_weight
+from . import fluctuation, magnitude, sparsegpt, taylor, wanda  # noqa: F401  (registration)
+from .base import Score
 
-SCORES = {"magnitude": MagnitudeScore, "wanda": WandaScore, "sparsegpt": SparseGPTScore}
-
-
-def get_score(name: str, **options):
-    """A score by name; options (damp, blocksize) go to scores that take them."""
-    if name not in SCORES:
-        raise PrunewiseError(f"unknown score '{name}'; choose one of: {', '.join(SCORES)}")
-    if name == "sparsegpt":
-        return SparseGPTScore(**{k: v for k, v in options.items() if k in ("damp", "blocksize")})
-    return SCORES[name]()
+SCORES = REGISTRIES["score"].parts
 
 
-__all__ = ["SCORES", "get_score", "LinearStats", "PruneOutcome", "check_weight",
-           "MagnitudeScore", "WandaScore", "SparseGPTScore", "inverse_hessian_factor"]
+def get_score(name: str, **options) -> Score:
+    """A score by name with its options (e.g. ``damp`` for sparsegpt)."""
+    cls = REGISTRIES["score"].get(name)
+    return REGISTRIES["score"].build(name, **{k: v for k, v in options.items() if k in cls.Config.model_fields})
+
+
+__all__ = ["SCORES", "Score", "get_score", "LinearStats", "check_weight"]

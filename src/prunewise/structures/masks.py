@@ -8,10 +8,13 @@ spread over rows so that no two rows differ by more than one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from ..core.registry import PartConfig, register
 from ..errors import PrunewiseError
+from .base import Structure
 
 
 def row_counts(rows: int, cols: int, sparsity: float | torch.Tensor) -> torch.Tensor:
@@ -51,18 +54,37 @@ def smallest_overall(importance: torch.Tensor, count: int) -> torch.Tensor:
     return mask.view_as(importance)
 
 
+class UnstructuredConfig(PartConfig):
+    group: Literal["row", "layer"] | None = None  # comparison group; default per score
+
+
+@register("structure")
 @dataclass(frozen=True)
-class Unstructured:
+class Unstructured(Structure):
     """Unstructured sparsity; ``group`` is the comparison group: each output row, or the whole layer."""
 
+    key = "unstructured"
+    description = "single weights, compared per output row or per layer"
+    Config = UnstructuredConfig
     group: str = "row"
 
     @property
     def name(self) -> str:
         return "unstructured"
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.group or "row")
+
+    def options(self) -> dict:
+        return {"group": self.group}
+
     def check(self, module_name: str, weight: torch.Tensor) -> None:
         return None
+
+    def tiles(self, rows: int, cols: int, sparsity) -> "TileSelector":
+        per_row = self.group == "row" or (isinstance(sparsity, torch.Tensor) and sparsity.dim() == 1)
+        return _UnstructuredTiles(row_counts(rows, cols, sparsity), cols, per_row)
 
     def mask(self, importance: torch.Tensor, sparsity: float | torch.Tensor) -> torch.Tensor:
         rows, cols = importance.shape
@@ -71,12 +93,39 @@ class Unstructured:
         return smallest_per_row(importance, row_counts(rows, cols, sparsity))
 
 
+class NMConfig(PartConfig):
+    n: int = 2
+    m: int = 4
+
+
+@register("structure")
 @dataclass(frozen=True)
-class NM:
+class NM(Structure):
     """N:M sparsity: exactly ``n`` zeros in every group of ``m`` consecutive inputs of a row."""
 
+    key = "n:m"
+    description = "N zeros in every M consecutive weights of a row (written N:M, e.g. 2:4)"
+    Config = NMConfig
+    fixed_sparsity = True
     n: int
     m: int
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.n, config.m)
+
+    def options(self) -> dict:
+        return {"n": self.n, "m": self.m}
+
+    @property
+    def level_quantum(self) -> int:
+        return self.m
+
+    def tile_width(self, blocksize: int) -> int:
+        return blocksize if blocksize % self.m == 0 else self.m * max(1, blocksize // self.m)
+
+    def tiles(self, rows: int, cols: int, sparsity) -> "TileSelector":
+        return _NMTiles(self.m, self.zeros_for(float(sparsity)))
 
     @property
     def name(self) -> str:
@@ -109,14 +158,60 @@ class NM:
         return mask.reshape(rows, cols)
 
 
-def parse_structure(text: str, group: str = "row"):
+class TileSelector:
+    """How a structure chooses its mask inside a reconstruction sweep (SparseGPT), tile by tile.
+
+    ``begin`` returns the mask of a new tile of columns ``[c0, c1)`` from the tile's saliency;
+    ``at_column`` may extend it as the sweep reaches column ``i`` of the tile (N:M groups).
+    """
+
+    def begin(self, saliency, W1: torch.Tensor, d1: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def at_column(self, saliency, i: int, W1: torch.Tensor, d1: torch.Tensor, mask1: torch.Tensor) -> None:
+        return None
+
+
+class _UnstructuredTiles(TileSelector):
+    """Each tile removes its share of the layer's (or each row's) count, by the saliency within the tile."""
+
+    def __init__(self, counts: torch.Tensor, cols: int, per_row: bool) -> None:
+        self.counts, self.cols, self.per_row = counts, cols, per_row
+        self.total = int(counts.sum())
+
+    def begin(self, saliency, W1, d1, c0, c1):
+        sal = saliency(W1, d1)
+        if self.per_row:
+            k = torch.round(self.counts.double() * c1 / self.cols) - torch.round(self.counts.double() * c0 / self.cols)
+            return smallest_per_row(sal, k.long())
+        k = round(self.total * c1 / self.cols) - round(self.total * c0 / self.cols)
+        return smallest_overall(sal, k)
+
+
+class _NMTiles(TileSelector):
+    """N:M groups are chosen when the sweep reaches their first column, from the weights updated so far."""
+
+    def __init__(self, m: int, n_zero: int) -> None:
+        self.m, self.n_zero = m, n_zero
+
+    def begin(self, saliency, W1, d1, c0, c1):
+        return torch.zeros_like(W1, dtype=torch.bool)
+
+    def at_column(self, saliency, i, W1, d1, mask1):
+        if i % self.m == 0 and self.n_zero:
+            sal = saliency(W1[:, i:i + self.m], d1[i:i + self.m])
+            idx = torch.topk(sal, self.n_zero, dim=1, largest=False).indices
+            mask1.scatter_(1, i + idx, True)
+
+
+def parse_structure(text: str, group: str = "row", **options):
     """``unstructured``, ``N:M`` (N zeros in every M consecutive weights, 0 < N < M), or a structured unit:
-    ``channels``, ``heads``, ``width``, ``sublayers``, ``blocks``."""
-    from ..structured.geometry import STRUCTURES, Structured
+    ``channels``, ``heads``, ``width``, ``sublayers``, ``blocks`` (``options``: their part options)."""
+    from .units import STRUCTURES, structured
 
     text = text.strip().lower()
     if text in STRUCTURES:
-        return Structured(text)
+        return structured(text, **options)
     if text == "unstructured":
         if group not in ("row", "layer"):
             raise PrunewiseError(f"unknown comparison group '{group}'; use 'row' or 'layer'")

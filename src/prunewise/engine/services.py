@@ -1,16 +1,9 @@
-"""Structured scores: one number per MLP channel, query head and key/value head of a block.
+"""Engine services beyond the block walk: gradient passes and whole-output measurements.
 
-- ``magnitude``: the L2 norm of all weights of the unit (group magnitude);
-- ``wanda``: Wanda's ``|W_ij| * ||X_j||`` summed over the unit's weights;
-- ``fluctuation`` (FLAP): for each input channel of the output projection, the sample variance of
-  that input times the squared norm of its weight column, summed over the unit's channels (for
-  attention channels the metric is squared first, as in the FLAP code; under global widths the
-  channel metrics are standardised per block and a head gets the mean of its channels);
-- ``taylor`` (LLM-Pruner, first order, element-wise): ``|W_ij * dL/dW_ij|`` summed over the unit,
-  with gradients of the language-model loss on the calibration windows.
-
-A unit's weights are the rows it owns in gate/up (q for heads; k/v for key/value heads) and the
-columns it owns in down (o for heads). Statistics come from one dense pass of the sequential engine.
+Like the walk itself, these are the only places that hook a model's blocks: gradients of the LM
+loss for every block linear (Taylor, GBLM-Pruner), block and sublayer influence on the residual
+stream (ShortGPT, and the means FLAP's bias compensation folds in), and the output damage of
+silencing one sublayer (FinerCut).
 """
 
 from __future__ import annotations
@@ -19,23 +12,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.stats import LinearStats, Needs, check_weight
 from ..errors import PrunewiseError
-from ..scores.base import LinearStats, check_weight
-from .geometry import BlockGeometry
-
-STRUCTURED_SCORES = ("magnitude", "wanda", "fluctuation", "taylor")
 
 
 class StatsVisitor:
-    """Dense pass keeping, for every linear of every block, its input statistics (sums of squares and sums)."""
+    """Dense pass keeping, for every linear of every block, its input statistics (as ``needs`` asks)."""
 
     modifies_weights = False
 
-    def __init__(self) -> None:
+    def __init__(self, needs: Needs = Needs(sq_norm=True, mean=True)) -> None:
         self.stats: dict[int, dict[str, LinearStats]] = {}
+        self._needs = needs
 
-    def needs(self, i: int, name: str) -> str:
-        return "sq_norm+mean"
+    def needs(self, i: int, name: str) -> Needs:
+        return self._needs
 
     def visit(self, i: int, name: str, linear: nn.Linear, stats: LinearStats | None) -> None:
         check_weight(f"block {i} {name}", linear.weight)
@@ -45,60 +36,20 @@ class StatsVisitor:
         return None
 
 
-def _element(score: str, weight: torch.Tensor, stats: LinearStats | None, grad: torch.Tensor | None) -> torch.Tensor:
-    w = weight.float()
-    if score == "magnitude":
-        return w.pow(2)
-    if score == "wanda":
-        return w.abs() * stats.sq_norm.sqrt().float().unsqueeze(0)
-    if score == "taylor":
-        return (w * grad.float()).abs()
-    raise PrunewiseError(f"unknown structured score '{score}'; choose one of {', '.join(STRUCTURED_SCORES)}")
+def loss_gradients(model: nn.Module, adapter, windows: torch.Tensor, kind: str = "sum", chunk_size: int = 4,
+                   progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
+    """Gradients of the next-token loss over ``windows`` for every block linear: (block, name) -> tensor.
 
-
-def unit_scores(score: str, block: nn.Module, g: BlockGeometry, stats: dict[str, LinearStats],
-                grads: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Scores of a block's units: ``channels`` (I,), ``query`` (H,), ``kv`` (KV,); higher = keep.
-
-    ``query`` holds what a query head owns (q rows, o columns); ``kv`` what a key/value head owns
-    beyond its query heads (k, v rows). Magnitude scores are returned squared (sum of squares), so
-    that a group of units adds up before the square root is taken by the caller.
+    ``kind="sum"``: the gradient of the loss summed over the windows (LLM-Pruner's Taylor score), in
+    chunks of ``chunk_size`` windows. ``kind="per_sample_l2"``: GBLM-Pruner's gradient, one window at
+    a time, ``sqrt(sum_s (g_s / n)^2)`` of the per-window gradients ``g_s`` of the mean loss (see
+    :func:`_per_sample_l2`). Parameters keep their ``requires_grad`` as they were; the model is left
+    in eval mode with no grads.
     """
-    a, m = block.self_attn, block.mlp
-    hd = g.head_dim
-    grads = grads or {}
-    if score == "fluctuation":
-        down, o = stats["mlp.down_proj"], stats["self_attn.o_proj"]
-        channels = down.variance.float() * m.down_proj.weight.float().pow(2).sum(0)
-        per_col = (o.variance.float() * a.o_proj.weight.float().pow(2).sum(0)).pow(2)  # FLAP squares the attention metric
-        return {"channels": channels, "query": per_col.view(g.heads, hd).sum(1), "kv": torch.zeros(g.kv_heads),
-                "query_channels": per_col}
-
-    def el(name: str, linear: nn.Linear) -> torch.Tensor:
-        if score == "taylor" and name not in grads:
-            raise PrunewiseError(f"no gradient for {name}; the taylor score needs gradients of every targeted linear")
-        return _element(score, linear.weight, stats.get(name), grads.get(name))
-
-    channels = (el("mlp.gate_proj", m.gate_proj).sum(1) + el("mlp.up_proj", m.up_proj).sum(1)
-                + el("mlp.down_proj", m.down_proj).sum(0))
-    query = (el("self_attn.q_proj", a.q_proj).sum(1).view(g.heads, hd).sum(1)
-             + el("self_attn.o_proj", a.o_proj).sum(0).view(g.heads, hd).sum(1))
-    kv = (el("self_attn.k_proj", a.k_proj).sum(1).view(g.kv_heads, hd).sum(1)
-          + el("self_attn.v_proj", a.v_proj).sum(1).view(g.kv_heads, hd).sum(1))
-    return {"channels": channels, "query": query, "kv": kv}
-
-
-def finish(score: str, values: torch.Tensor) -> torch.Tensor:
-    """Group magnitude is a norm: the square root of the summed squares."""
-    return values.sqrt() if score == "magnitude" else values
-
-
-def taylor_gradients(model: nn.Module, adapter, windows: torch.Tensor, chunk_size: int = 4,
-                     progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
-    """Gradients of the summed next-token loss over ``windows`` for every block linear: (block, name) -> grad.
-
-    Parameters keep their ``requires_grad`` as they were; the model is left in eval mode with no grads.
-    """
+    if kind == "per_sample_l2":
+        return _per_sample_l2(model, adapter, windows, progress)
+    if kind != "sum":
+        raise PrunewiseError(f"unknown gradient kind {kind!r}; use 'sum' or 'per_sample_l2'")
     blocks = adapter.blocks(model)
     linears = {(i, n): lin for i, b in enumerate(blocks) for n, lin in adapter.linears(b).items()}
     wanted = {id(lin.weight) for lin in linears.values()}
@@ -153,6 +104,7 @@ class InfluenceVisitor:
 
         for i, block in enumerate(blocks):
             mid = self.adapter.mid_norm(block)
+            o_name, down_name = self.adapter.roles["o"], self.adapter.roles["down"]
 
             def pre(module, args, kwargs, i=i):
                 cur[i] = {"h0": (args[0] if args else kwargs["hidden_states"])}
@@ -175,7 +127,7 @@ class InfluenceVisitor:
             handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(mid.register_forward_pre_hook(mid_pre))
             handles.append(block.register_forward_hook(post, with_kwargs=True))
-            for name in ("self_attn.o_proj", "mlp.down_proj"):
+            for name in (o_name, down_name):
                 lin = block.get_submodule(name)
                 handles.append(lin.register_forward_pre_hook(lambda mod, args, key=(i, name): proj_pre(mod, args, key)))
         try:
@@ -189,8 +141,9 @@ class InfluenceVisitor:
                 h.remove()
         return {k: 1 - v / self.tokens for k, v in self.cos.items()}
 
-    def mean_input(self, i: int, name: str) -> torch.Tensor:
-        return self.out_sums[(i, name)] / self.tokens
+    def mean_input(self, i: int, role: str) -> torch.Tensor:
+        """Mean input of block ``i``'s output projection ``role`` ('o' or 'down')."""
+        return self.out_sums[(i, self.adapter.roles[role])] / self.tokens
 
 
 @torch.no_grad()
@@ -216,10 +169,11 @@ def sublayer_damage(model: nn.Module, adapter, windows: torch.Tensor, chunk_size
     bar = tqdm(total=2 * len(blocks), desc="sublayer damage", unit="sublayer", disable=not progress)
     for i, block in enumerate(blocks):
         for kind in ("attention", "mlp"):
+            sub = adapter.sublayer(block, kind)
             if kind == "attention":
-                handle = block.self_attn.register_forward_hook(silence_attention, with_kwargs=True)
+                handle = sub.register_forward_hook(silence_attention, with_kwargs=True)
             else:
-                handle = block.mlp.register_forward_hook(silence_mlp)
+                handle = sub.register_forward_hook(silence_mlp)
             try:
                 kl, count = 0.0, 0
                 for ref, lp in zip(dense, log_probs()):

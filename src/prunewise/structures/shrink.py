@@ -19,12 +19,8 @@ from .geometry import BlockGeometry, BlockKeep, check_gqa
 
 log = logging.getLogger(__name__)
 
-# families whose stock config can switch on an output bias: bias kind -> config flag (zero biases are added elsewhere)
-STOCK_BIAS_FLAGS = {
-    "llama": {"o_proj_bias": "attention_bias", "down_proj_bias": "mlp_bias"},
-    "gemma3_text": {"o_proj_bias": "attention_bias"},
-}
-FLAG_SIBLINGS = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp_bias": ("gate_proj", "up_proj", "down_proj")}
+# the linears that a stock config's bias flag switches on together (zero biases are added to the siblings)
+FLAG_SIBLINGS = {"attention_bias": ("q", "k", "v", "o"), "mlp_bias": ("gate", "up", "down")}
 
 
 def _complement(kept: torch.Tensor, n: int) -> torch.Tensor:
@@ -38,23 +34,23 @@ def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def shrink_block(block: nn.Module, keep: BlockKeep, head_dim: int, o_mean: torch.Tensor | None = None,
+def shrink_block(block: nn.Module, keep: BlockKeep, head_dim: int, adapter, o_mean: torch.Tensor | None = None,
                  down_mean: torch.Tensor | None = None) -> dict:
     """Slice one block to ``keep``; with means given, removed inputs of o_proj/down_proj are folded into their bias
     (FLAP: ``b += W[:, removed] @ mean(x[removed])``). Returns the block's ``prunewise_layers`` entry."""
-    g = BlockGeometry.of(block, head_dim)
+    lin = adapter.roles_of(block)
+    g = BlockGeometry.of(lin, head_dim)
     if keep.query_heads.numel():
         check_gqa(keep, g)
-    a, m = block.self_attn, block.mlp
     removed_cols = _head_rows(_complement(keep.query_heads, g.heads), head_dim)
     removed_ch = _complement(keep.channels, g.intermediate)
-    o_bias = a.o_proj.bias.detach().double().clone() if a.o_proj.bias is not None else None
-    down_bias = m.down_proj.bias.detach().double().clone() if m.down_proj.bias is not None else None
+    o_bias = lin["o"].bias.detach().double().clone() if lin["o"].bias is not None else None
+    down_bias = lin["down"].bias.detach().double().clone() if lin["down"].bias is not None else None
     if o_mean is not None and removed_cols.numel():
-        add = a.o_proj.weight[:, removed_cols].double() @ o_mean.double()[removed_cols]
+        add = lin["o"].weight[:, removed_cols].double() @ o_mean.double()[removed_cols]
         o_bias = add if o_bias is None else o_bias + add
     if down_mean is not None and removed_ch.numel():
-        add = m.down_proj.weight[:, removed_ch].double() @ down_mean.double()[removed_ch]
+        add = lin["down"].weight[:, removed_ch].double() @ down_mean.double()[removed_ch]
         down_bias = add if down_bias is None else down_bias + add
     if not keep.query_heads.numel():  # a removed sublayer only keeps its compensation (the constant it added on average)
         o_bias = o_bias if o_mean is not None else None
@@ -62,32 +58,27 @@ def shrink_block(block: nn.Module, keep: BlockKeep, head_dim: int, o_mean: torch
         down_bias = down_bias if down_mean is not None else None
     spec = keep.spec(o_bias is not None, down_bias is not None)
     q_rows, kv_rows = _head_rows(keep.query_heads, head_dim), _head_rows(keep.kv_heads, head_dim)
-    saved = {
-        "q": (a.q_proj.weight[q_rows], None if a.q_proj.bias is None else a.q_proj.bias[q_rows]),
-        "k": (a.k_proj.weight[kv_rows], None if a.k_proj.bias is None else a.k_proj.bias[kv_rows]),
-        "v": (a.v_proj.weight[kv_rows], None if a.v_proj.bias is None else a.v_proj.bias[kv_rows]),
-        "o": a.o_proj.weight[:, q_rows],
-        "gate": (m.gate_proj.weight[keep.channels], None if m.gate_proj.bias is None else m.gate_proj.bias[keep.channels]),
-        "up": (m.up_proj.weight[keep.channels], None if m.up_proj.bias is None else m.up_proj.bias[keep.channels]),
-        "down": m.down_proj.weight[:, keep.channels],
-    }
+    rows = {"q": q_rows, "k": kv_rows, "v": kv_rows, "gate": keep.channels, "up": keep.channels}
+    saved = {r: (lin[r].weight[i], None if lin[r].bias is None else lin[r].bias[i]) for r, i in rows.items()}
+    saved["o"] = (lin["o"].weight[:, q_rows], o_bias)
+    saved["down"] = (lin["down"].weight[:, keep.channels], down_bias)
     resize_block(block, spec, g.hidden, head_dim)
-    a, m = block.self_attn, block.mlp
-    if isinstance(a, RemovedAttention):
-        if a.bias is not None:
-            a.bias.copy_(o_bias)
-    else:
-        for key, lin in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj)):
-            _fill(lin, *saved[key])
-        _fill(a.o_proj, saved["o"], o_bias)
-    if isinstance(m, RemovedMLP):
-        if m.bias is not None:
-            m.bias.copy_(down_bias)
-    else:
-        _fill(m.gate_proj, *saved["gate"])
-        _fill(m.up_proj, *saved["up"])
-        _fill(m.down_proj, saved["down"], down_bias)
+    attention, mlp = adapter.sublayer(block, "attention"), adapter.sublayer(block, "mlp")
+    if isinstance(attention, RemovedAttention):
+        if attention.bias is not None:
+            attention.bias.copy_(o_bias)
+    if isinstance(mlp, RemovedMLP):
+        if mlp.bias is not None:
+            mlp.bias.copy_(down_bias)
+    for kind, roles in (("attention", ("q", "k", "v", "o")), ("mlp", ("gate", "up", "down"))):
+        if not isinstance(adapter.sublayer(block, kind), (RemovedAttention, RemovedMLP)):
+            for r in roles:
+                _fill(_role(adapter, block, r), *saved[r])
     return spec
+
+
+def _role(adapter, block: nn.Module, role: str) -> nn.Linear:
+    return block.get_submodule(adapter.roles[role])
 
 
 def _fill(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -101,31 +92,14 @@ def _fill(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 def remove_blocks(model: nn.Module, adapter, indices: list[int]) -> None:
     """Delete whole blocks; the survivors are renumbered for the KV cache and the config follows."""
-    decoder = adapter.decoder(model)
+    blocks = adapter.blocks(model)
     drop = set(indices)
-    n = len(decoder.layers)
-    if len(drop) >= n:
-        raise PrunewiseError(f"cannot remove all {n} blocks; lower the sparsity")
-    kept = [b for i, b in enumerate(decoder.layers) if i not in drop]
-    decoder.layers = nn.ModuleList(kept)
-    for j, block in enumerate(kept):
-        if hasattr(block, "layer_idx"):
-            block.layer_idx = j
-        if hasattr(block.self_attn, "layer_idx"):
-            block.self_attn.layer_idx = j
-    configs = {id(model.config): model.config}
-    text = getattr(model.config, "text_config", None)
-    if text is not None:
-        configs[id(text)] = text
-    for config in configs.values():
-        if getattr(config, "num_hidden_layers", None) == n:
-            config.num_hidden_layers = len(kept)
-        types = getattr(config, "layer_types", None)
-        if isinstance(types, list) and len(types) == n:
-            config.layer_types = [t for i, t in enumerate(types) if i not in drop]
+    if len(drop) >= len(blocks):
+        raise PrunewiseError(f"cannot remove all {len(blocks)} blocks; lower the sparsity")
+    adapter.set_blocks(model, [b for i, b in enumerate(blocks) if i not in drop])
 
 
-def finalize_config(model: nn.Module, blocks: nn.ModuleList, specs: list[dict]) -> str:
+def finalize_config(model: nn.Module, adapter, specs: list[dict]) -> str:
     """Give the shrunk model the config it is saved with: 'stock' when every block has the same widths (and any
     added bias has a config flag), else 'custom' (the family's pruned twin, loadable with trust_remote_code)."""
     config = model.config
@@ -134,16 +108,15 @@ def finalize_config(model: nn.Module, blocks: nn.ModuleList, specs: list[dict]) 
         "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
     head_dim = head_dim_of(config)
     uniform = all(s == specs[0] for s in specs) and specs[0]["intermediate_size"] > 0 and specs[0]["num_attention_heads"] > 0
-    flags = STOCK_BIAS_FLAGS.get(config.model_type, {})
-    added = [k for k in ("o_proj_bias", "down_proj_bias") if uniform and specs[0][k] and not _stock_has(config, k)]
+    flags = adapter.bias_flags
+    added = [k for k in ("o_proj_bias", "down_proj_bias") if uniform and specs[0][k] and not _stock_has(config, flags, k)]
     if uniform and all(k in flags for k in added) and _stock_accepts(config, specs[0], head_dim):
         for k in added:
             flag = flags[k]
             setattr(config, flag, True)
-            for block in blocks:
-                parent = block.self_attn if flag == "attention_bias" else block.mlp
-                for name in FLAG_SIBLINGS[flag]:
-                    lin = getattr(parent, name)
+            for block in adapter.blocks(model):
+                for role in FLAG_SIBLINGS[flag]:
+                    lin = _role(adapter, block, role)
                     if lin.bias is None:
                         lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
         config.intermediate_size = specs[0]["intermediate_size"]
@@ -165,8 +138,8 @@ def finalize_config(model: nn.Module, blocks: nn.ModuleList, specs: list[dict]) 
     return "custom"
 
 
-def _stock_has(config, kind: str) -> bool:
-    flag = STOCK_BIAS_FLAGS.get(config.model_type, {}).get(kind)
+def _stock_has(config, flags: dict, kind: str) -> bool:
+    flag = flags.get(kind)
     return bool(flag and getattr(config, flag, False))
 
 

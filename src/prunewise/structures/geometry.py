@@ -1,6 +1,6 @@
 """What a decoder block is made of, in structured units: MLP channels, query heads, key/value groups.
 
-The adapter says where the linears are; this file turns one block into its widths and the
+The adapter says where the linears are (by role: q, k, v, o, gate, up, down); this file turns one block into its widths and the
 parameter cost of every removable unit, GQA-aware: query head ``h`` reads key/value head
 ``h // (H / KV)``, so a key/value head goes only when every query head of its group goes.
 """
@@ -11,30 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
-STRUCTURES = ("channels", "heads", "width", "sublayers", "blocks")
-
-
-@dataclass(frozen=True)
-class Structured:
-    """A structured pruning unit: ``channels`` (MLP), ``heads`` (attention), ``width`` (both), ``sublayers``, ``blocks``."""
-
-    kind: str
-
-    @property
-    def name(self) -> str:
-        return self.kind
-
-    @property
-    def prunes_mlp(self) -> bool:
-        return self.kind in ("channels", "width")
-
-    @property
-    def prunes_heads(self) -> bool:
-        return self.kind in ("heads", "width")
-
-    def check(self, module_name: str, weight: torch.Tensor) -> None:
-        return None
 
 
 def _numel(linear: nn.Linear) -> int:
@@ -61,19 +37,19 @@ class BlockGeometry:
         return self.heads // self.kv_heads
 
     @classmethod
-    def of(cls, block: nn.Module, head_dim: int) -> "BlockGeometry":
-        a, m = block.self_attn, block.mlp
-        hidden = a.q_proj.in_features
-        heads = a.q_proj.out_features // head_dim
-        kv = a.k_proj.out_features // head_dim
-        inter = m.gate_proj.out_features
-        qb = 1 if a.q_proj.bias is not None else 0
-        kb = 1 if a.k_proj.bias is not None else 0
-        gb = 1 if m.gate_proj.bias is not None else 0
-        ub = 1 if m.up_proj.bias is not None else 0
+    def of(cls, lin: dict[str, nn.Linear], head_dim: int) -> "BlockGeometry":
+        """From a block's linears by role (q, k, v, o, gate, up, down: ``adapter.roles_of(block)``)."""
+        hidden = lin["q"].in_features
+        heads = lin["q"].out_features // head_dim
+        kv = lin["k"].out_features // head_dim
+        inter = lin["gate"].out_features
+        qb = 1 if lin["q"].bias is not None else 0
+        kb = 1 if lin["k"].bias is not None else 0
+        gb = 1 if lin["gate"].bias is not None else 0
+        ub = 1 if lin["up"].bias is not None else 0
         return cls(hidden=hidden, head_dim=head_dim, heads=heads, kv_heads=kv, intermediate=inter,
-                   attn_params=sum(_numel(x) for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)),
-                   mlp_params=sum(_numel(x) for x in (m.gate_proj, m.up_proj, m.down_proj)),
+                   attn_params=sum(_numel(lin[r]) for r in ("q", "k", "v", "o")),
+                   mlp_params=sum(_numel(lin[r]) for r in ("gate", "up", "down")),
                    channel_cost=3 * hidden + gb + ub,
                    query_cost=head_dim * (2 * hidden + qb),
                    kv_cost=2 * head_dim * (hidden + kb))

@@ -1,4 +1,5 @@
-"""The visitor that prunes: each targeted linear is pruned by the score, to its planned sparsity."""
+"""The visitor that prunes: each targeted linear is pruned by the composed pruner, to its planned sparsity,
+and its mask is kept (a :class:`MaskSet`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from torch import nn
 
 from ..allocation.plan import AllocationPlan
 from ..allocation.rowwise import trim_row_sparsities
+from ..core.masks import MaskSet
+from ..core.stats import LinearStats, Needs, check_weight
 from ..errors import PrunewiseError
-from ..scores.base import LinearStats, check_weight
-from ..structures.masks import NM
 
 
 class PruneVisitor:
-    """Prunes every linear named in the plan with ``score`` under ``structure``; records what it did.
+    """Prunes every linear named in the plan with ``pruner`` under ``structure``; records what it did and the masks.
 
     With ``rowwise`` each module's level is spread over its output rows by TRIM (from input samples
     of the calibration windows as they reach the module) and the vectors are written into the plan;
@@ -23,23 +24,24 @@ class PruneVisitor:
 
     modifies_weights = True
 
-    def __init__(self, score, structure, plan: AllocationPlan, prefix: str, rowwise: bool = False) -> None:
-        self.score, self.structure, self.plan, self.prefix = score, structure, plan, prefix
+    def __init__(self, pruner, structure, plan: AllocationPlan, prefix: str, rowwise: bool = False) -> None:
+        self.score, self.structure, self.plan, self.prefix = pruner, structure, plan, prefix
         self.rowwise = rowwise
         self.records: dict[str, dict] = {}
-        if (rowwise or plan.rows) and isinstance(structure, NM):
+        self.masks = MaskSet(structure=structure.name)
+        if (rowwise or plan.rows) and structure.level_quantum:
             raise PrunewiseError("row-wise sparsities cannot be N:M (every row of N:M has the same sparsity); "
                                  "use unstructured with --rowwise")
 
     def _full(self, i: int, name: str) -> str:
         return f"{self.prefix}.{i}.{name}"
 
-    def needs(self, i: int, name: str) -> str | None:
+    def needs(self, i: int, name: str) -> Needs | None:
         full = self._full(i, name)
         if full not in self.plan.modules or self.plan.modules[full] == 0:
             return None
         if self.rowwise and full not in self.plan.rows:
-            return (self.score.needs or "sq_norm") + "+samples"
+            return self.score.needs | Needs(sq_norm=True, samples=True)
         return self.score.needs
 
     def visit(self, i: int, name: str, linear: nn.Linear, stats: LinearStats | None) -> None:
@@ -59,6 +61,7 @@ class PruneVisitor:
             sparsity = rows
         outcome = self.score.prune(linear.weight.data, stats, self.structure, sparsity, module=full)
         linear.weight.data.copy_(outcome.weight)
+        self.masks.weights[full] = outcome.mask
         record = {"target": self.plan.modules[full], "pruned": int(outcome.mask.sum()),
                   "seconds": time.perf_counter() - start}
         if row_info:

@@ -12,15 +12,15 @@ import torch
 from torch import nn
 
 from ..allocation.plan import AllocationPlan
+from ..core.masks import MaskSet
+from ..core.stats import Needs
 from ..engine.sequential import SequentialEngine
+from ..engine.services import InfluenceVisitor, StatsVisitor, loss_gradients, sublayer_damage
 from ..export.modeling_prunewise import head_dim_of
-from .geometry import BlockGeometry, BlockKeep
-from .scores import InfluenceVisitor, StatsVisitor, finish, sublayer_damage, taylor_gradients, unit_scores
-from .shrink import finalize_config, remove_blocks, shrink_block
-from .widths import choose_widths
-
-ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+from ..structures.geometry import BlockGeometry, BlockKeep
+from ..structures.shrink import finalize_config, remove_blocks, shrink_block
+from ..structures.units import unit_scores
+from ..structures.widths import choose_widths
 
 
 def count_params(model: nn.Module, adapter) -> dict[str, int]:
@@ -30,12 +30,13 @@ def count_params(model: nn.Module, adapter) -> dict[str, int]:
     return {"total": total, "decoder": blocks}
 
 
-def plan_shares(plan: AllocationPlan, prefix: str, n_blocks: int) -> list[dict[str, float]]:
+def plan_shares(plan: AllocationPlan, prefix: str, n_blocks: int, adapter) -> list[dict[str, float]]:
     """Per block, the parameter-weighted share of its attention and of its MLP linears that a plan removes."""
     out = []
     for i in range(n_blocks):
         share = {}
-        for kind, names in (("attention", ATTN), ("mlp", MLP)):
+        for kind in ("attention", "mlp"):
+            names = adapter.coupled(kind)
             full = [f"{prefix}.{i}.{n}" for n in names if f"{prefix}.{i}.{n}" in plan.modules]
             numel = sum(plan.numels.get(f, 0) for f in full)
             share[kind] = sum(plan.modules[f] * plan.numels.get(f, 0) for f in full) / numel if numel else 0.0
@@ -56,9 +57,9 @@ def structure_plan(params: dict, keeps_info: list[dict], prefix: str, target: fl
                           params=params)
 
 
-def _linear_sizes(block: nn.Module) -> dict[str, int]:
+def _linear_sizes(block: nn.Module, adapter) -> dict[str, int]:
     out = {}
-    for name in ATTN + MLP:
+    for name in adapter.roles.values():
         try:
             out[name] = block.get_submodule(name).weight.numel()
         except AttributeError:
@@ -69,9 +70,10 @@ def _linear_sizes(block: nn.Module) -> dict[str, int]:
 def _depth_keeps(model, adapter, recipe, windows, geoms, budget, info, timings, progress):
     """Blocks (ShortGPT's block influence) or sublayers (least output damage per parameter first, a greedy fill
     of the budget). Returns what each block keeps, the blocks deleted outright, and the means for compensation."""
-    compensate = recipe.bias_compensation
+    parts = recipe.parts()
+    compensate = parts.compensation_named("bias") is not None
     keeps = [BlockKeep.everything(g) for g in geoms]
-    by_blocks = recipe.structure_obj.kind == "blocks"
+    by_blocks = parts.structure.kind == "blocks"
     influence = None
     if by_blocks or compensate:  # block influence ranks blocks; its pass also gives the means for compensation
         t0 = time.perf_counter()
@@ -84,7 +86,7 @@ def _depth_keeps(model, adapter, recipe, windows, geoms, budget, info, timings, 
         drop = sorted(torch.argsort(scores["block"], stable=True)[:count].tolist())
     else:
         t0 = time.perf_counter()
-        damage = sublayer_damage(model, adapter, windows[:recipe.profile_nsamples, :recipe.profile_seqlen],
+        damage = sublayer_damage(model, adapter, windows[:parts.structure.nsamples, :parts.structure.seqlen],
                                  progress=progress)
         timings["sublayer_damage_s"] = time.perf_counter() - t0
         info["sublayer_kl"] = {k: [float(x) for x in v] for k, v in damage.items()}
@@ -100,8 +102,7 @@ def _depth_keeps(model, adapter, recipe, windows, geoms, budget, info, timings, 
     info["removed_blocks"] = drop
     if not compensate:  # a block without both sublayers is simply gone
         return keeps, drop, {}
-    means = {i: (influence.mean_input(i, "self_attn.o_proj"), influence.mean_input(i, "mlp.down_proj"))
-             for i in range(len(geoms))}
+    means = {i: (influence.mean_input(i, "o"), influence.mean_input(i, "down")) for i in range(len(geoms))}
     for i in drop:  # with compensation a removed block keeps its mean contribution as biases
         keeps[i] = keeps[i].without(attention=True, mlp=True)
     return keeps, [], means
@@ -110,45 +111,53 @@ def _depth_keeps(model, adapter, recipe, windows, geoms, budget, info, timings, 
 def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, progress):
     """Channels and heads: unit scores from one dense statistics pass (and gradients for taylor), then widths.
     Returns what each block keeps and the output-projection input means for compensation."""
+    parts = recipe.parts()
+    score, structure = parts.score, parts.structure
+    compensate = parts.compensation_named("bias") is not None
     blocks = adapter.blocks(model)
-    grads = None
-    if recipe.score == "taylor":
+    engine = SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="structured statistics",
+                              sequential=False)
+    if score.needs.gradient:
         t0 = time.perf_counter()
-        grads = taylor_gradients(model, adapter, windows, chunk_size=min(recipe.chunk_size or 4, 4), progress=progress)
+        engine.gradients = loss_gradients(model, adapter, windows, score.needs.gradient,
+                                          chunk_size=min(recipe.chunk_size or 4, 4), progress=progress)
         timings["gradients_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    visitor = StatsVisitor()
+    # every linear's statistics (FLAP's means and variances, Wanda's norms) and gradients, one dense pass
+    visitor = StatsVisitor(Needs(sq_norm=True, mean=True, gradient=score.needs.gradient))
     if windows is not None:  # group magnitude without compensation needs no data
-        SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="structured statistics",
-                         sequential=False).run(visitor)
+        engine.run(visitor)
     timings["statistics_s"] = time.perf_counter() - t0
     scores = []
     for i, (block, g) in enumerate(zip(blocks, geoms)):
-        block_grads = {n: grads[(i, n)] for n in ATTN + MLP} if grads else None
-        scores.append(unit_scores(recipe.score, block, g, visitor.stats.get(i, {}), block_grads))
-    allocation, shares = recipe.allocation, None
+        stats = visitor.stats.get(i, {})
+        scores.append(unit_scores(score, adapter.roles_of(block), g,
+                                  {r: stats[n] for r, n in adapter.roles.items() if n in stats}))
+    allocation, shares = parts.allocation.key, None
     if plan is not None:
-        allocation, shares = "shares", plan_shares(plan, adapter.block_prefix(model), len(blocks))
-    keeps = choose_widths(geoms, scores, recipe.structure_obj, budget, allocation=allocation,
-                          heads_mode=recipe.heads_mode, multiple=recipe.width_multiple, shares=shares,
-                          finish=lambda x: finish(recipe.score, x))
-    means = {i: (visitor.stats[i]["self_attn.o_proj"].mean, visitor.stats[i]["mlp.down_proj"].mean)
-             for i in range(len(blocks))} if recipe.bias_compensation else {}
+        allocation, shares = "shares", plan_shares(plan, adapter.block_prefix(model), len(blocks), adapter)
+    keeps = choose_widths(geoms, scores, structure, budget, allocation=allocation,
+                          heads_mode=structure.heads_mode, multiple=structure.width_multiple, shares=shares,
+                          finish=score.unit_finish)
+    means = {i: (visitor.stats[i][adapter.roles["o"]].mean, visitor.stats[i][adapter.roles["down"]].mean)
+             for i in range(len(blocks))} if compensate else {}
     return keeps, means
 
 
 def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | None, progress: bool = True,
                      plan: AllocationPlan | None = None) -> tuple[AllocationPlan, dict]:
-    """Prune ``model`` in place as the recipe's structured structure says. Returns (plan, report fields)."""
-    structure = recipe.structure_obj
+    """Prune ``model`` in place as the recipe's structured structure says. Returns (plan, report fields, masks):
+    the masks hold what every block keeps (its kept units) and the blocks removed outright."""
+    parts = recipe.parts()
+    structure = parts.structure
     blocks = adapter.blocks(model)
     prefix = adapter.block_prefix(model)
     head_dim = head_dim_of(getattr(model.config, "text_config", None) or model.config)
-    geoms = [BlockGeometry.of(b, head_dim) for b in blocks]
+    geoms = [BlockGeometry.of(adapter.roles_of(b), head_dim) for b in blocks]
     before = count_params(model, adapter)
-    sizes_before = [_linear_sizes(b) for b in blocks]
+    sizes_before = [_linear_sizes(b, adapter) for b in blocks]
     timings: dict[str, float] = {}
-    if structure.kind in ("blocks", "sublayers"):
+    if structure.depth:
         targeted = sum(g.attn_params + g.mlp_params for g in geoms)
     else:
         targeted = sum((g.attn_params if structure.prunes_heads else 0) + (g.mlp_params if structure.prunes_mlp else 0)
@@ -156,24 +165,26 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
     budget = int(round(float(recipe.sparsity) * targeted))
     info: dict = {"targeted_params": targeted, "budget_params": budget}
 
-    if structure.kind in ("blocks", "sublayers"):
+    if structure.depth:
         keeps, drop_blocks, means = _depth_keeps(model, adapter, recipe, windows, geoms, budget, info, timings, progress)
     else:
         keeps, means = _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, progress)
         drop_blocks = []
+    masks = MaskSet(structure=structure.name, removed_blocks=list(drop_blocks))
     specs_of: dict[int, dict] = {}
     for i, (block, keep) in enumerate(zip(blocks, keeps)):
         if i not in drop_blocks:
+            masks.units[i] = {"channels": keep.channels, "query_heads": keep.query_heads, "kv_heads": keep.kv_heads}
             o_mean, down_mean = means.get(i, (None, None))
-            specs_of[i] = shrink_block(block, keep, head_dim, o_mean, down_mean)
+            specs_of[i] = shrink_block(block, keep, head_dim, adapter, o_mean, down_mean)
     if drop_blocks:
         remove_blocks(model, adapter, drop_blocks)
     kept_index = sorted(specs_of)
     specs = [specs_of[i] for i in kept_index]
-    kind = finalize_config(model, adapter.blocks(model), specs)
+    kind = finalize_config(model, adapter, specs)
     after = count_params(model, adapter)
-    sizes_after = {i: _linear_sizes(b) for i, b in zip(kept_index, adapter.blocks(model))}
-    keeps_info = [{n: (sizes_before[i][n], sizes_after.get(i, {}).get(n, 0)) for n in ATTN + MLP}
+    sizes_after = {i: _linear_sizes(b, adapter) for i, b in zip(kept_index, adapter.blocks(model))}
+    keeps_info = [{n: (sizes_before[i][n], sizes_after.get(i, {}).get(n, 0)) for n in adapter.roles.values()}
                   for i in range(len(geoms))]
     removed = sum(g.attn_params + g.mlp_params for g in geoms) - sum(
         sum(p.numel() for n, p in b.named_parameters() if "norm" not in n)
@@ -189,8 +200,8 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
         "timings": timings,
     })
     method = "blocks" if structure.kind == "blocks" else (
-        "sublayers" if structure.kind == "sublayers" else ("plan" if plan is not None else recipe.allocation))
-    result_plan = structure_plan({"bias_compensation": recipe.bias_compensation, "heads_mode": recipe.heads_mode,
-                                  "width_multiple": recipe.width_multiple}, keeps_info, prefix,
-                                 float(recipe.sparsity), method, structure.name)
-    return result_plan, info
+        "sublayers" if structure.kind == "sublayers" else ("plan" if plan is not None else parts.allocation.key))
+    result_plan = structure_plan({"bias_compensation": parts.compensation_named("bias") is not None,
+                                  "heads_mode": structure.heads_mode, "width_multiple": structure.width_multiple},
+                                 keeps_info, prefix, float(recipe.sparsity), method, structure.name)
+    return result_plan, info, masks

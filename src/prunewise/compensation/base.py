@@ -1,0 +1,18 @@
+"""What every compensation shares: the compensation part interface."""
+
+from __future__ import annotations
+
+from ..core.registry import Part
+from ..core.stats import NONE, Needs
+
+
+class Compensation(Part):
+    """Updates what survives a selection so that the pruned layer's output stays close to the dense one.
+
+    Weight-level compensations (``reconstructs``) turn a weight, its statistics and a mask (or a
+    saliency to choose the mask with during the update) into the pruned weight; structured ones
+    (``bias``) act when units are sliced away.
+    """
+
+    needs: Needs = NONE
+    reconstructs = False

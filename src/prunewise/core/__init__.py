@@ -1,0 +1,1 @@
+"""What every layer shares: typed statistics requests and input statistics, and the mask set."""

@@ -1,0 +1,50 @@
+"""The inverse-Hessian factor that OBS saliency and OBS compensation share."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import PrunewiseError
+from .stats import LinearStats
+
+log = logging.getLogger(__name__)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, module: str = "?", retries: int = 4):
+    """Upper Cholesky factor of ``(H + damp*mean(diag H)*I)^-1``; retries with 10x dampening on failure.
+
+    Returns ``(factor, dead_columns, damp_used)``. Raises a one-line PrunewiseError when even the
+    largest dampening fails.
+    """
+    H = hessian.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    mean_diag = torch.diag(H).mean()
+    eye = torch.arange(H.shape[0])
+    for attempt in range(retries + 1):
+        use = damp * (10 ** attempt)
+        Hd = H.clone()
+        Hd[eye, eye] += use * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                if attempt:
+                    log.warning("Cholesky for %s needed dampening %.3g (asked %.3g)", module, use, damp)
+                return U, dead, use
+    raise PrunewiseError(f"Cholesky factorisation of the Hessian of {module} failed even with dampening "
+                         f"{damp * 10 ** retries:g}; use more calibration samples or a larger --damp")
+
+
+def hessian_factor(stats: LinearStats, damp: float, module: str = "?"):
+    """``(U, dead, damp_used)`` of the statistics' Hessian, computed once per dampening and kept on ``stats``.
+
+    Linears reading the same input (q/k/v, gate/up) share one statistics object, so they share it.
+    """
+    found = stats.cache.get("factor")
+    if found is None or found[0] != damp:
+        stats.cache["factor"] = found = (damp, *inverse_hessian_factor(stats.hessian, damp, module))
+    return found[1:]

@@ -1,0 +1,101 @@
+"""Masks as data: what a pruning run removed, kept until the end and saved beside the model.
+
+A :class:`MaskSet` holds, per pruned linear, a boolean mask (True = removed) for weight-level
+runs, and per block the kept units for structured runs (``channels``, ``query_heads``,
+``kv_heads``, and the blocks removed outright). It is saved as ``masks.safetensors``: boolean
+masks bit-packed (8 per byte, with their shapes in the metadata), kept units as index tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import PrunewiseError
+
+MASKS_FILE = "masks.safetensors"
+FORMAT = "prunewise-masks-v1"
+
+
+@dataclass
+class PruneOutcome:
+    """A pruned weight, its mask (True = removed) and what happened while pruning it (for the report)."""
+
+    weight: torch.Tensor
+    mask: torch.Tensor
+    notes: dict = field(default_factory=dict)
+
+
+@dataclass
+class MaskSet:
+    """The masks of one run: ``weights`` (full linear name -> bool mask) or ``units`` (block -> kept indices)."""
+
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    units: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    removed_blocks: list[int] = field(default_factory=list)
+    structure: str = "unstructured"
+
+    def removed(self) -> int:
+        return sum(int(m.sum()) for m in self.weights.values())
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors, shapes = {}, {}
+        for name, mask in self.weights.items():
+            flat = mask.detach().to("cpu", torch.bool).flatten().numpy()
+            tensors[f"weight/{name}"] = torch.from_numpy(np.packbits(flat, bitorder="little"))
+            shapes[name] = list(mask.shape)
+        for block, keep in self.units.items():
+            for kind, idx in keep.items():
+                tensors[f"units/{block}/{kind}"] = idx.detach().to("cpu", torch.long).contiguous()
+        meta = {"format": FORMAT, "structure": self.structure, "shapes": json.dumps(shapes),
+                "removed_blocks": json.dumps(self.removed_blocks)}
+        return tensors, meta
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors, meta = self.to_tensors()
+        save_file(tensors, str(path), metadata=meta)
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        tensors, meta = self.to_tensors()
+        return save(tensors, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MaskSet":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / MASKS_FILE
+        if not path.exists():
+            raise PrunewiseError(f"no mask set at {path}; prune with --output to save {MASKS_FILE} beside the model")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise PrunewiseError(f"{path} is not a prunewise mask set (format {meta.get('format')!r})")
+                shapes = json.loads(meta["shapes"])
+                out = cls(structure=meta.get("structure", "unstructured"),
+                          removed_blocks=json.loads(meta.get("removed_blocks", "[]")))
+                for key in f.keys():
+                    kind, rest = key.split("/", 1)
+                    t = f.get_tensor(key)
+                    if kind == "weight":
+                        shape = shapes[rest]
+                        bits = np.unpackbits(t.numpy(), bitorder="little", count=int(np.prod(shape)))
+                        out.weights[rest] = torch.from_numpy(bits.astype(bool)).view(*shape)
+                    else:
+                        block, unit = rest.split("/")
+                        out.units.setdefault(int(block), {})[unit] = t
+        except PrunewiseError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged file: name it in one line
+            raise PrunewiseError(f"cannot read the mask set {path} ({type(exc).__name__}: {exc}); re-save it") from None
+        return out

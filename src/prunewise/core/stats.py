@@ -1,0 +1,132 @@
+"""Statistics of a linear layer's inputs, and the typed request a part makes for them.
+
+Parts (scores, compensations, allocations) say what they need with a :class:`Needs`; the engine
+merges the requests of every part that runs on a linear (``a | b``) and collects one
+:class:`LinearStats` per distinct input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+
+from ..errors import PrunewiseError
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Which statistics of a linear's inputs (and of the loss) a part needs.
+
+    ``sq_norm``: per-input sums of squares (Wanda's ``||X_j||^2``); ``mean``: per-input sums as
+    well (means and variances: FLAP); ``hessian``: ``X X^T`` (SparseGPT, OBS); ``samples``: a few
+    kept input vectors per window (TRIM's row-wise allocation); ``gradient``: gradients of the LM
+    loss w.r.t. the weight, either ``"sum"`` over the calibration windows (Taylor) or
+    ``"per_sample_l2"``, the root of the summed squared per-window gradients (GBLM-Pruner).
+    """
+
+    sq_norm: bool = False
+    mean: bool = False
+    hessian: bool = False
+    samples: bool = False
+    gradient: Literal["sum", "per_sample_l2"] | None = None
+
+    def __or__(self, other: "Needs | None") -> "Needs":
+        if other is None:
+            return self
+        if self.gradient and other.gradient and self.gradient != other.gradient:
+            raise PrunewiseError(f"parts need two kinds of gradients ({self.gradient}, {other.gradient}); "
+                                 "combine parts that agree on one")
+        return Needs(**{f.name: getattr(self, f.name) or getattr(other, f.name) for f in fields(self)})
+
+    @property
+    def inputs(self) -> bool:
+        """Whether any statistic of the inputs is asked (a calibration pass through the block)."""
+        return self.sq_norm or self.mean or self.hessian or self.samples
+
+    @property
+    def any(self) -> bool:
+        return self.inputs or self.gradient is not None
+
+
+NONE = Needs()
+
+
+def merge(*needs: Needs | None) -> Needs:
+    out = NONE
+    for n in needs:
+        out = out | n
+    return out
+
+
+class LinearStats:
+    """Running statistics of a linear layer's inputs over calibration tokens.
+
+    ``sq_norm[j]`` is the sum over tokens of ``x_j^2`` (Wanda's ``||X_j||_2^2``); ``hessian`` is
+    ``sum_t x_t x_t^T`` (SparseGPT's ``X X^T``, up to a scale that dampening makes irrelevant);
+    ``gradient`` is set by the engine when a part asked for gradients.
+    """
+
+    def __init__(self, in_features: int, hessian: bool = False, samples_per_window: int = 0,
+                 mean: bool = False) -> None:
+        self.sq_norm = torch.zeros(in_features, dtype=torch.float64)
+        self.sum = torch.zeros(in_features, dtype=torch.float64) if mean else None
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32) if hessian else None
+        self.tokens = 0
+        self.samples_per_window = samples_per_window
+        self._samples: list[torch.Tensor] = []
+        self.gradient: torch.Tensor | None = None
+        self.cache: dict = {}  # what parts derive from the statistics once (SparseGPT's inverse-Hessian factor)
+
+    @classmethod
+    def for_needs(cls, in_features: int, needs: Needs) -> "LinearStats":
+        return cls(in_features, hessian=needs.hessian, samples_per_window=4 if needs.samples else 0, mean=needs.mean)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean of each input over the calibration tokens (needs ``mean``)."""
+        return self.sum / max(self.tokens, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Sample variance of each input over the calibration tokens (needs ``mean``): FLAP's fluctuation."""
+        n = max(self.tokens, 2)
+        return ((self.sq_norm - self.sum.pow(2) / n) / (n - 1)).clamp_min(0)
+
+    @property
+    def samples(self) -> torch.Tensor:
+        """Kept input vectors (S, in): ``samples_per_window`` evenly spaced positions of every window."""
+        return torch.cat(self._samples) if self._samples else torch.zeros(0, self.sq_norm.shape[0])
+
+    def add(self, x: torch.Tensor) -> None:
+        if self.samples_per_window and x.dim() == 3:
+            L = x.shape[1]
+            k = min(self.samples_per_window, L)
+            pos = torch.linspace(L - 1, 0, k).round().long().flip(0)  # always includes the last token (TRIM's choice)
+            self._samples.append(x[:, pos].reshape(-1, x.shape[-1]).float().clone())
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.tokens += x.shape[0]
+        if self.sum is not None:
+            self.sum += x.sum(0).double()
+        if self.hessian is not None:
+            self.hessian.addmm_(x.t(), x)
+            self.sq_norm = self.hessian.diagonal().double()
+        else:
+            self.sq_norm += torch.linalg.vector_norm(x, dim=0).double().pow(2)
+
+    def check_finite(self, module: str) -> None:
+        if not torch.isfinite(self.sq_norm).all():
+            raise PrunewiseError(f"calibration activations entering {module} are NaN or infinite; "
+                                 "check the model weights and use float32")
+
+
+def wanda_metric(weight: torch.Tensor, stats: LinearStats) -> torch.Tensor:
+    """Wanda's ``|W_ij| * ||X_j||_2`` (the Wanda score, and OWL's outlier measure)."""
+    return weight.abs().float() * stats.sq_norm.sqrt().float().unsqueeze(0)
+
+
+def check_weight(module: str, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        raise PrunewiseError(f"weights of {module} contain NaN or infinite values; the source checkpoint is "
+                             "corrupt: re-download or re-convert it")

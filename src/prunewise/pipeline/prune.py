@@ -1,0 +1,218 @@
+"""One prune flow for every structure: statistics -> score -> select -> compensate -> apply, masks kept.
+
+Weight-level structures (unstructured, N:M) mask single weights through the sequential engine, the
+allocation part planning per-module levels first; structured ones slice units or remove sublayers
+and blocks (``pipeline/structured.py``), the allocation part planning per-block widths. Both return
+a :class:`PruneResult` whose ``masks`` say exactly what was removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..allocation.base import AllocationContext
+from ..allocation.plan import AllocationPlan
+from ..core.masks import MaskSet
+from ..core.stats import check_weight
+from ..data import calibration_spec_windows
+from ..engine.sequential import SequentialEngine
+from ..engine.services import loss_gradients
+from ..errors import PrunewiseError
+from ..evaluate.sparsity import measure_sparsity
+from ..export.register import MODELING_FILE
+from ..models.adapters import get_adapter, prunable_weights
+from ..models.loading import load_model
+from .structured import prune_structured
+from .visitor import PruneVisitor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """A pruned model in memory, the plan it followed, its masks and the report of what happened."""
+
+    model: nn.Module
+    tokenizer: object
+    recipe: object
+    plan: AllocationPlan
+    report: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)  # name -> content that run() saves beside plan.json (profile.json, ...)
+    masks: MaskSet | None = None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def targeted_numels(model: nn.Module, recipe) -> dict[str, int]:
+    """Full name -> weight count of every prunable linear the recipe's targets/ignore select."""
+    weights = prunable_weights(model)
+    keep = {n: w.numel() for n, w in weights.items()
+            if re.search(recipe.targets, n) and not (recipe.ignore and re.search(recipe.ignore, n))}
+    if not keep:
+        raise PrunewiseError(f"no prunable module matches targets={recipe.targets!r} ignore={recipe.ignore!r}; "
+                             f"module names look like {next(iter(weights))}")
+    return keep
+
+
+def allocation_context(model, recipe, parts, numels, windows, progress: bool, tokenizer=None) -> AllocationContext:
+    """What the allocation part gets: the model, the composed pruner, the targets, windows and engine services."""
+    from ..models.loading import model_fingerprint  # noqa: F401  (the profile cache keys on the weights)
+    from ..allocation.profile import weights_fingerprint
+
+    adapter = get_adapter(model)
+    draw = None
+    if tokenizer is not None:
+        def draw(n: int, length: int, seed: int) -> torch.Tensor:
+            return calibration_spec_windows(tokenizer, recipe.calibration, n, length, seed)
+
+    def engine(win, desc: str, sequential: bool = False) -> SequentialEngine:
+        return SequentialEngine(model, adapter, win, recipe.chunk_size, progress, desc=desc, sequential=sequential)
+
+    return AllocationContext(model=model, adapter=adapter, pruner=parts.pruner(), structure=parts.structure,
+                             numels=numels, target=float(recipe.sparsity), exact=bool(recipe.budget),
+                             windows=windows, progress=progress, seed=recipe.seed, chunk_size=recipe.chunk_size,
+                             draw=draw, engine=engine, fingerprint=lambda: weights_fingerprint(model))
+
+
+def build_plan(model, recipe, numels, windows, progress: bool, files: dict | None = None,
+               tokenizer=None) -> AllocationPlan:
+    """The allocation plan the recipe asks for: a saved plan, or the allocation part's."""
+    if recipe.plan:
+        plan = AllocationPlan.load(recipe.plan)
+        plan.check_matches(numels)
+        return plan
+    parts = recipe.parts()
+    ctx = allocation_context(model, recipe, parts, numels, windows, progress, tokenizer)
+    plan = parts.allocation.allocate(ctx)
+    if files is not None:
+        files.update(ctx.files)
+    return plan
+
+
+def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> PruneResult:
+    """Prune ``recipe.model`` (or the given model, in place) as the recipe says; nothing is written to disk."""
+    if model is None:
+        model, tokenizer = load_model(recipe.model)
+    adapter = get_adapter(model)
+    parts = recipe.parts()
+    structure = parts.structure
+    numels = targeted_numels(model, recipe)
+    if recipe.budget:  # a parameter/byte budget becomes the share of the targeted weights to remove
+        from ..recipe import parse_budget
+        total = sum(numels.values())
+        others = sum(p.numel() for p in model.parameters()) - total
+        count = parse_budget(recipe.budget, recipe.budget_dtype, others).removal(total)
+        recipe = recipe.model_copy(update={"sparsity": count / total})
+        log.info("budget %s: remove %d of %d targeted weights (sparsity %.6f)", recipe.budget, count, total, recipe.sparsity)
+    weights = prunable_weights(model)
+    for name in numels:
+        check_weight(name, weights[name])
+        structure.check(name, weights[name])
+    timings: dict[str, float] = {}
+    pruner = parts.pruner()
+    rowwise = bool(parts.allocation.config.rowwise)
+    if structure.weight_level:
+        needs_data = pruner.needs.any or rowwise or (not recipe.plan and parts.allocation.reads_calibration(pruner))
+    else:
+        needs_data = (pruner.needs.any or parts.compensation_named("bias") is not None or structure.depth
+                      or (not recipe.plan and parts.allocation.reads_calibration(pruner)))
+    windows = None
+    if needs_data:
+        t0 = time.perf_counter()
+        windows = calibration_spec_windows(tokenizer, recipe.calibration, recipe.nsamples, recipe.seqlen, recipe.seed)
+        timings["calibration_data_s"] = time.perf_counter() - t0
+    if not structure.weight_level:
+        return _prune_units(recipe, parts, model, tokenizer, adapter, numels, windows, timings, progress)
+
+    t0 = time.perf_counter()
+    files: dict = {}
+    plan = build_plan(model, recipe, numels, windows, progress, files, tokenizer)
+    timings["allocation_s"] = time.perf_counter() - t0
+
+    visitor = PruneVisitor(pruner, structure, plan, adapter.block_prefix(model), rowwise=rowwise)
+    t0 = time.perf_counter()
+    engine = SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc=f"{parts.score.name} prune",
+                              sequential=recipe.sequential)
+    if pruner.needs.gradient:
+        engine.gradients = loss_gradients(model, adapter, windows, pruner.needs.gradient,
+                                          chunk_size=min(recipe.chunk_size or 4, 4), progress=progress)
+        timings["gradients_s"] = time.perf_counter() - t0
+    engine.run(visitor)
+    timings["prune_s"] = time.perf_counter() - t0
+    if rowwise and not plan.method.endswith("+rowwise"):
+        plan.method = f"{plan.method}+rowwise"
+        plan.params["rowwise"] = "trim"
+
+    measured = measure_sparsity(model, list(numels))
+    report = {
+        "prunewise": __version__,
+        "model": recipe.model,
+        "score": parts.score.name,
+        "structure": structure.name,
+        "allocation": plan.method,
+        "compensation": [c.key for c in parts.compensation],
+        "target_sparsity": recipe.sparsity,
+        "achieved_sparsity": measured["sparsity"],
+        "sparsity_of_all_parameters": measured["sparsity_of_all_parameters"],
+        "timings": timings,
+        "peak_rss_mb": peak_rss_mb(),
+        "modules": {n: {**measured["modules"][n], **visitor.records.get(n, {}), "planned": plan.modules[n]}
+                    for n in numels},
+        "cholesky_retries": {n: r["damp"] for n, r in visitor.records.items() if "damp" in r},
+    }
+    return PruneResult(model, tokenizer, recipe, plan, report, files, visitor.masks)
+
+
+def _prune_units(recipe, parts, model, tokenizer, adapter, numels, windows, timings, progress: bool) -> PruneResult:
+    """Structured pruning: unit scores (or block and sublayer influence), widths, compensation, a smaller model."""
+    structure = parts.structure
+    source_plan = None
+    if recipe.plan:
+        source_plan = AllocationPlan.load(recipe.plan)
+        source_plan.check_matches(numels)
+    elif parts.allocation.key == "owl":  # OWL's block levels become per-block widths
+        from ..allocation.methods import owl_plan
+        from ..structures import Unstructured
+
+        t0 = time.perf_counter()
+        ctx = allocation_context(model, recipe, parts, numels, windows, progress)
+        source_plan = owl_plan(ctx, windows, parts.allocation.config.m, parts.allocation.config.lam,
+                               structure=Unstructured())
+        timings["allocation_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan, info, masks = prune_structured(model, adapter, recipe, windows, progress, source_plan)
+    timings["prune_s"] = time.perf_counter() - t0
+    timings.update(info.pop("timings"))
+    before, after = info["params_before"], info["params_after"]
+    report = {
+        "prunewise": __version__,
+        "model": recipe.model,
+        "score": {"blocks": "block-influence", "sublayers": "output-kl-per-parameter"}.get(structure.kind,
+                                                                                            parts.score.name),
+        "structure": structure.name,
+        "allocation": plan.method,
+        "compensation": [c.key for c in parts.compensation],
+        "target_sparsity": recipe.sparsity,
+        "achieved_sparsity": info["removed_share_of_targeted"],
+        "sparsity_of_all_parameters": 1 - after["total"] / before["total"],
+        "bias_compensation": parts.compensation_named("bias") is not None,
+        "structured": info,
+        "timings": timings,
+        "peak_rss_mb": peak_rss_mb(),
+        "modules": {n: {"planned": v, "sparsity": v} for n, v in plan.modules.items()},
+    }
+    files = {}
+    if info["config"] == "custom":
+        files["modeling_prunewise.py"] = MODELING_FILE.read_text()
+    return PruneResult(model, tokenizer, recipe, plan, report, files, masks)

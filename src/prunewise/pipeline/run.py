@@ -1,0 +1,141 @@
+"""Evaluate and write: the path ``run`` and every sweep cell share (dense beside pruned, then the folder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from ..cache import cache_dir
+from ..core.masks import MASKS_FILE
+from ..data import check_calibration_overlap, evaluation_windows, get_corpus
+from ..data.mixture import CalibrationSpec
+from ..errors import PrunewiseError
+from ..evaluate.perplexity import perplexity
+from ..export.save import check_output, output_lock, save_pruned
+from ..models.loading import load_model, model_fingerprint
+from .prune import PruneResult, prune
+
+
+def check_data(recipe) -> None:
+    """Refuse evaluation corpora that overlap any calibration corpus, before any work."""
+    for name in recipe.evaluation:
+        check_calibration_overlap(recipe.calibration, get_corpus(name, "evaluation"))
+
+
+def dense_key(model_spec: str) -> str | None:
+    try:
+        return model_fingerprint(model_spec)
+    except PrunewiseError:
+        return None
+
+
+def _dense_cache_path(model_spec: str, corpus, seqlen: int, max_tokens: int) -> Path | None:
+    fp = dense_key(model_spec)
+    if fp is None:
+        return None
+    return cache_dir("evals") / f"ppl-{fp}-{corpus.fingerprint[:16]}-{seqlen}-{max_tokens}.json"
+
+
+def evaluate(model: nn.Module, tokenizer, data: list[str], eval_tokens: int = 32768, seqlen: int = 512,
+             calibration: CalibrationSpec | None = None, dense_spec: str | None = None,
+             progress: bool = True) -> dict[str, float]:
+    """Perplexity on each evaluation corpus; refuses corpora that overlap the calibration text (every mixture part).
+
+    With ``dense_spec`` (the model is the unmodified named/source model) results are cached on disk.
+    """
+    results = {}
+    for name in data:
+        corpus = get_corpus(name, "evaluation")
+        if calibration:
+            check_calibration_overlap(calibration, corpus)
+        cache = _dense_cache_path(dense_spec, corpus, seqlen, eval_tokens) if dense_spec else None
+        if cache is not None and cache.exists():
+            results[name] = json.loads(cache.read_text())["perplexity"]
+            continue
+        windows = evaluation_windows(tokenizer, corpus, seqlen, eval_tokens)
+        results[name] = perplexity(model, windows, progress=progress, desc=f"ppl {name}")
+        if cache is not None:
+            cache.write_text(json.dumps({"perplexity": results[name], "windows": list(windows.shape)}))
+    return results
+
+
+def evaluate_dense(model, tokenizer, recipe, tasks: list, progress: bool) -> dict:
+    """The dense model's perplexity, task scores and completions (perplexity and tasks cached by fingerprint)."""
+    from ..evaluate.completions import greedy_completions
+    from ..tasks.suite import evaluate_tasks
+
+    return {"perplexity": evaluate(model, tokenizer, recipe.evaluation, recipe.eval_tokens, recipe.eval_seqlen,
+                                   dense_spec=recipe.model, progress=progress) if recipe.evaluation else {},
+            "tasks": evaluate_tasks(model, tokenizer, tasks, dense_key=dense_key(recipe.model),
+                                    progress=progress) if tasks else {},
+            "completions": greedy_completions(model, tokenizer) if recipe.completions else []}
+
+
+def evaluate_pruned(result: PruneResult, recipe, tasks: list, progress: bool) -> dict:
+    """The same measurements of the pruned model."""
+    from ..evaluate.completions import greedy_completions
+    from ..tasks.suite import evaluate_tasks
+
+    return {"perplexity": evaluate(result.model, result.tokenizer, recipe.evaluation, recipe.eval_tokens,
+                                   recipe.eval_seqlen, progress=progress) if recipe.evaluation else {},
+            "tasks": evaluate_tasks(result.model, result.tokenizer, tasks, progress=progress) if tasks else {},
+            "completions": greedy_completions(result.model, result.tokenizer) if recipe.completions else []}
+
+
+def output_files(result: PruneResult, report: dict) -> dict:
+    """Everything saved beside the weights: recipe, plan, masks, report (JSON, markdown, HTML) and extras."""
+    from ..allocation.plan import plot_plan
+    from ..report.build import report_files, run_sections
+    from ..report.markdown import report_markdown
+
+    title, lead, sections = run_sections(report, result.plan)
+    pages = report_files(title, lead, sections)
+    pages["report.md"] += "\n## Details\n\n" + report_markdown(report, result.plan, details_only=True)
+    files = {"recipe.yaml": result.recipe.to_yaml(), "plan.json": result.plan.model_dump_json(indent=1)}
+    if (png := plot_plan(result.plan)) is not None:
+        files["plan.png"] = png
+    if result.masks is not None:
+        files[MASKS_FILE] = result.masks.to_bytes()
+    return {**files, "report.json": json.dumps(report, indent=1), **pages, **result.files}
+
+
+def stored_bytes(model) -> int:
+    """Bytes of the model's distinct tensors: about the size of its safetensors file."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    return sum(seen.values())
+
+
+def run(recipe, progress: bool = True) -> dict:
+    """The whole job: evaluate dense, prune, evaluate pruned, save (if ``recipe.output``). Returns the report."""
+    if recipe.output:
+        check_output(recipe.output, recipe.overwrite, source=recipe.model)
+        with output_lock(recipe.output):  # a second run to the same output fails at once
+            return _run(recipe, progress)
+    return _run(recipe, progress)
+
+
+def _run(recipe, progress: bool) -> dict:
+    from ..tasks.suite import load_tasks
+
+    check_data(recipe)
+    tasks = load_tasks(recipe.tasks, recipe.task_limit) if recipe.tasks else []
+    model, tokenizer = load_model(recipe.model)
+    if recipe.output:  # room for the weights (and a margin for the report), before any work
+        check_output(recipe.output, recipe.overwrite, source=recipe.model,
+                     expected_bytes=int(stored_bytes(model) * 1.05) + (16 << 20))
+    dense = evaluate_dense(model, tokenizer, recipe, tasks, progress)
+    result = prune(recipe, model, tokenizer, progress)
+    pruned = evaluate_pruned(result, recipe, tasks, progress)
+    report = result.report
+    report["perplexity"] = {n: {"dense": dense["perplexity"][n], "pruned": pruned["perplexity"][n]}
+                            for n in recipe.evaluation}
+    if tasks:
+        report["tasks"] = {"dense": dense["tasks"], "pruned": pruned["tasks"]}
+    if recipe.completions:
+        report["completions"] = {"dense": dense["completions"], "pruned": pruned["completions"]}
+    if recipe.output:
+        save_pruned(result.model, tokenizer, recipe.output, output_files(result, report),
+                    overwrite=recipe.overwrite, source=recipe.model)
+    return report
