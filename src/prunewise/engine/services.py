@@ -77,6 +77,39 @@ def loss_gradients(model: nn.Module, adapter, windows: torch.Tensor, kind: str =
     return grads
 
 
+def _per_sample_l2(model: nn.Module, adapter, windows: torch.Tensor, progress: bool) -> dict:
+    """GBLM-Pruner's gradient (``gradient_computation.py``): one window at a time, the gradient ``g_s`` of its
+    mean next-token loss; returns ``sqrt(sum_s g_s^2)`` per weight, accumulated in float32. The reference's
+    ``scale`` (100) multiplies every ``g_s``, so it factors out of the root: the score applies it."""
+    blocks = adapter.blocks(model)
+    linears = {(i, n): lin for i, b in enumerate(blocks) for n, lin in adapter.linears(b).items()}
+    wanted = {id(lin.weight) for lin in linears.values()}
+    before = {p: p.requires_grad for p in model.parameters()}
+    sums = {key: torch.zeros_like(lin.weight, dtype=torch.float32) for key, lin in linears.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+            p.grad = None
+        bar = tqdm(range(windows.shape[0]), desc="gradients per window", unit="window", disable=not progress)
+        for s in bar:
+            batch = windows[s:s + 1]
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise PrunewiseError("the language-model loss on the calibration data is not finite; check the weights")
+            loss.backward()
+            for key, lin in linears.items():
+                sums[key] += lin.weight.grad.float().pow(2)
+                lin.weight.grad = None
+    finally:
+        for p, flag in before.items():
+            p.grad = None
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return {key: v.sqrt() for key, v in sums.items()}
+
+
 class InfluenceVisitor:
     """How much each block and sublayer changes the residual stream (ShortGPT's block influence, per sublayer).
 
