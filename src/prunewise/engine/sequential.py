@@ -143,6 +143,14 @@ class SequentialEngine:
         Without windows the linears are visited with no statistics. With ``record`` (a visitor that does
         not modify weights) every block's input and the last block's output are kept for restarts.
         """
+        kind = self._gradient_kind(visitor)
+        if kind and self.gradients is None:  # gradients of the dense model, before any block changes
+            from .services import loss_gradients
+
+            if self.windows is None:
+                raise RuntimeError("gradients were asked for without calibration windows")
+            self.gradients = loss_gradients(self.model, self.adapter, self.windows, kind,
+                                            chunk_size=min(self.requested_chunk or 4, 4), progress=self.progress)
         if self.windows is None or (not record and not self._any_inputs(visitor)):
             self.walk_without_data(visitor)
             return None
@@ -163,6 +171,14 @@ class SequentialEngine:
             hidden = self._run_block(i, blocks[i], hidden, cap.kwargs[i], visitor)
             visitor.end_block(i, blocks[i])
         return Recording(inputs, hidden, cap.kwargs) if record else None
+
+    def _gradient_kind(self, visitor) -> str | None:
+        for i, block in enumerate(self.adapter.blocks(self.model)):
+            for name in self.adapter.linears(block):
+                need = visitor.needs(i, name)
+                if need is not None and need.gradient:
+                    return need.gradient
+        return None
 
     def _any_inputs(self, visitor) -> bool:
         for i, block in enumerate(self.adapter.blocks(self.model)):
