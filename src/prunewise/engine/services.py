@@ -46,10 +46,15 @@ def loss_gradients(model: nn.Module, adapter, windows: torch.Tensor, kind: str =
     :func:`_per_sample_l2`). Parameters keep their ``requires_grad`` as they were; the model is left
     in eval mode with no grads.
     """
-    if kind == "per_sample_l2":
-        return _per_sample_l2(model, adapter, windows, progress)
-    if kind != "sum":
+    if kind not in ("sum", "per_sample_l2"):
         raise PrunewiseError(f"unknown gradient kind {kind!r}; use 'sum' or 'per_sample_l2'")
+    with torch.enable_grad():  # also from inside a walk, which runs without autograd
+        if kind == "per_sample_l2":
+            return _per_sample_l2(model, adapter, windows, progress)
+        return _summed(model, adapter, windows, chunk_size, progress)
+
+
+def _summed(model: nn.Module, adapter, windows: torch.Tensor, chunk_size: int, progress: bool) -> dict:
     blocks = adapter.blocks(model)
     linears = {(i, n): lin for i, b in enumerate(blocks) for n, lin in adapter.linears(b).items()}
     wanted = {id(lin.weight) for lin in linears.values()}
