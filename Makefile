@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # pip is pinned, never upgraded to whatever is newest; every other package is pinned by constraints.txt.
 PIP_VERSION ?= 25.3
 
-.PHONY: demo test test-fast test-all lock bench bench-structured clean
+.PHONY: demo test test-fast test-all lint lock bench bench-structured clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,14 +33,21 @@ $(CHROMIUM):
 	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	touch $(CHROMIUM)
 
-## Unit tests and the integration tests on the real smollm2-135m (and lm-eval agreement), on two workers.
+## Lint (ruff) and the architecture's import contracts (import-linter, pyproject.toml), in seconds.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports --no-cache
+
+## Lint, the unit tests and the integration tests on the real smollm2-135m (and lm-eval agreement), on two workers.
 test:
 	$(MAKE) -j2 $(STAMP) $(CHROMIUM)
+	$(MAKE) lint
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadgroup
 
 ## Everything, with the slow real-model tests (gemma3-270m, qwen2.5-coder-0.5b, lm-eval on 3 x 40 items).
 test-all:
 	$(MAKE) -j2 $(STAMP) $(CHROMIUM)
+	$(MAKE) lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 ## Unit tests only (seconds).

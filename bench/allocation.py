@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cells import add_cell_args, run_cell_process, start  # noqa: E402
 
@@ -48,8 +47,8 @@ def plan_path(args, cell: str) -> Path:
 
 def run_cell(args, cell: str) -> dict:
     """Allocate, prune and evaluate one cell in this process; print its JSON on the last line."""
-    from prunewise.api import evaluate, peak_rss_mb, prune
     from prunewise.allocation.plan import AllocationPlan
+    from prunewise.api import evaluate, peak_rss_mb, prune
     from prunewise.models.loading import load_model
     from prunewise.recipe import make_recipe
 

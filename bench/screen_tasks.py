@@ -29,8 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from prunewise.models.loading import load_model  # noqa: E402
-from prunewise.tasks.items import get_task, list_tasks  # noqa: E402
-from prunewise.tasks.items import MCItem  # noqa: E402
+from prunewise.tasks.items import (  # noqa: E402
+    MCItem,  # noqa: E402
+    get_task,
+    list_tasks,
+)
 from prunewise.tasks.scoring import PairEncoder, mc_metrics, score_items, wilson  # noqa: E402
 
 

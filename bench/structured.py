@@ -118,7 +118,7 @@ def table(results: dict, args) -> str:
     head = ["model", "variant", "target", "decoder removed", "params (M)", "ideal speedup", "config",
             "reload max diff"] + [f"ppl {c}" for c in cols] + [f"vs dense {c}" for c in cols] + ["prune s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, r in results["cells"].items():
+    for r in results["cells"].values():
         dense = results["dense"][r["model"]]
         lines.append(f"| {r['model']} | {r['variant']} | {r['target']:.3f} | {r['removed_share_of_decoder']:.1%} | "
                      f"{r['params_after']['total'] / 1e6:.1f} | {r['ideal_speedup']:.3f}x | {r['config']} | "

@@ -22,11 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import tiny_model, tiny_tokenizer, write_paragraphs
 from prunewise.cli import main
 from prunewise.errors import PrunewiseError
 from prunewise.export.save import OUTPUT_MARKER, save_pruned
-
-from conftest import tiny_model, tiny_tokenizer, write_paragraphs
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 pytestmark = pytest.mark.xdist_group("faults")  # one worker starts the module's fault children, once

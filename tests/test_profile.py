@@ -14,13 +14,20 @@ import torch
 from conftest import tiny_model
 from prunewise.allocation.knapsack import Budget, allocate_from_profile, bytes_per_param, solve_levels
 from prunewise.allocation.plan import AllocationPlan
-from prunewise.allocation.profile import (Profiler, SensitivityProfile, check_levels, compute_profile, plot_profile,
-                                          profile_units, weights_fingerprint)
-from prunewise.pipeline.visitor import PruneVisitor
+from prunewise.allocation.profile import (
+    Profiler,
+    SensitivityProfile,
+    check_levels,
+    compute_profile,
+    plot_profile,
+    profile_units,
+    weights_fingerprint,
+)
 from prunewise.engine.sequential import SequentialEngine
 from prunewise.errors import PrunewiseError
 from prunewise.models.adapters import get_adapter, prunable_weights
 from prunewise.pipeline.parts import make_pruner as get_score
+from prunewise.pipeline.visitor import PruneVisitor
 from prunewise.structures.masks import NM, Unstructured
 
 

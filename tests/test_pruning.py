@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import tiny_model
-from prunewise.allocation.methods import (ImportanceSampleVisitor, OutlierVisitor, allocate_global, allocate_owl,
-                                          allocate_uniform, owl_block_sparsity)
+from prunewise.allocation.methods import (
+    ImportanceSampleVisitor,
+    OutlierVisitor,
+    allocate_global,
+    allocate_owl,
+    allocate_uniform,
+    owl_block_sparsity,
+)
 from prunewise.allocation.plan import exact_counts
-from prunewise.pipeline.visitor import PruneVisitor
+from prunewise.core.hessian import inverse_hessian_factor
+from prunewise.core.stats import LinearStats
 from prunewise.engine.sequential import SequentialEngine
 from prunewise.errors import PrunewiseError
 from prunewise.models.adapters import get_adapter, prunable_weights
-from prunewise.core.hessian import inverse_hessian_factor
-from prunewise.core.stats import LinearStats
 from prunewise.pipeline.parts import make_pruner as get_score
+from prunewise.pipeline.visitor import PruneVisitor
 from prunewise.structures.masks import NM, Unstructured, parse_structure
 
 
@@ -56,7 +61,7 @@ def test_unstructured_per_row_fractions_are_exact(score, sparsity):
 def test_unstructured_layer_group_is_exact_overall_not_per_row():
     model, _ = prune_tiny("magnitude", Unstructured("layer"), 0.5)
     spreads = []
-    for name, w in prunable_weights(model).items():
+    for w in prunable_weights(model).values():
         assert int((w == 0).sum()) == round(0.5 * w.numel())
         per_row = (w == 0).sum(1)
         spreads.append(int(per_row.max() - per_row.min()))
@@ -74,7 +79,7 @@ def _reference_wanda(model, windows, sparsity, sequential):
         groups = [[lin] for lin in linears] if sequential else [linears]
         for group in groups:
             acts = {id(lin): [] for lin in group}
-            hooks = [lin.register_forward_hook(lambda mod, inp, out: acts[id(mod)].append(inp[0].reshape(-1, inp[0].shape[-1])))
+            hooks = [lin.register_forward_hook(lambda mod, inp, out, acts=acts: acts[id(mod)].append(inp[0].reshape(-1, inp[0].shape[-1])))
                      for lin in group]
             with torch.no_grad():
                 model(input_ids=windows, use_cache=False)

@@ -12,13 +12,19 @@ from prunewise.allocation.methods import allocate_uniform
 from prunewise.allocation.plan import AllocationPlan, exact_counts, plot_plan
 from prunewise.allocation.profile import Profiler
 from prunewise.allocation.rowwise import RowPruner, exact_row_counts, trim_row_sparsities
-from prunewise.allocation.search import (ConfigEvaluator, SearchConfig, VariantCache, _mutate, search_allocation,
-                                         search_step)
-from prunewise.pipeline.visitor import PruneVisitor
+from prunewise.allocation.search import (
+    ConfigEvaluator,
+    SearchConfig,
+    VariantCache,
+    _mutate,
+    search_allocation,
+    search_step,
+)
 from prunewise.engine.sequential import SequentialEngine
 from prunewise.errors import PrunewiseError
 from prunewise.models.adapters import get_adapter, prunable_weights
 from prunewise.pipeline.parts import make_pruner as get_score
+from prunewise.pipeline.visitor import PruneVisitor
 from prunewise.structures.masks import NM, Unstructured
 
 

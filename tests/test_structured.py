@@ -13,20 +13,19 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from conftest import tiny_model
+from prunewise.engine.sequential import SequentialEngine
+from prunewise.engine.services import StatsVisitor
 from prunewise.errors import PrunewiseError
 from prunewise.export.save import save_pruned
 from prunewise.models.adapters import ADAPTERS, get_adapter
+from prunewise.pipeline.structured import prune_structured
 from prunewise.recipe import make_recipe
+from prunewise.scores import get_score
 from prunewise.structures import Structured
 from prunewise.structures.geometry import BlockGeometry, BlockKeep, check_gqa
-from prunewise.pipeline.structured import prune_structured
-from prunewise.engine.services import StatsVisitor
-from prunewise.scores import get_score
-from prunewise.structures.units import unit_scores
 from prunewise.structures.shrink import shrink_block
+from prunewise.structures.units import unit_scores
 from prunewise.structures.widths import choose_widths
-from prunewise.engine.sequential import SequentialEngine
-
 
 pytestmark = pytest.mark.xdist_group("structured")  # one worker starts the module's reload process, once
 

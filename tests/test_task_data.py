@@ -12,9 +12,20 @@ import torch.nn.functional as F
 from conftest import tiny_model, tiny_tokenizer, write_paragraphs
 from prunewise.api import evaluate, prune, run
 from prunewise.cli import main
-from prunewise.data import (MixtureItem, TaskRecords, calibration_corpora, calibration_spec_windows,
-                            calibration_windows, check_calibration_overlap, get_corpus, load_task_records,
-                            mixture_windows, parse_calibration, task_windows, tokenize_corpus)
+from prunewise.data import (
+    MixtureItem,
+    TaskRecords,
+    calibration_corpora,
+    calibration_spec_windows,
+    calibration_windows,
+    check_calibration_overlap,
+    get_corpus,
+    load_task_records,
+    mixture_windows,
+    parse_calibration,
+    task_windows,
+    tokenize_corpus,
+)
 from prunewise.data.mixture import mixture_counts, mixture_seed
 from prunewise.errors import PrunewiseError
 from prunewise.evaluate.task_loss import task_loss

@@ -221,8 +221,8 @@ def _chromium() -> str | None:
 
 
 def test_report_page_renders_every_figure_in_headless_chromium(tiny_setup, tmp_path):
-    from prunewise.sweep import run_sweep
     from prunewise.recipe import make_recipe
+    from prunewise.sweep import run_sweep
 
     browser = _chromium()
     if browser is None:

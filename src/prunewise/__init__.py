@@ -1,8 +1,7 @@
 """prunewise: prune large language models for the task you care about."""
 
+from ._version import __version__
 from .errors import PrunewiseError
-
-__version__ = "0.1.0"
 
 
 def _register() -> None:

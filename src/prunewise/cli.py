@@ -63,7 +63,7 @@ def _recipe_from_args(args, **extra):
     from .recipe import Recipe, make_recipe
 
     fields = Recipe.from_yaml(args.recipe).model_dump(exclude_unset=True) if args.recipe else {}
-    for flag, (field, _, _) in PRUNE_FLAGS.items():
+    for field, _, _ in PRUNE_FLAGS.values():
         value = getattr(args, field, None)
         if value is not None:
             fields[field] = value

@@ -12,11 +12,16 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from . import allocation, compensation, recovery, scores, structures  # noqa: F401  (every part registered)
+import prunewise.allocation  # noqa: F401  (every part registered)
+import prunewise.compensation  # noqa: F401
+import prunewise.recovery  # noqa: F401
+import prunewise.scores  # noqa: F401
+import prunewise.structures  # noqa: F401
+
+from .allocation.knapsack import parse_budget
 from .core.registry import REGISTRIES, refusal
 from .data.mixture import MixtureItem, mixture_items, parse_calibration
 from .errors import PrunewiseError
-
 
 # Flat fields of recipes written before the per-axis recipe, and where each one went.
 LEGACY_FIELDS = {
@@ -182,7 +187,7 @@ class Recipe(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _parts(self) -> "Recipe":
+    def _parts(self) -> Recipe:
         parts = self.parts()
         # store every entry with all its options (defaults included): the saved recipe says everything
         self.score = {"name": parts.score.key, **parts.score.options()}
@@ -239,7 +244,7 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "Recipe":
+    def from_yaml(cls, path: str | Path) -> Recipe:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
@@ -249,25 +254,6 @@ class Recipe(BaseModel):
         if not isinstance(data, dict):
             raise PrunewiseError(f"recipe {path} must be a YAML mapping of recipe fields")
         return make_recipe(**data)
-
-
-def parse_budget(text: str, dtype: str = "float32", other_params: int = 0):
-    """``KIND=VALUE`` (e.g. ``keep_params=90e6``, ``remove_bytes=100e6``) as a knapsack Budget."""
-    from .allocation.knapsack import Budget, bytes_per_param
-
-    kind, sep, value = text.partition("=")
-    kinds = ("keep_params", "remove_params", "keep_bytes", "remove_bytes")
-    if not sep or kind.strip() not in kinds:
-        raise ValueError(f"budget {text!r} must be KIND=VALUE with KIND one of {', '.join(kinds)}, e.g. keep_params=90e6")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"budget value {value!r} is not a number; write e.g. keep_bytes=250e6") from None
-    try:
-        per = bytes_per_param(dtype)
-    except PrunewiseError as exc:
-        raise ValueError(str(exc)) from None
-    return Budget(kind.strip(), number, per, other_params)
 
 
 def make_recipe(**fields) -> Recipe:

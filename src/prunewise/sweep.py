@@ -95,8 +95,8 @@ def _dense(base: Recipe, out: Path, progress: bool) -> dict:
 
 def _run_cell(recipe: Recipe, progress: bool, model_dir: Path | None) -> dict:
     from .export.save import save_pruned
-    from .pipeline.run import evaluate_pruned
     from .pipeline.prune import prune
+    from .pipeline.run import evaluate_pruned
     from .tasks.suite import load_tasks
 
     start = time.perf_counter()

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -173,3 +174,20 @@ def allocate_from_profile(profile: SensitivityProfile, budget: Budget | float, m
                 "removed": achieved, "score": profile.score, "profile_data": profile.data_fingerprint, **info},
         layer_stats={"unit_level": chosen, "unit_damage": unit_damage, "predicted_damage": sum(unit_damage.values()),
                      "predicted_loss_increase": sum(unit_loss.values())})
+
+
+def parse_budget(text: str, dtype: str = "float32", other_params: int = 0):
+    """``KIND=VALUE`` (e.g. ``keep_params=90e6``, ``remove_bytes=100e6``) as a knapsack Budget."""
+    kind, sep, value = text.partition("=")
+    kinds = ("keep_params", "remove_params", "keep_bytes", "remove_bytes")
+    if not sep or kind.strip() not in kinds:
+        raise ValueError(f"budget {text!r} must be KIND=VALUE with KIND one of {', '.join(kinds)}, e.g. keep_params=90e6")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"budget value {value!r} is not a number; write e.g. keep_bytes=250e6") from None
+    try:
+        per = bytes_per_param(dtype)
+    except PrunewiseError as exc:
+        raise ValueError(str(exc)) from None
+    return Budget(kind.strip(), number, per, other_params)

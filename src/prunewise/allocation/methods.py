@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import nn
-
 from pydantic import Field
+from torch import nn
 
 from ..core.registry import register
 from ..core.stats import LinearStats, Needs, wanda_metric

@@ -56,7 +56,7 @@ class AllocationPlan(BaseModel):
         Path(path).write_text(json.dumps(self.model_dump(), indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "AllocationPlan":
+    def load(cls, path: str | Path) -> AllocationPlan:
         plan = load_json_model(cls, path, "allocation plan", "write one with `prunewise prune ... --output DIR` (plan.json)")
         plan.check_rows()
         return plan

@@ -1,7 +1,7 @@
 """Sensitivity profiles: how much the model's output moves when only one unit is pruned, per sparsity level.
 
-A *unit* is one prunable module (``model.layers.3.mlp.up_proj``) or one block (every targeted
-module of ``model.layers.3``). Its damage at a level is the mean over all positions of
+A *unit* is one prunable module (e.g. the up projection of block 3) or one block (every targeted
+module of block 3). Its damage at a level is the mean over all positions of
 ``KL(dense || pruned)`` of the next-token distribution, when that unit alone is pruned to that
 level with the chosen score and structure; the increase of the next-token loss on the same
 windows is recorded beside it.
@@ -23,8 +23,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field, field_validator
@@ -85,7 +86,7 @@ class SensitivityProfile(BaseModel):
         Path(path).write_text(self.model_dump_json(indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "SensitivityProfile":
+    def load(cls, path: str | Path) -> SensitivityProfile:
         """Read a profile JSON written by :meth:`save`."""
         return load_json_model(cls, path, "sensitivity profile", "compute one with allocation 'profile'")
 

@@ -32,10 +32,9 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
-
-from pydantic import Field
 
 from ..core.registry import register
 from ..errors import PrunewiseError

@@ -68,7 +68,7 @@ class MaskSet:
         return save(tensors, metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "MaskSet":
+    def load(cls, path: str | Path) -> MaskSet:
         from safetensors import safe_open
 
         path = Path(path)

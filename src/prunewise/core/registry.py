@@ -41,10 +41,10 @@ class Part:
         self.config = config if config is not None else self.Config()
 
     @classmethod
-    def from_config(cls, config: PartConfig) -> "Part":
+    def from_config(cls, config: PartConfig) -> Part:
         return cls(config)
 
-    def conflicts(self, chosen: dict[str, list["Part"]]) -> str | None:
+    def conflicts(self, chosen: dict[str, list[Part]]) -> str | None:
         """A refusal that depends on this part's options (declared by the part, checked by the registry)."""
         return None
 

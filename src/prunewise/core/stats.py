@@ -32,7 +32,7 @@ class Needs:
     samples: bool = False
     gradient: Literal["sum", "per_sample_l2"] | None = None
 
-    def __or__(self, other: "Needs | None") -> "Needs":
+    def __or__(self, other: Needs | None) -> Needs:
         if other is None:
             return self
         if self.gradient and other.gradient and self.gradient != other.gradient:
@@ -81,7 +81,7 @@ class LinearStats:
         self.cache: dict = {}  # what parts derive from the statistics once (SparseGPT's inverse-Hessian factor)
 
     @classmethod
-    def for_needs(cls, in_features: int, needs: Needs) -> "LinearStats":
+    def for_needs(cls, in_features: int, needs: Needs) -> LinearStats:
         return cls(in_features, hessian=needs.hessian, samples_per_window=4 if needs.samples else 0, mean=needs.mean)
 
     @property

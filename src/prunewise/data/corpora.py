@@ -99,7 +99,7 @@ class Corpus:
     fingerprint: str
 
     @classmethod
-    def from_documents(cls, name: str, documents, source: str) -> "Corpus":
+    def from_documents(cls, name: str, documents, source: str) -> Corpus:
         """Build a corpus from documents (empty and repeated ones dropped), computing its fingerprint."""
         docs = _unique(documents)
         return cls(name=name, documents=docs, source=source, fingerprint=_fingerprint(docs))
@@ -205,7 +205,7 @@ def _extract_bigbench() -> None:
         logger.info("cached %d paragraphs of %s in %s", len(docs), member, path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bigbench_corpus(name: str) -> Corpus:
     member = _BIGBENCH_FILES[name]
     record = _read_cached_paragraphs(member)
@@ -239,7 +239,7 @@ def _stdlib_files(root: Path) -> list[str]:
     return sorted(rels)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _code_corpora() -> dict[str, Corpus]:
     """Both splits of the standard-library corpus, built together so they can be made disjoint."""
     root = Path(sysconfig.get_paths()["stdlib"])

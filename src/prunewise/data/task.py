@@ -29,7 +29,7 @@ class TaskRecords:
     name: str = "records"
 
     @classmethod
-    def from_pairs(cls, pairs, source: str = "in-memory records", name: str = "records") -> "TaskRecords":
+    def from_pairs(cls, pairs, source: str = "in-memory records", name: str = "records") -> TaskRecords:
         """Build task records from (prompt, completion) pairs, checking them and computing the fingerprint."""
         records = tuple((p, c) for p, c in pairs)
         if not records:

@@ -85,7 +85,7 @@ class SequentialEngine:
     def capture(self) -> Captured:
         """Inputs of block 0 for every window, and the kwargs of every block (from one window)."""
         decoder = self.adapter.decoder(self.model)
-        blocks = decoder.layers
+        blocks = self.adapter.blocks(self.model)
         kwargs: list[dict | None] = [None] * len(blocks)
         hidden_parts: list[torch.Tensor] = []
 

@@ -21,9 +21,9 @@ class StatsVisitor:
 
     modifies_weights = False
 
-    def __init__(self, needs: Needs = Needs(sq_norm=True, mean=True)) -> None:
+    def __init__(self, needs: Needs | None = None) -> None:
         self.stats: dict[int, dict[str, LinearStats]] = {}
-        self._needs = needs
+        self._needs = needs or Needs(sq_norm=True, mean=True)
 
     def needs(self, i: int, name: str) -> Needs:
         return self._needs

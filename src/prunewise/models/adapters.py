@@ -7,8 +7,8 @@ Adding a model family means adding one entry to ``ADAPTERS``. Everything else in
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -28,7 +28,7 @@ class PartSet:
     def compensation_named(self, key: str) -> Part | None:
         return next((c for c in self.compensation if c.key == key), None)
 
-    def pruner(self) -> "Pruner":
+    def pruner(self) -> Pruner:
         return Pruner(self.score, self.structure, [c for c in self.compensation if c.reconstructs])
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..allocation.base import AllocationContext
 from ..allocation.plan import AllocationPlan
 from ..core.masks import MaskSet
@@ -67,8 +67,8 @@ def targeted_numels(model: nn.Module, recipe) -> dict[str, int]:
 
 def allocation_context(model, recipe, parts, numels, windows, progress: bool, tokenizer=None) -> AllocationContext:
     """What the allocation part gets: the model, the composed pruner, the targets, windows and engine services."""
-    from ..models.loading import model_fingerprint  # noqa: F401  (the profile cache keys on the weights)
     from ..allocation.profile import weights_fingerprint
+    from ..models.loading import model_fingerprint  # noqa: F401  (the profile cache keys on the weights)
 
     adapter = get_adapter(model)
     draw = None
@@ -109,7 +109,7 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
     structure = parts.structure
     numels = targeted_numels(model, recipe)
     if recipe.budget:  # a parameter/byte budget becomes the share of the targeted weights to remove
-        from ..recipe import parse_budget
+        from ..allocation.knapsack import parse_budget
         total = sum(numels.values())
         others = sum(p.numel() for p in model.parameters()) - total
         count = parse_budget(recipe.budget, recipe.budget_dtype, others).removal(total)

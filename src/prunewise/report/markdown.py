@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..allocation.plan import AllocationPlan
+
 
 def report_markdown(report: dict, plan: AllocationPlan, details_only: bool = False) -> str:
     """A readable summary of a pruning run (``details_only``: the search, row-wise, structured and module parts)."""

@@ -37,7 +37,7 @@ class BlockGeometry:
         return self.heads // self.kv_heads
 
     @classmethod
-    def of(cls, lin: dict[str, nn.Linear], head_dim: int) -> "BlockGeometry":
+    def of(cls, lin: dict[str, nn.Linear], head_dim: int) -> BlockGeometry:
         """From a block's linears by role (q, k, v, o, gate, up, down: ``adapter.roles_of(block)``)."""
         hidden = lin["q"].in_features
         heads = lin["q"].out_features // head_dim
@@ -78,10 +78,10 @@ class BlockKeep:
     notes: dict = field(default_factory=dict)
 
     @classmethod
-    def everything(cls, g: BlockGeometry) -> "BlockKeep":
+    def everything(cls, g: BlockGeometry) -> BlockKeep:
         return cls(torch.arange(g.intermediate), torch.arange(g.heads), torch.arange(g.kv_heads))
 
-    def without(self, attention: bool = False, mlp: bool = False) -> "BlockKeep":
+    def without(self, attention: bool = False, mlp: bool = False) -> BlockKeep:
         """The same block with its attention and/or MLP sublayer removed entirely."""
         none = torch.zeros(0, dtype=torch.long)
         return BlockKeep(none if mlp else self.channels, none if attention else self.query_heads,

@@ -82,7 +82,7 @@ class Unstructured(Structure):
     def check(self, module_name: str, weight: torch.Tensor) -> None:
         return None
 
-    def tiles(self, rows: int, cols: int, sparsity) -> "TileSelector":
+    def tiles(self, rows: int, cols: int, sparsity) -> TileSelector:
         per_row = self.group == "row" or (isinstance(sparsity, torch.Tensor) and sparsity.dim() == 1)
         return _UnstructuredTiles(row_counts(rows, cols, sparsity), cols, per_row)
 
@@ -124,7 +124,7 @@ class NM(Structure):
     def tile_width(self, blocksize: int) -> int:
         return blocksize if blocksize % self.m == 0 else self.m * max(1, blocksize // self.m)
 
-    def tiles(self, rows: int, cols: int, sparsity) -> "TileSelector":
+    def tiles(self, rows: int, cols: int, sparsity) -> TileSelector:
         return _NMTiles(self.m, self.zeros_for(float(sparsity)))
 
     @property

@@ -63,13 +63,13 @@ def shrink_block(block: nn.Module, keep: BlockKeep, head_dim: int, adapter, o_me
     saved["o"] = (lin["o"].weight[:, q_rows], o_bias)
     saved["down"] = (lin["down"].weight[:, keep.channels], down_bias)
     resize_block(block, spec, g.hidden, head_dim)
-    attention, mlp = adapter.sublayer(block, "attention"), adapter.sublayer(block, "mlp")
+    attention, feed_forward = adapter.sublayer(block, "attention"), adapter.sublayer(block, "mlp")
     if isinstance(attention, RemovedAttention):
         if attention.bias is not None:
             attention.bias.copy_(o_bias)
-    if isinstance(mlp, RemovedMLP):
-        if mlp.bias is not None:
-            mlp.bias.copy_(down_bias)
+    if isinstance(feed_forward, RemovedMLP):
+        if feed_forward.bias is not None:
+            feed_forward.bias.copy_(down_bias)
     for kind, roles in (("attention", ("q", "k", "v", "o")), ("mlp", ("gate", "up", "down"))):
         if not isinstance(adapter.sublayer(block, kind), (RemovedAttention, RemovedMLP)):
             for r in roles:

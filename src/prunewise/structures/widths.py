@@ -144,7 +144,7 @@ def choose_widths(geoms: list[BlockGeometry], scores: list[dict[str, torch.Tenso
             per_block = [min(int(round(rest / (chunk_cost * n))), cap) for cap in caps]
         else:
             per_block = distribute(chunks, [w / multiple for w in want_mlp], caps)
-        for keep, g, c, k in zip(keeps, geoms, chans, per_block):
+        for keep, c, k in zip(keeps, chans, per_block):
             drop = k * multiple
             order = torch.argsort(c, stable=True)
             keep.channels = torch.sort(order[drop:]).values

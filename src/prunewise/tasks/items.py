@@ -60,14 +60,14 @@ class MCTask:
             digest.update(json.dumps([item.context, item.choices, item.gold]).encode())
         return digest.hexdigest()
 
-    def window(self, start: int, count: int | None) -> "MCTask":
+    def window(self, start: int, count: int | None) -> MCTask:
         """Items ``start`` to ``start + count`` of the fixed shuffled order (``count`` None: to the end)."""
         end = len(self.items) if count is None else min(len(self.items), start + count)
         if start >= end:
             raise PrunewiseError(f"task '{self.name}' has {len(self.items)} items, none from item {start}")
         return MCTask(self.name, self.items[start:end], self.source + f" (items {start}-{end - 1})")
 
-    def head(self, limit: int | None) -> "MCTask":
+    def head(self, limit: int | None) -> MCTask:
         """The first ``limit`` items (the items are already in a fixed shuffled order)."""
         if limit is None or limit >= len(self.items):
             return self
