@@ -154,12 +154,18 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
         plan.method = f"{plan.method}+rowwise"
         plan.params["rowwise"] = "trim"
 
+    report = _weight_report(recipe, parts, model, numels, plan, visitor, timings)
+    return PruneResult(model, tokenizer, recipe, plan, report, files, visitor.masks)
+
+
+def _weight_report(recipe, parts, model, numels, plan, visitor, timings) -> dict:
+    """What a weight-level run did: planned and achieved sparsity per module, timings, Cholesky retries."""
     measured = measure_sparsity(model, list(numels))
-    report = {
+    return {
         "prunewise": __version__,
         "model": recipe.model,
         "score": parts.score.name,
-        "structure": structure.name,
+        "structure": parts.structure.name,
         "allocation": plan.method,
         "compensation": [c.key for c in parts.compensation],
         "target_sparsity": recipe.sparsity,
@@ -171,7 +177,6 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
                     for n in numels},
         "cholesky_retries": {n: r["damp"] for n, r in visitor.records.items() if "damp" in r},
     }
-    return PruneResult(model, tokenizer, recipe, plan, report, files, visitor.masks)
 
 
 def _prune_units(recipe, parts, model, tokenizer, adapter, numels, windows, timings, progress: bool) -> PruneResult:
