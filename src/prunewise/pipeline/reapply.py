@@ -11,7 +11,6 @@ from torch import nn
 
 from ..core.masks import MaskSet
 from ..errors import PrunewiseError
-from ..export.modeling_prunewise import head_dim_of
 from ..models.adapters import get_adapter, prunable_weights
 from ..structures.geometry import BlockKeep
 from ..structures.shrink import finalize_config, remove_blocks, shrink_block
@@ -35,7 +34,7 @@ def apply_masks(model: nn.Module, masks: MaskSet) -> nn.Module:
             w.masked_fill_(mask.to(w.device), 0.0)
     if masks.units or masks.removed_blocks:
         blocks = adapter.blocks(model)
-        head_dim = head_dim_of(getattr(model.config, "text_config", None) or model.config)
+        head_dim = adapter.heads(model.config)[2]
         specs = []
         for i, block in enumerate(blocks):
             if i in masks.removed_blocks:

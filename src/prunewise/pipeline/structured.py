@@ -16,7 +16,6 @@ from ..core.masks import MaskSet
 from ..core.stats import Needs
 from ..engine.sequential import SequentialEngine
 from ..engine.services import InfluenceVisitor, StatsVisitor, loss_gradients, sublayer_damage
-from ..export.modeling_prunewise import head_dim_of
 from ..structures.geometry import BlockGeometry, BlockKeep
 from ..structures.shrink import finalize_config, remove_blocks, shrink_block
 from ..structures.units import unit_scores
@@ -152,7 +151,7 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
     structure = parts.structure
     blocks = adapter.blocks(model)
     prefix = adapter.block_prefix(model)
-    head_dim = head_dim_of(getattr(model.config, "text_config", None) or model.config)
+    head_dim = adapter.heads(model.config)[2]
     geoms = [BlockGeometry.of(adapter.roles_of(b), head_dim) for b in blocks]
     before = count_params(model, adapter)
     sizes_before = [_linear_sizes(b, adapter) for b in blocks]
