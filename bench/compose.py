@@ -20,20 +20,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cells import add_cell_args, run_cell_process, start  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CELLS = {
+CELLS = {  # the most telling comparisons first (a run can be stopped and resumed)
     "wanda-50": {"score": "wanda", "sparsity": 0.5},
     "gblm-50": {"score": "gblm", "sparsity": 0.5},
+    "wanda+obs-50": {"score": "wanda", "sparsity": 0.5, "compensation": ["obs"]},
+    "sparsegpt-50": {"score": "sparsegpt", "sparsity": 0.5},
+    "wanda-2:4": {"score": "wanda", "structure": "2:4"},
+    "wanda+obs-2:4": {"score": "wanda", "structure": "2:4", "compensation": ["obs"]},
+    "sparsegpt-2:4": {"score": "sparsegpt", "structure": "2:4"},
     "wanda-70": {"score": "wanda", "sparsity": 0.7},
     "gblm-70": {"score": "gblm", "sparsity": 0.7},
-    "wanda-50-owl": {"score": "wanda", "sparsity": 0.5, "allocation": "owl"},
-    "gblm-50-owl": {"score": "gblm", "sparsity": 0.5, "allocation": "owl"},
     "wanda-70-owl": {"score": "wanda", "sparsity": 0.7, "allocation": "owl"},
     "gblm-70-owl": {"score": "gblm", "sparsity": 0.7, "allocation": "owl"},
-    "sparsegpt-50": {"score": "sparsegpt", "sparsity": 0.5},
-    "wanda+obs-50": {"score": "wanda", "sparsity": 0.5, "compensation": ["obs"]},
-    "wanda-2:4": {"score": "wanda", "structure": "2:4"},
-    "sparsegpt-2:4": {"score": "sparsegpt", "structure": "2:4"},
-    "wanda+obs-2:4": {"score": "wanda", "structure": "2:4", "compensation": ["obs"]},
+    "wanda-50-owl": {"score": "wanda", "sparsity": 0.5, "allocation": "owl"},
+    "gblm-50-owl": {"score": "gblm", "sparsity": 0.5, "allocation": "owl"},
 }
 
 
