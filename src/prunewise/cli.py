@@ -11,10 +11,9 @@ from .errors import PrunewiseError
 
 PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--model": ("model", str, "named model (see `prunewise models`), HF folder or id, or a .gguf file"),
-    "--score": ("score", str, "a score part (see `prunewise parts`): magnitude | wanda | sparsegpt | gblm | "
-                              "fluctuation (FLAP, structured) | taylor (LLM-Pruner, structured)"),
-    "--compensate": ("compensation", str, "compensation parts, comma-separated (see `prunewise parts`): obs (OBS "
-                                          "reconstruction after any selection), bias (FLAP, structured)"),
+    "--score": ("score", str, "how weights (or structured units) are ranked"),
+    "--compensate": ("compensation", str, "compensation parts after selection, comma-separated (obs: OBS "
+                                          "reconstruction after any mask; bias: FLAP, structured)"),
     "--structure": ("structure", str, "unstructured | N:M (N zeros in every M weights, e.g. 2:4) | channels | heads | "
                                       "width (channels and heads) | sublayers | blocks: structured, a smaller model"),
     "--width-multiple": ("width_multiple", int, "structured: MLP widths change in multiples of this (default 8)"),
@@ -222,6 +221,20 @@ def _task_flags(p) -> None:
     p.add_argument("--no-completions", action="store_true", help="skip the greedy completions of fixed prompts")
 
 
+AXIS_FLAGS = {"score": "score", "structure": "structure", "allocation": "allocation", "compensation": "compensation"}
+
+
+def _flag_help(field: str, text: str) -> str:
+    """Help of an axis flag names the parts its registry holds (the registry is the one list)."""
+    if field not in AXIS_FLAGS:
+        return text
+    from .core.registry import REGISTRIES
+    from .recipe import Recipe  # noqa: F401  (registers every part)
+
+    names = REGISTRIES[AXIS_FLAGS[field]].names()
+    return f"{text} [parts: {', '.join(n if n != 'n:m' else 'N:M' for n in names)}; see `prunewise parts`]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunewise", description="Prune LLMs for the task you care about.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -230,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model (and evaluate it beside the dense one)")
     p.add_argument("--recipe", help="YAML recipe; flags given on the command line override it")
     for flag, (field, typ, text) in PRUNE_FLAGS.items():
-        p.add_argument(flag, dest=field, type=typ, default=None, help=text)
+        p.add_argument(flag, dest=field, type=typ, default=None, help=_flag_help(field, text))
     p.add_argument("--eval", nargs="*", default=None, help="evaluation data (default wiki-test); none to skip")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     p.add_argument("--rowwise", action="store_true", default=None,
@@ -246,10 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--recipe", help="YAML recipe for everything the grid does not vary")
     for flag, (field, typ, text) in PRUNE_FLAGS.items():
         if field not in ("score", "sparsity", "allocation", "plan"):
-            w.add_argument(flag, dest=field, type=typ, default=None, help=text)
-    w.add_argument("--scores", nargs="+", default=["wanda", "sparsegpt"], help="scores of the grid")
+            w.add_argument(flag, dest=field, type=typ, default=None, help=_flag_help(field, text))
+    w.add_argument("--scores", nargs="+", default=["wanda", "sparsegpt"], help=_flag_help("score", "scores of the grid"))
     w.add_argument("--sparsities", nargs="+", default=["0.3,0.5,0.6,0.7"], help="sparsities of the grid")
-    w.add_argument("--allocations", nargs="+", default=["uniform"], help="allocations of the grid")
+    w.add_argument("--allocations", nargs="+", default=["uniform"],
+                   help=_flag_help("allocation", "allocations of the grid"))
     w.add_argument("--eval", nargs="*", default=None, help="perplexity data (default wiki-test)")
     w.add_argument("--save-models", action="store_true", help="also save every pruned model under OUTPUT/models/")
     w.add_argument("--rowwise", action="store_true", default=None)
