@@ -51,7 +51,7 @@ def main() -> int:
     from prunewise import cli
 
     if stage == "prune":
-        import prunewise.engine.pruner as pruner
+        import prunewise.pipeline.visitor as pruner
 
         real = pruner.PruneVisitor.visit
 
