@@ -95,7 +95,7 @@ def run_cell(args, cell: str) -> dict:
     if not args.keep_folders:
         shutil.rmtree(root, ignore_errors=True)
     return {"cell": cell, "model": model_name, "variant": variant, "target": sparsity, "score": result.report["score"],
-            "structure": recipe.structure, "allocation": result.report["allocation"],
+            "structure": result.report["structure"], "allocation": result.report["allocation"],
             "bias_compensation": recipe.bias_compensation, "removed_share_of_decoder": info["removed_share_of_decoder"],
             "removed_share_of_targeted": info["removed_share_of_targeted"], "params_before": info["params_before"],
             "params_after": info["params_after"], "ideal_speedup": info["ideal_speedup"], "config": info["config"],
