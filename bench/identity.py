@@ -34,6 +34,7 @@ CELLS = {
     "sparsegpt-50": {"score": "sparsegpt", "sparsity": 0.5},
     "wanda-70-owl": {"score": "wanda", "sparsity": 0.7, "allocation": "owl"},
     "sparsegpt-70-profile": {"score": "sparsegpt", "sparsity": 0.7, "allocation": "profile"},
+    "wanda-70-profile": {"score": "wanda", "sparsity": 0.7, "allocation": "profile"},
     "flap-20-global-bias": {"score": "fluctuation", "structure": "width", "sparsity": 0.2, "allocation": "global",
                             "bias_compensation": True},
     "blocks-25": {"score": "wanda", "structure": "blocks", "sparsity": 0.25},
