@@ -28,6 +28,13 @@ def add_cell_args(ap, default_out: Path, cells_help: str) -> None:
     ap.add_argument("--_cell", help=argparse.SUPPRESS)
 
 
+def add_window_args(ap, nsamples: int = 64, seqlen: int = 512, eval_tokens: int = 16384) -> None:
+    """Calibration windows and evaluation tokens: the settings of the perplexity benchmarks."""
+    ap.add_argument("--nsamples", type=int, default=nsamples)
+    ap.add_argument("--seqlen", type=int, default=seqlen)
+    ap.add_argument("--eval-tokens", type=int, default=eval_tokens)
+
+
 def start(args, run_cell, settings_keys: tuple[str, ...]) -> dict | None:
     """In a child (``--_cell``): run that cell, print its JSON and return None. Otherwise the results so far
     (kept only if measured with the same settings), stamped with the command line and thread count."""
@@ -51,3 +58,18 @@ def run_cell_process(cmd: list[str], cell: str) -> dict:
         print(proc.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"cell {cell} failed")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_missing(results: dict, out: Path, cells: list[str], script: str, args, keys: tuple[str, ...], describe) -> None:
+    """Run every cell of ``cells`` not yet in ``results``, each in its own process (``script --_cell CELL`` with
+    ``--KEY value`` for each of ``keys``), printing ``describe(row)`` and saving ``out`` after every cell."""
+    for cell in cells:
+        if cell in results["cells"]:
+            continue
+        print(f"{cell} ...", flush=True)
+        cmd = [sys.executable, script, "--_cell", cell]
+        for key in keys:
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        results["cells"][cell] = run_cell_process(cmd, cell)
+        print(f"{cell}: {describe(results['cells'][cell])}", flush=True)
+        out.write_text(json.dumps(results, indent=1))

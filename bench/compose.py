@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cells import add_cell_args, run_cell_process, start  # noqa: E402
+from _cells import add_cell_args, add_window_args, run_missing, start  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+SETTINGS = ("nsamples", "seqlen", "eval_tokens")
 CELLS = {  # the most telling comparisons first (a run can be stopped and resumed)
     "wanda-50": {"score": "wanda", "sparsity": 0.5},
     "gblm-50": {"score": "gblm", "sparsity": 0.5},
@@ -78,23 +79,14 @@ def write_table(results: dict, path: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cell_args(ap, HERE / "results" / "compose.json", f"cells to run (default dense and all: {', '.join(CELLS)})")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-tokens", type=int, default=16384)
+    add_window_args(ap, nsamples=32)
     args = ap.parse_args()
-    results = start(args, run_cell, ("nsamples", "seqlen", "eval_tokens"))
+    results = start(args, run_cell, SETTINGS)
     if results is None:
         return
     out = Path(args.out)
-    for cell in ["dense"] + (args.cells or list(CELLS)):
-        if cell in results["cells"]:
-            continue
-        print(f"{cell} ...", flush=True)
-        cmd = [sys.executable, __file__, "--_cell", cell, "--nsamples", str(args.nsamples), "--seqlen",
-               str(args.seqlen), "--eval-tokens", str(args.eval_tokens)]
-        results["cells"][cell] = run_cell_process(cmd, cell)
-        print(f"{cell}: ppl {results['cells'][cell]['perplexity']:.3f}", flush=True)
-        out.write_text(json.dumps(results, indent=1))
+    run_missing(results, out, ["dense"] + (args.cells or list(CELLS)), __file__, args, SETTINGS,
+                lambda row: f"ppl {row['perplexity']:.3f}")
     print(write_table(results, out.with_suffix(".md")))
 
 

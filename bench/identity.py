@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cells import add_cell_args, run_cell_process, start  # noqa: E402
+from _cells import add_cell_args, add_window_args, run_missing, start  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+SETTINGS = ("nsamples", "seqlen", "eval_tokens")
 CELLS = {
     "magnitude-50": {"score": "magnitude", "sparsity": 0.5},
     "wanda-50": {"score": "wanda", "sparsity": 0.5},
@@ -100,32 +101,22 @@ def compare(a_path: str, b_path: str, tolerance: float) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cell_args(ap, HERE / "results" / "identity.json", f"cells to run (default all: {', '.join(CELLS)})")
-    ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-tokens", type=int, default=16384)
+    add_window_args(ap)
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
     ap.add_argument("--tolerance", type=float, default=1e-3, help="largest relative perplexity change when tensors differ")
     args = ap.parse_args()
     if args.compare:
         raise SystemExit(compare(*args.compare, args.tolerance))
-    results = start(args, run_cell, ("nsamples", "seqlen", "eval_tokens"))
+    results = start(args, run_cell, SETTINGS)
     if results is None:
         return
     out = Path(args.out)
     if "PRUNEWISE_CACHE_PRIVATE" not in os.environ:
         os.environ["PRUNEWISE_CACHE"] = str(private_cache())
         os.environ["PRUNEWISE_CACHE_PRIVATE"] = "1"
-    for cell in args.cells or list(CELLS):
-        if cell in results["cells"]:
-            continue
-        print(f"{cell} ...", flush=True)
-        cmd = [sys.executable, __file__, "--_cell", cell, "--nsamples", str(args.nsamples), "--seqlen",
-               str(args.seqlen), "--eval-tokens", str(args.eval_tokens)]
-        results["cells"][cell] = run_cell_process(cmd, cell)
-        row = results["cells"][cell]
-        print(f"{cell}: ppl {row['perplexity']:.4f}, sparsity {row['achieved_sparsity']:.4f}, {row['prune_s']:.0f} s",
-              flush=True)
-        out.write_text(json.dumps(results, indent=1))
+    run_missing(results, out, args.cells or list(CELLS), __file__, args, SETTINGS,
+                lambda row: f"ppl {row['perplexity']:.4f}, sparsity {row['achieved_sparsity']:.4f}, "
+                            f"{row['prune_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--damp": ("damp", float, "SparseGPT dampening (share of the mean Hessian diagonal)"),
     "--within-block": ("within_block", str, "sequential (default) | parallel (statistics from the dense block, as the reference code)"),
     "--chunk-size": ("chunk_size", int, "calibration windows per forward chunk (lower = less memory)"),
+    "--device": ("device", str, "where blocks compute, one at a time: auto (first GPU, else CPU) | cpu | cuda | cuda:N | mps"),
+    "--dtype": ("dtype", str, "storage dtype, loaded and saved: auto (the checkpoint's; named models float32) | "
+                              "float32 | bfloat16 | float16 (on a CPU, blocks compute in float32)"),
     "--targets": ("targets", str, "regex of module names to prune"),
     "--ignore": ("ignore", str, "regex of module names never pruned"),
     "--eval-tokens": ("eval_tokens", int, "evaluation tokens per corpus"),

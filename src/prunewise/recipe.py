@@ -19,8 +19,10 @@ import prunewise.scores  # noqa: F401
 import prunewise.structures  # noqa: F401
 
 from .allocation.knapsack import parse_budget
+from .core.dtypes import parse_dtype
 from .core.registry import REGISTRIES, refusal
 from .data.mixture import MixtureItem, mixture_items, parse_calibration
+from .engine.placement import parse_device
 from .errors import PrunewiseError
 
 # Flat fields of recipes written before the per-axis recipe, and where each one went.
@@ -146,6 +148,10 @@ class Recipe(BaseModel):
         None, description="sequential: each linear sees its pruned predecessors; parallel: all see the dense block "
                           "(default: sequential with a reconstructing compensation such as obs, else parallel)")
     chunk_size: int | None = Field(None, ge=1, description="calibration windows per forward chunk; default all")
+    device: str = Field("auto", description="where blocks compute, one at a time: auto (the first GPU, else the CPU) | "
+                                            "cpu | cuda | cuda:N | mps")
+    dtype: str = Field("auto", description="dtype the model is loaded, stored and saved in: auto (the checkpoint's own; "
+                                           "the named offline models float32) | float32 | bfloat16 | float16")
     targets: str = Field(r".*", description="regex a module name must match to be pruned")
     ignore: str | None = Field(None, description="regex of module names never pruned")
     evaluation: list[str] = Field(default_factory=lambda: ["wiki-test"])
@@ -175,6 +181,14 @@ class Recipe(BaseModel):
             raise ValueError(str(exc)) from None
         raise ValueError(f"must be a corpus spec (e.g. wiki, a .txt file) or a list of {{source, weight}} items, "
                          f"not {v!r}")
+
+    @field_validator("device", "dtype")
+    @classmethod
+    def _placement(cls, v: str, info) -> str:
+        try:
+            return (parse_device if info.field_name == "device" else parse_dtype)(v)
+        except PrunewiseError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("targets", "ignore")
     @classmethod

@@ -79,14 +79,14 @@ def _dense(base: Recipe, out: Path, progress: bool) -> dict:
     from .tasks.suite import load_tasks
 
     path = out / "dense.json"
-    key = {"model": base.model, "evaluation": base.evaluation, "eval_tokens": base.eval_tokens,
+    key = {"model": base.model, "dtype": base.dtype, "evaluation": base.evaluation, "eval_tokens": base.eval_tokens,
            "eval_seqlen": base.eval_seqlen, "tasks": base.tasks, "task_limit": base.task_limit,
            "completions": base.completions}
     if path.exists():
         data = json.loads(path.read_text())
         if data.get("key") == key:
             return data
-    model, tokenizer = load_model(base.model)
+    model, tokenizer = load_model(base.model, base.dtype)
     tasks = load_tasks(base.tasks, base.task_limit) if base.tasks else []
     data = {"key": key, **evaluate_dense(model, tokenizer, base, tasks, progress)}
     _write_json(path, data)

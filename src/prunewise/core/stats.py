@@ -69,10 +69,11 @@ class LinearStats:
     """
 
     def __init__(self, in_features: int, hessian: bool = False, samples_per_window: int = 0,
-                 mean: bool = False) -> None:
-        self.sq_norm = torch.zeros(in_features, dtype=torch.float64)
-        self.sum = torch.zeros(in_features, dtype=torch.float64) if mean else None
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32) if hessian else None
+                 mean: bool = False, device: torch.device | str = "cpu") -> None:
+        wide = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
+        self.sq_norm = torch.zeros(in_features, dtype=wide, device=device)
+        self.sum = torch.zeros(in_features, dtype=wide, device=device) if mean else None
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
         self.tokens = 0
         self.windows = 0  # calibration windows seen (the reference codes average sums of squares over them)
         self.samples_per_window = samples_per_window
@@ -81,8 +82,9 @@ class LinearStats:
         self.cache: dict = {}  # what parts derive from the statistics once (SparseGPT's inverse-Hessian factor)
 
     @classmethod
-    def for_needs(cls, in_features: int, needs: Needs) -> LinearStats:
-        return cls(in_features, hessian=needs.hessian, samples_per_window=4 if needs.samples else 0, mean=needs.mean)
+    def for_needs(cls, in_features: int, needs: Needs, device: torch.device | str = "cpu") -> LinearStats:
+        return cls(in_features, hessian=needs.hessian, samples_per_window=4 if needs.samples else 0, mean=needs.mean,
+                   device=device)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -110,12 +112,12 @@ class LinearStats:
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         if self.sum is not None:
-            self.sum += x.sum(0).double()
+            self.sum += x.sum(0).to(self.sum.dtype)
         if self.hessian is not None:
             self.hessian.addmm_(x.t(), x)
-            self.sq_norm = self.hessian.diagonal().double()
+            self.sq_norm = self.hessian.diagonal().to(self.sq_norm.dtype)
         else:
-            self.sq_norm += torch.linalg.vector_norm(x, dim=0).double().pow(2)
+            self.sq_norm += torch.linalg.vector_norm(x, dim=0).to(self.sq_norm.dtype).pow(2)
 
     def check_finite(self, module: str) -> None:
         if not torch.isfinite(self.sq_norm).all():

@@ -1,8 +1,8 @@
 """The sequential engine: the only code that walks a model, one block resident at a time.
 
-The inputs of the first block are captured with a forward pre-hook while the decoder runs with its
-block list truncated to that block; the keyword arguments each block receives (rotary embeddings,
-masks: they differ per block in Gemma 3) are captured from one single-window forward. Then, block
+The inputs of the first block, and the keyword arguments each block receives (rotary embeddings,
+masks: they differ per block in Gemma 3, captured from one single-window forward), are recorded while
+the decoder runs with every block standing aside (see :meth:`SequentialEngine.capture`). Then, block
 by block, the calibration activations go through the block with hooks on its linears: a visitor
 receives each linear's input statistics once they are complete and may rewrite the weight; the
 block's outputs, recomputed with the rewritten weights, become the next block's inputs.
@@ -13,6 +13,9 @@ its outputs. *Sequential*: a linear's statistics are only used when every linear
 already computed with its final weights; with the calibration set in one chunk this takes a single
 pass (each linear is pruned in its pre-hook, just before it computes), with several chunks one
 extra pass per dependency level.
+
+Each block is onloaded to the compute device (in the compute dtype) for its passes and offloaded
+afterwards, its rewritten weights cast back to the storage dtype (:mod:`.placement`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..core.stats import LinearStats, Needs
 from ..models.adapters import ArchitectureAdapter
+from .placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +75,9 @@ class SequentialEngine:
 
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, windows: torch.Tensor | None,
                  chunk_size: int | None = None, progress: bool = True, desc: str = "pruning",
-                 sequential: bool = True) -> None:
+                 sequential: bool = True, placement: Placement | None = None) -> None:
         self.model = model
+        self.placement = placement or Placement.of(model)
         self.adapter = adapter
         self.windows = windows
         self.requested_chunk = chunk_size
@@ -82,38 +87,48 @@ class SequentialEngine:
         self.sequential = sequential  # False: every linear of a block sees the dense block (reference Wanda/SparseGPT)
 
     @torch.no_grad()
-    def capture(self) -> Captured:
-        """Inputs of block 0 for every window, and the kwargs of every block (from one window)."""
+    def capture(self, windows: torch.Tensor | None = None) -> Captured:
+        """Inputs of block 0 for every window, and the kwargs of every block (from one window).
+
+        No block computes: while the decoder runs, every block's forward is replaced by one that
+        records what it is called with and returns its input, so only the shell around the blocks
+        (embedding, rotary embedding, masks) runs, on the compute device and in the compute dtype.
+        """
+        windows = self.windows if windows is None else windows
         decoder = self.adapter.decoder(self.model)
         blocks = self.adapter.blocks(self.model)
         kwargs: list[dict | None] = [None] * len(blocks)
         hidden_parts: list[torch.Tensor] = []
+        mode = {"hidden": False}
 
-        def grab_kwargs(i):
-            def hook(module, args, kw):
-                clean = {k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+        def recorder(i):
+            def forward(*args, **kw):
+                hidden = args[0] if args else kw.pop("hidden_states")
                 if args[1:]:
                     raise RuntimeError("blocks called with positional extras are not supported")
-                kwargs[i] = clean
-            return hook
+                if mode["hidden"]:
+                    if i == 0:
+                        hidden_parts.append(hidden.detach().clone())
+                else:
+                    kwargs[i] = {k: v for k, v in kw.items() if k not in ("past_key_values", "use_cache")}
+                return hidden
+            return forward
 
-        handles = [b.register_forward_pre_hook(grab_kwargs(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        shell = [m for m in decoder.children() if m is not blocks]
+        saved = [self.placement.onload(m) for m in shell]
+        for i, b in enumerate(blocks):
+            b.forward = recorder(i)
         try:
-            decoder(input_ids=self.windows[:1], use_cache=False)
+            decoder(input_ids=windows[:1].to(self.placement.device), use_cache=False)
+            mode["hidden"] = True
+            chunk = self.chunk_size or windows.shape[0]
+            for start in range(0, windows.shape[0], chunk):
+                decoder(input_ids=windows[start:start + chunk].to(self.placement.device), use_cache=False)
         finally:
-            for h in handles:
-                h.remove()
-
-        def grab_hidden(module, args, kw):
-            hidden_parts.append((args[0] if args else kw["hidden_states"]).detach().clone())
-
-        handle = blocks[0].register_forward_pre_hook(grab_hidden, with_kwargs=True)
-        try:
-            with self.adapter.truncated(self.model, 1):
-                for start in range(0, self.windows.shape[0], self.chunk_size):
-                    decoder(input_ids=self.windows[start:start + self.chunk_size], use_cache=False)
-        finally:
-            handle.remove()
+            for b in blocks:
+                del b.forward
+            for m, sv in zip(shell, saved):
+                self.placement.offload(m, sv, write_back=False)
         return Captured(torch.cat(hidden_parts), kwargs)
 
     gradients: dict | None = None  # (block, linear) -> gradient, from compute_gradients, given to the visitors
@@ -125,7 +140,7 @@ class SequentialEngine:
                 raise RuntimeError(f"block {index} {name}: gradients were asked for but not computed "
                                    "(call compute_gradients first)")
             # siblings reading one input share their statistics; each gets its own gradient on a shallow copy
-            stats = LinearStats(linear.in_features) if stats is None else copy.copy(stats)
+            stats = LinearStats(linear.in_features, device=linear.weight.device) if stats is None else copy.copy(stats)
             stats.gradient = self.gradients[(index, name)]
         visitor.visit(index, name, linear, stats)
 
@@ -168,8 +183,12 @@ class SequentialEngine:
         for i in bar:
             if record:
                 inputs.append(hidden)
-            hidden = self._run_block(i, blocks[i], hidden, cap.kwargs[i], visitor)
-            visitor.end_block(i, blocks[i])
+            saved = self.placement.onload(blocks[i])
+            try:
+                hidden = self._run_block(i, blocks[i], hidden, cap.kwargs[i], visitor)
+                visitor.end_block(i, blocks[i])
+            finally:  # the rewritten weights go back in the storage dtype (an interrupted block: as they are)
+                self.placement.offload(blocks[i], saved, write_back=visitor.modifies_weights)
         return Recording(inputs, hidden, cap.kwargs) if record else None
 
     def _gradient_kind(self, visitor) -> str | None:
@@ -198,7 +217,11 @@ class SequentialEngine:
         for j in range(first, len(blocks)):
             if keep:
                 kept.append(h)
-            h = block_output(blocks[j](h, **kwargs[j]))
+            saved = self.placement.onload(blocks[j])
+            try:
+                h = block_output(blocks[j](h, **kwargs[j]))
+            finally:
+                self.placement.offload(blocks[j], saved, write_back=False)
         return h, kept
 
     def _run_block(self, index: int, block: nn.Module, hidden: torch.Tensor, kwargs: dict,
@@ -249,7 +272,7 @@ class SequentialEngine:
                         if sibling in stats and pending.get(sibling) == pending[name]:
                             stats[name], owner[name] = stats[sibling], owner[sibling]
                         else:
-                            stats[name] = LinearStats.for_needs(x.shape[-1], pending[name])
+                            stats[name] = LinearStats.for_needs(x.shape[-1], pending[name], device=x.device)
                             owner[name] = name
                 if collecting[name]:
                     if owner[name] == name:

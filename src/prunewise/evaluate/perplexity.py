@@ -26,7 +26,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int | None =
     for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
         ids = windows[start:start + batch_size]
         logits = model(input_ids=ids, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
+        targets = ids[:, 1:].reshape(-1).to(logits.device)  # logits come back from the compute device
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, reduction="sum")
         nll += float(loss)
         count += ids[:, 1:].numel()
     return math.exp(nll / count)

@@ -31,6 +31,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..cache import cache_dir, fetch_distribution, locked, sha256_file
+from ..core.dtypes import torch_dtype
 from ..errors import PrunewiseError
 from .registry import DEFAULT_MODEL, NAMED_MODELS, NamedModel, get_named_model
 
@@ -393,11 +394,27 @@ def check_finite(model: torch.nn.Module, spec: str) -> None:
             )
 
 
+def checkpoint_dtype(folder: Path) -> torch.dtype:
+    """The dtype a checkpoint folder's config.json says its weights are in (float32 when it says nothing usable)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    text = config.get("torch_dtype") or config.get("dtype") or (config.get("text_config") or {}).get("torch_dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(text), torch.float32)
+
+
 def load_model(
-    spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
+    spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``spec`` as a causal LM (in eval mode) and its tokenizer."""
+    """Load ``spec`` as a causal LM (in eval mode) and its tokenizer, stored in ``dtype``.
+
+    ``dtype`` is a torch dtype or a name: ``auto`` is the checkpoint's own dtype (float32 for the named
+    offline models, which are dequantized GGUF files), else float32, bfloat16 or float16.
+    """
     folder = fetch_model(spec)
+    if isinstance(dtype, str):
+        dtype = checkpoint_dtype(folder) if dtype.strip().lower() == "auto" else torch_dtype(dtype)
     pickled = _refuse_pickle_only(folder)
     start = time.perf_counter()
     try:

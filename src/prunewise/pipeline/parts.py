@@ -95,3 +95,31 @@ def make_pruner(score: str, structure=None, compensation: list[str] | None = Non
         comps.append(REGISTRIES["compensation"].build(name, **{k: v for k, v in options.items()
                                                                if k in ccls.Config.model_fields}))
     return Pruner(part, structure or Unstructured(part.default_group), [c for c in comps if c.reconstructs])
+
+
+def placement_for(model, recipe, parts: PartSet | None = None):
+    """Where the recipe's walks compute (``recipe.device``) for ``model`` as it is stored; what cannot move yet is refused.
+
+    The engine's walks (statistics, pruning, OWL and global scores, structured widths) onload one block
+    at a time. Gradient passes (taylor, gblm), the profile and search allocations and the depth
+    structures (blocks, sublayers) still run whole-model forwards where the model is stored, so with a
+    placement that moves or casts blocks they are refused with one line instead of running in half precision.
+    """
+    from ..engine.placement import Placement
+    from ..errors import PrunewiseError
+
+    placement = Placement.of(model, getattr(recipe, "device", None) or "auto")
+    if placement.trivial:
+        return placement
+    parts = parts or recipe.parts()
+    where = f"--device {recipe.device} with {str(placement.storage).removeprefix('torch.')} weights"
+    if parts.score.needs.gradient:
+        raise PrunewiseError(f"{where}: the {parts.score.name} score's gradient pass runs on the whole stored model; "
+                             "use --dtype float32 --device cpu for it")
+    if parts.allocation.key in ("profile", "search"):
+        raise PrunewiseError(f"{where}: the {parts.allocation.key} allocation does not move blocks yet; "
+                             "use --dtype float32 --device cpu for it, or uniform/owl/global")
+    if getattr(parts.structure, "depth", False):
+        raise PrunewiseError(f"{where}: {parts.structure.name} pruning measures whole-model outputs where the model is "
+                             "stored; use --dtype float32 --device cpu for it")
+    return placement

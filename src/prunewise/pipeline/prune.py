@@ -30,6 +30,7 @@ from ..evaluate.sparsity import measure_sparsity
 from ..export.register import MODELING_FILE
 from ..models.adapters import get_adapter, prunable_weights
 from ..models.loading import load_model
+from .parts import placement_for
 from .structured import prune_structured
 from .visitor import PruneVisitor
 
@@ -76,8 +77,11 @@ def allocation_context(model, recipe, parts, numels, windows, progress: bool, to
         def draw(n: int, length: int, seed: int) -> torch.Tensor:
             return calibration_spec_windows(tokenizer, recipe.calibration, n, length, seed)
 
+    placement = placement_for(model, recipe, parts)
+
     def engine(win, desc: str, sequential: bool = False) -> SequentialEngine:
-        return SequentialEngine(model, adapter, win, recipe.chunk_size, progress, desc=desc, sequential=sequential)
+        return SequentialEngine(model, adapter, win, recipe.chunk_size, progress, desc=desc, sequential=sequential,
+                                placement=placement)
 
     return AllocationContext(model=model, adapter=adapter, pruner=parts.pruner(), structure=parts.structure,
                              numels=numels, target=float(recipe.sparsity), exact=bool(recipe.budget),
@@ -103,10 +107,11 @@ def build_plan(model, recipe, numels, windows, progress: bool, files: dict | Non
 def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> PruneResult:
     """Prune ``recipe.model`` (or the given model, in place) as the recipe says; nothing is written to disk."""
     if model is None:
-        model, tokenizer = load_model(recipe.model)
+        model, tokenizer = load_model(recipe.model, recipe.dtype)
     adapter = get_adapter(model)
     parts = recipe.parts()
     structure = parts.structure
+    placement = placement_for(model, recipe, parts)
     numels = targeted_numels(model, recipe)
     if recipe.budget:  # a parameter/byte budget becomes the share of the targeted weights to remove
         from ..allocation.knapsack import parse_budget
@@ -143,7 +148,7 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
     visitor = PruneVisitor(pruner, structure, plan, adapter.block_prefix(model), rowwise=rowwise)
     t0 = time.perf_counter()
     engine = SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc=f"{parts.score.name} prune",
-                              sequential=recipe.sequential)
+                              sequential=recipe.sequential, placement=placement)
     if pruner.needs.gradient:
         engine.gradients = loss_gradients(model, adapter, windows, pruner.needs.gradient,
                                           chunk_size=min(recipe.chunk_size or 4, 4), progress=progress)

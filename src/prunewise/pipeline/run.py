@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..cache import cache_dir
 from ..core.masks import MASKS_FILE
 from ..data import check_calibration_overlap, evaluation_windows, get_corpus
 from ..data.mixture import CalibrationSpec
+from ..engine.placement import Placement, placed, resolve_device
 from ..errors import PrunewiseError
 from ..evaluate.perplexity import perplexity
 from ..export.save import check_output, output_lock, save_pruned
+from ..models.adapters import get_adapter
 from ..models.loading import load_model, model_fingerprint
 from .prune import PruneResult, prune
 
@@ -24,15 +27,17 @@ def check_data(recipe) -> None:
         check_calibration_overlap(recipe.calibration, get_corpus(name, "evaluation"))
 
 
-def dense_key(model_spec: str) -> str | None:
+def dense_key(model_spec: str, dtype: torch.dtype = torch.float32) -> str | None:
+    """Cache key of a source model's dense evaluations: its fingerprint, and its storage dtype unless float32."""
     try:
-        return model_fingerprint(model_spec)
+        key = model_fingerprint(model_spec)
     except PrunewiseError:
         return None
+    return key if dtype == torch.float32 else f"{key}-{str(dtype).removeprefix('torch.')}"
 
 
-def _dense_cache_path(model_spec: str, corpus, seqlen: int, max_tokens: int) -> Path | None:
-    fp = dense_key(model_spec)
+def _dense_cache_path(model_spec: str, corpus, seqlen: int, max_tokens: int, dtype: torch.dtype) -> Path | None:
+    fp = dense_key(model_spec, dtype)
     if fp is None:
         return None
     return cache_dir("evals") / f"ppl-{fp}-{corpus.fingerprint[:16]}-{seqlen}-{max_tokens}.json"
@@ -40,17 +45,24 @@ def _dense_cache_path(model_spec: str, corpus, seqlen: int, max_tokens: int) -> 
 
 def evaluate(model: nn.Module, tokenizer, data: list[str], eval_tokens: int = 32768, seqlen: int = 512,
              calibration: CalibrationSpec | None = None, dense_spec: str | None = None,
-             progress: bool = True) -> dict[str, float]:
+             progress: bool = True, device: str = "auto") -> dict[str, float]:
     """Perplexity on each evaluation corpus; refuses corpora that overlap the calibration text (every mixture part).
 
-    With ``dense_spec`` (the model is the unmodified named/source model) results are cached on disk.
+    Computed on ``device`` one block at a time (float32 on the CPU whatever the storage dtype). With
+    ``dense_spec`` (the model is the unmodified named/source model) results are cached on disk.
     """
+    with placed(model, get_adapter(model), Placement.of(model, device)):
+        return _evaluate(model, tokenizer, data, eval_tokens, seqlen, calibration, dense_spec, progress)
+
+
+def _evaluate(model, tokenizer, data, eval_tokens, seqlen, calibration, dense_spec, progress) -> dict[str, float]:
     results = {}
     for name in data:
         corpus = get_corpus(name, "evaluation")
         if calibration:
             check_calibration_overlap(calibration, corpus)
-        cache = _dense_cache_path(dense_spec, corpus, seqlen, eval_tokens) if dense_spec else None
+        dtype = next(model.parameters()).dtype
+        cache = _dense_cache_path(dense_spec, corpus, seqlen, eval_tokens, dtype) if dense_spec else None
         if cache is not None and cache.exists():
             results[name] = json.loads(cache.read_text())["perplexity"]
             continue
@@ -61,27 +73,29 @@ def evaluate(model: nn.Module, tokenizer, data: list[str], eval_tokens: int = 32
     return results
 
 
-def evaluate_dense(model, tokenizer, recipe, tasks: list, progress: bool) -> dict:
-    """The dense model's perplexity, task scores and completions (perplexity and tasks cached by fingerprint)."""
+def _measure(model, tokenizer, recipe, tasks: list, progress: bool, dense: bool) -> dict:
+    """Perplexity, task scores and completions, computed where the recipe's device says (one block at a time)."""
     from ..evaluate.completions import greedy_completions
     from ..tasks.suite import evaluate_tasks
 
-    return {"perplexity": evaluate(model, tokenizer, recipe.evaluation, recipe.eval_tokens, recipe.eval_seqlen,
-                                   dense_spec=recipe.model, progress=progress) if recipe.evaluation else {},
-            "tasks": evaluate_tasks(model, tokenizer, tasks, dense_key=dense_key(recipe.model),
-                                    progress=progress) if tasks else {},
-            "completions": greedy_completions(model, tokenizer) if recipe.completions else []}
+    key = dense_key(recipe.model, next(model.parameters()).dtype) if dense else None
+    with placed(model, get_adapter(model), Placement.of(model, recipe.device)):
+        return {"perplexity": evaluate(model, tokenizer, recipe.evaluation, recipe.eval_tokens, recipe.eval_seqlen,
+                                       dense_spec=recipe.model if dense else None, progress=progress,
+                                       device=recipe.device)
+                if recipe.evaluation else {},
+                "tasks": evaluate_tasks(model, tokenizer, tasks, dense_key=key, progress=progress) if tasks else {},
+                "completions": greedy_completions(model, tokenizer) if recipe.completions else []}
+
+
+def evaluate_dense(model, tokenizer, recipe, tasks: list, progress: bool) -> dict:
+    """The dense model's perplexity, task scores and completions (perplexity and tasks cached by fingerprint and dtype)."""
+    return _measure(model, tokenizer, recipe, tasks, progress, dense=True)
 
 
 def evaluate_pruned(result: PruneResult, recipe, tasks: list, progress: bool) -> dict:
     """The same measurements of the pruned model."""
-    from ..evaluate.completions import greedy_completions
-    from ..tasks.suite import evaluate_tasks
-
-    return {"perplexity": evaluate(result.model, result.tokenizer, recipe.evaluation, recipe.eval_tokens,
-                                   recipe.eval_seqlen, progress=progress) if recipe.evaluation else {},
-            "tasks": evaluate_tasks(result.model, result.tokenizer, tasks, progress=progress) if tasks else {},
-            "completions": greedy_completions(result.model, result.tokenizer) if recipe.completions else []}
+    return _measure(result.model, result.tokenizer, recipe, tasks, progress, dense=False)
 
 
 def output_files(result: PruneResult, report: dict) -> dict:
@@ -109,6 +123,7 @@ def stored_bytes(model) -> int:
 
 def run(recipe, progress: bool = True) -> dict:
     """The whole job: evaluate dense, prune, evaluate pruned, save (if ``recipe.output``). Returns the report."""
+    resolve_device(recipe.device)  # a GPU that is not there: one line, before any work
     if recipe.output:
         check_output(recipe.output, recipe.overwrite, source=recipe.model)
         with output_lock(recipe.output):  # a second run to the same output fails at once
@@ -121,7 +136,7 @@ def _run(recipe, progress: bool) -> dict:
 
     check_data(recipe)
     tasks = load_tasks(recipe.tasks, recipe.task_limit) if recipe.tasks else []
-    model, tokenizer = load_model(recipe.model)
+    model, tokenizer = load_model(recipe.model, recipe.dtype)
     if recipe.output:  # room for the weights (and a margin for the report), before any work
         check_output(recipe.output, recipe.overwrite, source=recipe.model,
                      expected_bytes=int(stored_bytes(model) * 1.05) + (16 << 20))

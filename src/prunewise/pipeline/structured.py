@@ -20,6 +20,7 @@ from ..structures.geometry import BlockGeometry, BlockKeep
 from ..structures.shrink import finalize_config, remove_blocks, shrink_block
 from ..structures.units import unit_scores
 from ..structures.widths import choose_widths
+from .parts import placement_for
 
 
 def count_params(model: nn.Module, adapter) -> dict[str, int]:
@@ -115,7 +116,7 @@ def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, 
     compensate = parts.compensation_named("bias") is not None
     blocks = adapter.blocks(model)
     engine = SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="structured statistics",
-                              sequential=False)
+                              sequential=False, placement=placement_for(model, recipe, parts))
     if score.needs.gradient:
         t0 = time.perf_counter()
         engine.gradients = loss_gradients(model, adapter, windows, score.needs.gradient,

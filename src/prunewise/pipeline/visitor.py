@@ -61,7 +61,7 @@ class PruneVisitor:
             sparsity = rows
         outcome = self.score.prune(linear.weight.data, stats, self.structure, sparsity, module=full)
         linear.weight.data.copy_(outcome.weight)
-        self.masks.weights[full] = outcome.mask
+        self.masks.weights[full] = outcome.mask.to("cpu")  # masks of every module: host memory, not the device
         record = {"target": self.plan.modules[full], "pruned": int(outcome.mask.sum()),
                   "seconds": time.perf_counter() - start}
         if row_info:

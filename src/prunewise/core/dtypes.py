@@ -1,0 +1,29 @@
+"""Storage dtypes by name: what ``--dtype`` accepts."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import PrunewiseError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def parse_dtype(spec: str) -> str:
+    """The canonical name of a storage dtype (``auto``, ``float32``, ``bfloat16``, ``float16``), or a one-line error."""
+    text = str(spec).strip().lower().removeprefix("torch.")
+    if text == "auto":
+        return "auto"
+    if text not in DTYPES:
+        raise PrunewiseError(f"unknown dtype {spec!r}; use one of {', '.join(DTYPE_NAMES)} (or bf16, fp16, fp32)")
+    return str(DTYPES[text]).removeprefix("torch.")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a concrete name (not ``auto``)."""
+    canonical = parse_dtype(name)
+    if canonical == "auto":
+        raise PrunewiseError("dtype 'auto' has no torch dtype of its own; resolve it against a checkpoint first")
+    return DTYPES[canonical]

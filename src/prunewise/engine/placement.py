@@ -1,0 +1,185 @@
+"""Where blocks compute and in which precision: one block resident on the device at a time.
+
+A model is *stored* in one dtype on one device (the CPU for everything prunewise loads); a block is
+*onloaded* to the compute device for its passes and *offloaded* afterwards. The compute dtype is
+the storage dtype on an accelerator, and float32 on the CPU (no bf16/fp16 arithmetic there worth
+the name), so a bf16 model pruned on the CPU costs bf16 memory and computes like the fp32 one.
+Statistics (norms, means, Hessians) are always float32 or wider, whatever the compute dtype.
+
+When the placement is *trivial* (the CPU, float32 storage) nothing is moved or cast: onloading
+returns the module as it is, and results are bit-identical to a run without placement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.dtypes import parse_dtype, torch_dtype  # noqa: F401  (re-exported for the fronts)
+from ..errors import PrunewiseError
+
+
+def parse_device(spec: str) -> str:
+    """Check a device spelling without looking at the hardware: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``."""
+    text = str(spec).strip().lower()
+    if text in ("auto", "cpu", "cuda", "mps") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise PrunewiseError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The device ``spec`` names on this machine; ``auto`` is the first GPU if there is one, else the CPU.
+
+    A GPU that is not there is refused with one line, before any work.
+    """
+    text = parse_device(spec)
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        return torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise PrunewiseError("--device mps: this machine has no usable Apple GPU (torch.backends.mps.is_available() "
+                                 "is False); use --device cpu or auto")
+        return torch.device("mps")
+    if not torch.cuda.is_available():
+        raise PrunewiseError(f"--device {text}: torch sees no CUDA GPU on this machine (torch.cuda.is_available() is "
+                             "False); use --device cpu or auto, or install a CUDA build of torch")
+    index = int(text[5:]) if ":" in text else 0
+    if index >= torch.cuda.device_count():
+        raise PrunewiseError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    return torch.device("cuda", index)
+
+
+def compute_dtype(device: torch.device, storage: torch.dtype) -> torch.dtype:
+    """The storage dtype on an accelerator; float32 on the CPU."""
+    return torch.float32 if device.type == "cpu" else storage
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Compute ``device`` for blocks; ``storage`` the dtype weights are kept in, on ``home`` (the CPU)."""
+
+    device: torch.device
+    storage: torch.dtype
+    home: torch.device = torch.device("cpu")
+
+    @classmethod
+    def of(cls, model: nn.Module, device: str | torch.device | None = None) -> Placement:
+        """The placement of a loaded model: its weights' dtype and device, computing on ``device`` (default: there)."""
+        p = next(model.parameters())
+        target = p.device if device is None else (resolve_device(device) if isinstance(device, str) else device)
+        return cls(target, p.dtype, p.device)
+
+    @property
+    def compute(self) -> torch.dtype:
+        return compute_dtype(self.device, self.storage)
+
+    @property
+    def trivial(self) -> bool:
+        """Nothing to move or cast: compute where and in what the weights are stored."""
+        return self.device == self.home and self.compute == self.storage
+
+    def to_compute(self, t):
+        """A tensor (or a nest of them) on the compute device; floating tensors in the compute dtype."""
+        if self.trivial:
+            return t
+        if isinstance(t, torch.Tensor):
+            return t.to(self.device, self.compute) if t.is_floating_point() else t.to(self.device)
+        if isinstance(t, tuple):
+            return tuple(self.to_compute(x) for x in t)
+        if isinstance(t, list):
+            return [self.to_compute(x) for x in t]
+        if isinstance(t, dict):
+            return {k: self.to_compute(v) for k, v in t.items()}
+        return t
+
+    def onload(self, module: nn.Module) -> dict | None:
+        """Move ``module``'s parameters to the device in the compute dtype (buffers: the device only).
+
+        Returns what :meth:`offload` needs to put the stored tensors back (None when trivial).
+        """
+        if self.trivial:
+            return None
+        saved = {}
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is None:
+                    continue
+                saved[(id(sub), "p", name)] = p.data
+                p.data = p.data.to(self.device, self.compute if p.is_floating_point() else p.dtype)
+            for name, b in list(sub._buffers.items()):
+                if b is None or b.device == self.device:
+                    continue
+                saved[(id(sub), "b", name)] = b
+                sub._buffers[name] = b.to(self.device)
+        return saved
+
+    def offload(self, module: nn.Module, saved: dict | None, write_back: bool) -> None:
+        """Back to storage: the computed weights cast to the storage dtype (``write_back``), else the stored ones."""
+        if saved is None:
+            return
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                key = (id(sub), "p", name)
+                if p is None or key not in saved:
+                    continue
+                original = saved[key]
+                if write_back:
+                    original.copy_(p.data)  # cast to the storage dtype, in the stored tensor (shared ties stay tied)
+                p.data = original
+            for name in list(sub._buffers):
+                key = (id(sub), "b", name)
+                if key in saved:
+                    sub._buffers[name] = saved[key]
+
+
+@contextlib.contextmanager
+def placed(model: nn.Module, adapter, placement: Placement) -> Iterator[nn.Module]:
+    """Full forwards of ``model`` (evaluation) with one block at a time on the device, in the compute dtype.
+
+    Forward pre-hooks onload each block and each part of the shell around the blocks (embedding,
+    final norm, head) as it is called and move its inputs; forward hooks put the stored weights
+    back. Outputs are left on the device. With a trivial placement, or inside another ``placed``, this
+    does nothing.
+    """
+    if placement.trivial or getattr(model, "_prunewise_placed", False):  # nested: the outer hooks already place
+        yield model
+        return
+    decoder = adapter.decoder(model)
+    blocks = adapter.blocks(model)
+    units = list(blocks)
+    shell = [m for m in decoder.children() if m is not blocks]
+    shell += [m for m in model.children() if m is not decoder and not _contains(m, decoder)]
+    units += [m for m in shell if any(True for _ in m.parameters()) or any(True for _ in m.buffers())]
+    state: dict[int, dict | None] = {}
+
+    def pre(module, args, kwargs):
+        state[id(module)] = placement.onload(module)
+        return placement.to_compute(args), placement.to_compute(kwargs)
+
+    def post(module, args, kwargs, output):
+        placement.offload(module, state.pop(id(module)), write_back=False)
+        return output
+
+    handles = []
+    model._prunewise_placed = True
+    try:
+        for m in units:
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        del model._prunewise_placed
+
+
+def _contains(root: nn.Module, target: nn.Module) -> bool:
+    return any(m is target for m in root.modules())
