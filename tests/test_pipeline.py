@@ -132,6 +132,8 @@ def test_gblm_score_matches_the_reference_formula(windows):
     {"sparsity": 0.6, "allocation": "owl"},
     {"sparsity": 0.5, "allocation": "global"},
     {"sparsity": 0.5, "allocation": {"name": "profile", "nsamples": 2, "seqlen": 16, "levels": [0.3, 0.5, 0.7]}},
+    {"sparsity": 0.5, "allocation": {"name": "search", "nsamples": 2, "seqlen": 16, "levels": [0.3, 0.5, 0.7],
+                                     "generations": 2, "offspring": 4, "search_nsamples": 4, "search_seqlen": 16}},
     {"sparsity": 0.5, "compensation": ["obs"]},
     {"structure": "width", "sparsity": 0.25, "width_multiple": 8},
 ])
