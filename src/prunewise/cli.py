@@ -41,6 +41,8 @@ PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--within-block": ("within_block", str, "sequential (default) | parallel (statistics from the dense block, as the reference code)"),
     "--chunk-size": ("chunk_size", int, "calibration windows per forward chunk (lower = less memory)"),
     "--device": ("device", str, "where blocks compute, one at a time: auto (first GPU, else CPU) | cpu | cuda | cuda:N | mps"),
+    "--offload": ("offload", str, "disk: stream blocks from the source shards to the output shards, never the whole "
+                                  "model in memory | auto (disk when it would not fit, default) | none"),
     "--dtype": ("dtype", str, "storage dtype, loaded and saved: auto (the checkpoint's; named models float32) | "
                               "float32 | bfloat16 | float16 (on a CPU, blocks compute in float32)"),
     "--targets": ("targets", str, "regex of module names to prune"),

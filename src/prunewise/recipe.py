@@ -150,6 +150,9 @@ class Recipe(BaseModel):
     chunk_size: int | None = Field(None, ge=1, description="calibration windows per forward chunk; default all")
     device: str = Field("auto", description="where blocks compute, one at a time: auto (the first GPU, else the CPU) | "
                                             "cpu | cuda | cuda:N | mps")
+    offload: Literal["auto", "none", "disk"] = Field(
+        "auto", description="disk: never build the model in memory, stream blocks from the source shards to the output "
+                            "shards; auto: disk when the model would not fit in the available memory; none: in memory")
     dtype: str = Field("auto", description="dtype the model is loaded, stored and saved in: auto (the checkpoint's own; "
                                            "the named offline models float32) | float32 | bfloat16 | float16")
     targets: str = Field(r".*", description="regex a module name must match to be pruned")

@@ -38,9 +38,19 @@ class MaskSet:
     units: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     removed_blocks: list[int] = field(default_factory=list)
     structure: str = "unstructured"
+    # masks already bit-packed (name -> (packed bits, shape)): a streamed run keeps one bit per weight in memory
+    packed: dict[str, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)
 
     def removed(self) -> int:
-        return sum(int(m.sum()) for m in self.weights.values())
+        return (sum(int(m.sum()) for m in self.weights.values())
+                + sum(int(np.unpackbits(bits.numpy(), bitorder="little").sum()) for bits, _ in self.packed.values()))
+
+    def pack(self) -> None:
+        """Move every boolean mask into ``packed`` (8 weights per byte); ``load`` gives them back unpacked."""
+        for name, mask in self.weights.items():
+            flat = mask.detach().to("cpu", torch.bool).flatten().numpy()
+            self.packed[name] = (torch.from_numpy(np.packbits(flat, bitorder="little")), list(mask.shape))
+        self.weights.clear()
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors, shapes = {}, {}
@@ -48,6 +58,9 @@ class MaskSet:
             flat = mask.detach().to("cpu", torch.bool).flatten().numpy()
             tensors[f"weight/{name}"] = torch.from_numpy(np.packbits(flat, bitorder="little"))
             shapes[name] = list(mask.shape)
+        for name, (bits, shape) in self.packed.items():
+            tensors[f"weight/{name}"] = bits
+            shapes[name] = shape
         for block, keep in self.units.items():
             for kind, idx in keep.items():
                 tensors[f"units/{block}/{kind}"] = idx.detach().to("cpu", torch.long).contiguous()

@@ -74,8 +74,9 @@ class Placement:
     def of(cls, model: nn.Module, device: str | torch.device | None = None) -> Placement:
         """The placement of a loaded model: its weights' dtype and device, computing on ``device`` (default: there)."""
         p = next(model.parameters())
-        target = p.device if device is None else (resolve_device(device) if isinstance(device, str) else device)
-        return cls(target, p.dtype, p.device)
+        home = torch.device("cpu") if p.device.type == "meta" else p.device  # a streamed model lives on the CPU
+        target = home if device is None else (resolve_device(device) if isinstance(device, str) else device)
+        return cls(target, p.dtype, home)
 
     @property
     def compute(self) -> torch.dtype:
@@ -141,15 +142,16 @@ class Placement:
 
 
 @contextlib.contextmanager
-def placed(model: nn.Module, adapter, placement: Placement) -> Iterator[nn.Module]:
+def placed(model: nn.Module, adapter, placement: Placement, stream=None) -> Iterator[nn.Module]:
     """Full forwards of ``model`` (evaluation) with one block at a time on the device, in the compute dtype.
 
     Forward pre-hooks onload each block and each part of the shell around the blocks (embedding,
     final norm, head) as it is called and move its inputs; forward hooks put the stored weights
-    back. Outputs are left on the device. With a trivial placement, or inside another ``placed``, this
-    does nothing.
+    back. With a ``stream`` (a model on the meta device) each is read from the shards first and released
+    after. Outputs are left on the device. With a trivial placement and no stream, or inside another
+    ``placed``, this does nothing.
     """
-    if placement.trivial or getattr(model, "_prunewise_placed", False):  # nested: the outer hooks already place
+    if (placement.trivial and stream is None) or getattr(model, "_prunewise_placed", False):  # nested: the outer hooks already place
         yield model
         return
     decoder = adapter.decoder(model)
@@ -161,11 +163,15 @@ def placed(model: nn.Module, adapter, placement: Placement) -> Iterator[nn.Modul
     state: dict[int, dict | None] = {}
 
     def pre(module, args, kwargs):
+        if stream is not None:  # out of core: read from the shards as it is called
+            stream.load(module)
         state[id(module)] = placement.onload(module)
         return placement.to_compute(args), placement.to_compute(kwargs)
 
     def post(module, args, kwargs, output):
         placement.offload(module, state.pop(id(module)), write_back=False)
+        if stream is not None:
+            stream.done(module, write=False)
         return output
 
     handles = []

@@ -75,9 +75,10 @@ class SequentialEngine:
 
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, windows: torch.Tensor | None,
                  chunk_size: int | None = None, progress: bool = True, desc: str = "pruning",
-                 sequential: bool = True, placement: Placement | None = None) -> None:
+                 sequential: bool = True, placement: Placement | None = None, stream=None) -> None:
         self.model = model
         self.placement = placement or Placement.of(model)
+        self.stream = stream  # out of core: blocks read from the shards on arrival, written and released after
         self.adapter = adapter
         self.windows = windows
         self.requested_chunk = chunk_size
@@ -115,6 +116,8 @@ class SequentialEngine:
             return forward
 
         shell = [m for m in decoder.children() if m is not blocks]
+        if self.stream is not None:
+            self.stream.load_shell()
         saved = [self.placement.onload(m) for m in shell]
         for i, b in enumerate(blocks):
             b.forward = recorder(i)
@@ -129,6 +132,8 @@ class SequentialEngine:
                 del b.forward
             for m, sv in zip(shell, saved):
                 self.placement.offload(m, sv, write_back=False)
+            if self.stream is not None:
+                self.stream.release_shell()
         return Captured(torch.cat(hidden_parts), kwargs)
 
     gradients: dict | None = None  # (block, linear) -> gradient, from compute_gradients, given to the visitors
@@ -146,10 +151,21 @@ class SequentialEngine:
 
     def walk_without_data(self, visitor: BlockVisitor) -> None:
         """Visit every linear with no input statistics (parts that need no calibration pass)."""
-        for i, block in enumerate(self.adapter.blocks(self.model)):
+        blocks = self.adapter.blocks(self.model)
+        for i, block in enumerate(blocks):
+            self._arrive(blocks, i)
             for name, linear in self.adapter.linears(block).items():
                 self._visit(visitor, i, name, linear, None, visitor.needs(i, name))
             visitor.end_block(i, block)
+            self._leave(block, visitor.modifies_weights)
+
+    def _arrive(self, blocks, i: int) -> None:
+        if self.stream is not None:
+            self.stream.load(blocks[i], prefetch=blocks[i + 1] if i + 1 < len(blocks) else None)
+
+    def _leave(self, block, write: bool) -> None:
+        if self.stream is not None:
+            self.stream.done(block, write=write)
 
     @torch.no_grad()
     def run(self, visitor: BlockVisitor, record: bool = False) -> Recording | None:
@@ -183,12 +199,14 @@ class SequentialEngine:
         for i in bar:
             if record:
                 inputs.append(hidden)
+            self._arrive(blocks, i)
             saved = self.placement.onload(blocks[i])
             try:
                 hidden = self._run_block(i, blocks[i], hidden, cap.kwargs[i], visitor)
                 visitor.end_block(i, blocks[i])
             finally:  # the rewritten weights go back in the storage dtype (an interrupted block: as they are)
                 self.placement.offload(blocks[i], saved, write_back=visitor.modifies_weights)
+            self._leave(blocks[i], visitor.modifies_weights)
         return Recording(inputs, hidden, cap.kwargs) if record else None
 
     def _gradient_kind(self, visitor) -> str | None:
@@ -217,11 +235,13 @@ class SequentialEngine:
         for j in range(first, len(blocks)):
             if keep:
                 kept.append(h)
+            self._arrive(blocks, j)
             saved = self.placement.onload(blocks[j])
             try:
                 h = block_output(blocks[j](h, **kwargs[j]))
             finally:
                 self.placement.offload(blocks[j], saved, write_back=False)
+            self._leave(blocks[j], False)
         return h, kept
 
     def _run_block(self, index: int, block: nn.Module, hidden: torch.Tensor, kwargs: dict,

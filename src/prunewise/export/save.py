@@ -169,19 +169,35 @@ def output_lock(out: str | Path):
         fh.close()
 
 
-def _remove_leftovers(out: Path) -> None:
-    """Remove temporary folders an interrupted save of ``out`` left (we hold the output's lock)."""
+def _remove_leftovers(out: Path, keep: Path | None = None) -> None:
+    """Remove temporary folders an interrupted save of ``out`` left (we hold the output's lock), except ``keep``."""
     if not out.parent.is_dir():
         return
-    for stale in list(out.parent.glob(f".{out.name}.tmp-*")) + list(out.parent.glob(f".{out.name}.old-*")):
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*"),
+                  *out.parent.glob(f".{out.name}.stream-*")]:
+        if keep is None or stale.resolve() != keep.resolve():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
-def _write(model: nn.Module, tokenizer, tmp: Path, extra_files: dict[str, str | bytes]) -> None:
+def staging_folder(out: str | Path) -> Path:
+    """Where a streamed run writes its shards before the save: beside ``out`` (the same filesystem), removed on failure."""
+    out = Path(out).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.stream-", dir=out.parent))
+
+
+def _write(model: nn.Module, tokenizer, tmp: Path, extra_files: dict[str, str | bytes], weights: Path | None) -> None:
     config = model.config
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
-    model.save_pretrained(tmp, safe_serialization=True)
+    if weights is None:
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:  # shards and index already written by a streamed run: moved in, with the config
+        for f in sorted(weights.iterdir()):
+            os.rename(f, tmp / f.name)
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for name, content in {**extra_files, OUTPUT_MARKER: "written by prunewise\n"}.items():
@@ -194,16 +210,19 @@ def _write(model: nn.Module, tokenizer, tmp: Path, extra_files: dict[str, str | 
 
 
 def save_pruned(model: nn.Module, tokenizer, out: str | Path, extra_files: dict[str, str | bytes],
-                overwrite: bool = False, source: str | Path | None = None) -> Path:
-    """Save weights, config, tokenizer and ``extra_files`` (name -> content) to ``out`` atomically."""
+                overwrite: bool = False, source: str | Path | None = None, weights: Path | None = None) -> Path:
+    """Save weights, config, tokenizer and ``extra_files`` (name -> content) to ``out`` atomically.
+
+    ``weights``: a staging folder of shards a streamed run wrote (the model itself is on the meta device).
+    """
     out = check_output(out, overwrite, source)
     with output_lock(out):
-        _remove_leftovers(out)
+        _remove_leftovers(out, keep=weights)
         tmp = None
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-            _write(model, tokenizer, tmp, extra_files)
+            _write(model, tokenizer, tmp, extra_files, weights)
             old = None
             if out.exists():
                 old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -66,7 +66,8 @@ def targeted_numels(model: nn.Module, recipe) -> dict[str, int]:
     return keep
 
 
-def allocation_context(model, recipe, parts, numels, windows, progress: bool, tokenizer=None) -> AllocationContext:
+def allocation_context(model, recipe, parts, numels, windows, progress: bool, tokenizer=None,
+                       stream=None) -> AllocationContext:
     """What the allocation part gets: the model, the composed pruner, the targets, windows and engine services."""
     from ..allocation.profile import weights_fingerprint
     from ..models.loading import model_fingerprint  # noqa: F401  (the profile cache keys on the weights)
@@ -81,7 +82,7 @@ def allocation_context(model, recipe, parts, numels, windows, progress: bool, to
 
     def engine(win, desc: str, sequential: bool = False) -> SequentialEngine:
         return SequentialEngine(model, adapter, win, recipe.chunk_size, progress, desc=desc, sequential=sequential,
-                                placement=placement)
+                                placement=placement, stream=stream)
 
     return AllocationContext(model=model, adapter=adapter, pruner=parts.pruner(), structure=parts.structure,
                              numels=numels, target=float(recipe.sparsity), exact=bool(recipe.budget),
@@ -90,23 +91,30 @@ def allocation_context(model, recipe, parts, numels, windows, progress: bool, to
 
 
 def build_plan(model, recipe, numels, windows, progress: bool, files: dict | None = None,
-               tokenizer=None) -> AllocationPlan:
+               tokenizer=None, stream=None) -> AllocationPlan:
     """The allocation plan the recipe asks for: a saved plan, or the allocation part's."""
     if recipe.plan:
         plan = AllocationPlan.load(recipe.plan)
         plan.check_matches(numels)
         return plan
     parts = recipe.parts()
-    ctx = allocation_context(model, recipe, parts, numels, windows, progress, tokenizer)
+    ctx = allocation_context(model, recipe, parts, numels, windows, progress, tokenizer, stream)
     plan = parts.allocation.allocate(ctx)
     if files is not None:
         files.update(ctx.files)
     return plan
 
 
-def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> PruneResult:
-    """Prune ``recipe.model`` (or the given model, in place) as the recipe says; nothing is written to disk."""
+def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool = True, stream=None) -> PruneResult:
+    """Prune ``recipe.model`` (or the given model, in place) as the recipe says; nothing is written to disk.
+
+    With ``stream`` (``pipeline/streamed.py``) the model is on the meta device: every walk reads blocks
+    from the checkpoint and the pruning walk writes them to the stream's output shards.
+    """
     if model is None:
+        if recipe.offload == "disk" and stream is None:
+            raise PrunewiseError("--offload disk writes the pruned model as it goes: use run() (prunewise prune "
+                                 "--output DIR), not prune(), which returns a model in memory")
         model, tokenizer = load_model(recipe.model, recipe.dtype)
     adapter = get_adapter(model)
     parts = recipe.parts()
@@ -122,7 +130,8 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
         log.info("budget %s: remove %d of %d targeted weights (sparsity %.6f)", recipe.budget, count, total, recipe.sparsity)
     weights = prunable_weights(model)
     for name in numels:
-        check_weight(name, weights[name])
+        if stream is None:  # streamed: checked in the prune visitor when the block is read
+            check_weight(name, weights[name])
         structure.check(name, weights[name])
     timings: dict[str, float] = {}
     pruner = parts.pruner()
@@ -142,13 +151,14 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
 
     t0 = time.perf_counter()
     files: dict = {}
-    plan = build_plan(model, recipe, numels, windows, progress, files, tokenizer)
+    plan = build_plan(model, recipe, numels, windows, progress, files, tokenizer, stream)
     timings["allocation_s"] = time.perf_counter() - t0
 
-    visitor = PruneVisitor(pruner, structure, plan, adapter.block_prefix(model), rowwise=rowwise)
+    visitor = PruneVisitor(pruner, structure, plan, adapter.block_prefix(model), rowwise=rowwise,
+                           pack_masks=stream is not None)
     t0 = time.perf_counter()
     engine = SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc=f"{parts.score.name} prune",
-                              sequential=recipe.sequential, placement=placement)
+                              sequential=recipe.sequential, placement=placement, stream=stream)
     if pruner.needs.gradient:
         engine.gradients = loss_gradients(model, adapter, windows, pruner.needs.gradient,
                                           chunk_size=min(recipe.chunk_size or 4, 4), progress=progress)
@@ -159,13 +169,13 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
         plan.method = f"{plan.method}+rowwise"
         plan.params["rowwise"] = "trim"
 
-    report = _weight_report(recipe, parts, model, numels, plan, visitor, timings)
+    measured = stream.measured_sparsity(model) if stream is not None else measure_sparsity(model, list(numels))
+    report = _weight_report(recipe, parts, measured, numels, plan, visitor, timings)
     return PruneResult(model, tokenizer, recipe, plan, report, files, visitor.masks)
 
 
-def _weight_report(recipe, parts, model, numels, plan, visitor, timings) -> dict:
+def _weight_report(recipe, parts, measured, numels, plan, visitor, timings) -> dict:
     """What a weight-level run did: planned and achieved sparsity per module, timings, Cholesky retries."""
-    measured = measure_sparsity(model, list(numels))
     return {
         "prunewise": __version__,
         "model": recipe.model,

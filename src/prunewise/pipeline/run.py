@@ -133,8 +133,11 @@ def run(recipe, progress: bool = True) -> dict:
 
 def _run(recipe, progress: bool) -> dict:
     from ..tasks.suite import load_tasks
+    from .streamed import run_streamed, should_stream
 
     check_data(recipe)
+    if should_stream(recipe):
+        return run_streamed(recipe, progress)
     tasks = load_tasks(recipe.tasks, recipe.task_limit) if recipe.tasks else []
     model, tokenizer = load_model(recipe.model, recipe.dtype)
     if recipe.output:  # room for the weights (and a margin for the report), before any work

@@ -24,8 +24,10 @@ class PruneVisitor:
 
     modifies_weights = True
 
-    def __init__(self, pruner, structure, plan: AllocationPlan, prefix: str, rowwise: bool = False) -> None:
+    def __init__(self, pruner, structure, plan: AllocationPlan, prefix: str, rowwise: bool = False,
+                 pack_masks: bool = False) -> None:
         self.score, self.structure, self.plan, self.prefix = pruner, structure, plan, prefix
+        self.pack_masks = pack_masks  # bit-pack each block's masks when it is done (out-of-core runs)
         self.rowwise = rowwise
         self.records: dict[str, dict] = {}
         self.masks = MaskSet(structure=structure.name)
@@ -70,4 +72,5 @@ class PruneVisitor:
         self.records[full] = record
 
     def end_block(self, i: int, block: nn.Module) -> None:
-        return None
+        if self.pack_masks:
+            self.masks.pack()

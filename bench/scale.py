@@ -1,0 +1,191 @@
+"""Scale: memory and time of out-of-core pruning on Llama-shaped checkpoints from 0.5B to 13B parameters.
+
+Each size is a random-weight Llama-architecture checkpoint written in bfloat16, shard by shard, with a
+fixed seed (a fixture in the prunewise cache, never in git; ``--drop-fixtures`` deletes each after
+use). It is pruned with Wanda 50% streamed from disk (``--offload disk``) on 4 x 128 calibration
+tokens of ``wiki``, and, where the model fits in memory, in memory as well. Reported per size and
+mode: peak RSS and the process's baseline once torch and transformers are imported, seconds per
+block, bytes read and written, the output's size, and (peak - baseline) / one block's bytes.
+Random weights measure memory and time, not quality.
+
+The shapes follow the public configs (hidden, MLP, layers, heads, key/value heads); every size uses
+the default model's tokenizer, so the vocabulary is 49,152 (Llama-2's is 32,000: its embedding and
+head are about 50% larger here, under 4% of the 7B and 13B models).
+
+    python bench/scale.py --sizes 0.5b 1.5b            # JSON + table in bench/results/scale.*
+    python bench/scale.py --sizes 13b --drop-fixtures  # about 26 GB in, 26 GB out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cells import add_cell_args, run_cell_process, start  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+VOCAB = 49152
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads
+    "0.5b": (896, 4864, 24, 14, 2),      # Qwen2.5-0.5B
+    "1.5b": (1536, 8960, 28, 12, 2),     # Qwen2.5-1.5B
+    "3b": (2048, 11008, 36, 16, 2),      # Qwen2.5-3B
+    "7b": (4096, 11008, 32, 32, 32),     # Llama-2-7B
+    "13b": (5120, 13824, 40, 40, 40),    # Llama-2-13B
+}
+SHARD_BYTES = 2 << 30
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fixture(size: str, seed: int = 0) -> Path:
+    """The random bf16 checkpoint of ``size`` (written once, shard by shard, into the cache)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from prunewise.cache import cache_dir
+    from prunewise.models.lazy import INDEX, empty_model
+    from prunewise.models.loading import fetch_model
+
+    hidden, inter, layers, heads, kv = SHAPES[size]
+    folder = cache_dir("scale") / f"llama-{size}-bf16-seed{seed}"
+    if (folder / INDEX).exists():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                         tie_word_embeddings=False, dtype="bfloat16")
+    config.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(fetch_model("smollm2-135m")).save_pretrained(tmp)
+    model = empty_model(tmp, torch.bfloat16)
+    gen = torch.Generator().manual_seed(seed)
+    shards, current, size_now, weight_map, total = [], {}, 0, {}, 0
+
+    def flush():
+        nonlocal current, size_now
+        if current:
+            name = f"part-{len(shards):05d}.safetensors"
+            save_file(current, str(tmp / name), metadata={"format": "pt"})
+            shards.append((name, list(current)))
+            current, size_now = {}, 0
+
+    for name, p in model.named_parameters():
+        t = torch.ones(p.shape, dtype=torch.bfloat16) if p.dim() == 1 else \
+            (torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+        current[name] = t
+        size_now += t.numel() * 2
+        total += t.numel() * 2
+        if size_now >= SHARD_BYTES:
+            flush()
+    flush()
+    for i, (name, names) in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.rename(tmp / name, tmp / final)
+        weight_map.update(dict.fromkeys(names, final))
+    (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    os.rename(tmp, folder)
+    return folder
+
+
+def run_cell(args, cell: str) -> dict:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    from prunewise.api import run
+    from prunewise.recipe import make_recipe
+
+    size, mode = cell.rsplit("-", 1)
+    t0 = time.perf_counter()
+    folder = fixture(size)
+    fixture_s = time.perf_counter() - t0
+    baseline = _rss_mb()  # after imports (the fixture was written by another process)
+    out = Path(args.scratch) / f"scale-{cell}"
+    recipe = make_recipe(model=str(folder), score="wanda", sparsity=0.5, calibration="wiki", nsamples=4, seqlen=128,
+                         evaluation=[], completions=False, offload="disk" if mode == "disk" else "none",
+                         output=str(out), overwrite=True, dtype="bfloat16", device="cpu")
+    t0 = time.perf_counter()
+    report = run(recipe, progress=False)
+    seconds = time.perf_counter() - t0
+    hidden, inter, layers, heads, kv = SHAPES[size]
+    head_dim = hidden // heads
+    block_params = hidden * (heads + 2 * kv) * head_dim + heads * head_dim * hidden + 3 * hidden * inter + 2 * hidden
+    out_bytes = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
+    shutil.rmtree(out, ignore_errors=True)
+    peak = _rss_mb()
+    return {"size": size, "mode": mode, "layers": layers, "block_bytes": block_params * 2,
+            "checkpoint_bytes": sum(f.stat().st_size for f in folder.glob("model*.safetensors")),
+            "baseline_rss_mb": baseline, "peak_rss_mb": peak,
+            "peak_over_block": (peak - baseline) * 2**20 / (block_params * 2),
+            "seconds": seconds, "prune_s": report["timings"]["prune_s"],
+            "s_per_block": report["timings"]["prune_s"] / layers, "fixture_s": fixture_s,
+            "bytes_read": report.get("offload", {}).get("bytes_read"),
+            "bytes_written": report.get("offload", {}).get("bytes_written"), "output_bytes": out_bytes,
+            "achieved_sparsity": report["achieved_sparsity"],
+            "module_sparsity": sorted({round(m["sparsity"], 6) for m in report["modules"].values()})}
+
+
+def write_table(results: dict, path: Path) -> str:
+    lines = ["Random-weight Llama-shaped bf16 checkpoints, Wanda 50% on 4 x 128 wiki tokens, CPU (float32 compute). "
+             "Random weights measure memory and time, not quality.", "",
+             "| size | mode | checkpoint GB | peak RSS MB | baseline MB | (peak - baseline) / block | s / block | "
+             "read GB | written GB | output GB | sparsity per module |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["cells"].values():
+        gb = lambda b: f"{b / 1e9:.2f}" if b else "-"  # noqa: E731
+        lines.append(f"| {row['size']} | {row['mode']} | {gb(row['checkpoint_bytes'])} | {row['peak_rss_mb']:.0f} | "
+                     f"{row['baseline_rss_mb']:.0f} | {row['peak_over_block']:.2f} | {row['s_per_block']:.2f} | "
+                     f"{gb(row['bytes_read'])} | {gb(row['bytes_written'])} | {gb(row['output_bytes'])} | "
+                     f"{', '.join(str(s) for s in row['module_sparsity'])} |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cell_args(ap, HERE / "results" / "scale.json", "cells SIZE-MODE (MODE disk or memory); default from --sizes")
+    ap.add_argument("--sizes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--memory", nargs="*", default=["0.5b", "1.5b", "3b"], help="sizes also pruned in memory")
+    ap.add_argument("--scratch", default=str(Path.home() / ".cache" / "prunewise-scale-out"))
+    ap.add_argument("--drop-fixtures", action="store_true", help="delete each checkpoint after its cells")
+    ap.add_argument("--_fixture", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._fixture:  # in a process of its own, so that writing it does not count in a cell's peak RSS
+        print(fixture(args._fixture))
+        return
+    results = start(args, run_cell, ())
+    if results is None:
+        return
+    out = Path(args.out)
+    cells = args.cells or [f"{s}-{m}" for s in args.sizes for m in ("disk", "memory") if m == "disk" or s in args.memory]
+    for cell in cells:
+        if cell in results["cells"]:
+            continue
+        print(f"{cell} ...", flush=True)
+        subprocess.run([sys.executable, __file__, "--_fixture", cell.rsplit("-", 1)[0]], check=True)
+        results["cells"][cell] = row = run_cell_process([sys.executable, __file__, "--_cell", cell, "--scratch",
+                                                         args.scratch], cell)
+        print(f"{cell}: peak RSS {row['peak_rss_mb']:.0f} MB, {row['s_per_block']:.2f} s/block", flush=True)
+        out.write_text(json.dumps(results, indent=1))
+        size = cell.rsplit("-", 1)[0]
+        if args.drop_fixtures and not any(c.startswith(size + "-") and c not in results["cells"] for c in cells):
+            from prunewise.cache import cache_dir
+
+            shutil.rmtree(cache_dir("scale") / f"llama-{size}-bf16-seed0", ignore_errors=True)
+    print(write_table(results, out.with_suffix(".md")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Out-of-core walks: blocks read from the checkpoint's shards when the engine reaches them, written out and released.
+
+A :class:`Stream` sits between the engine and a model built on the meta device
+(:func:`prunewise.models.lazy.empty_model`). Before a block's passes it gives the block its tensors
+(read while the previous block computed: one block is prefetched by a reader thread); after them,
+when the walk rewrote weights, it writes the block's tensors to an output shard, counts the zeros
+of every pruned linear, and puts the block back on the meta device. The shell around the blocks
+(embedding, final norm, head) is read when the engine needs it and written once at the end. Memory
+holds about two blocks and the calibration activations, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models.lazy import INDEX, CheckpointTensors, checkpoint_name, materialize, parameter_names, release, tensor_names
+
+
+class ShardWriter:
+    """Writes modules' tensors as safetensors shards (one per call) and, at the end, their index."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.parts: list[tuple[Path, list[str]]] = []
+        self.total_size = 0
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        if not tensors:
+            return
+        path = self.folder / f"part-{len(self.parts):05d}.safetensors"
+        save_file({n: t.detach().contiguous() for n, t in tensors.items()}, str(path), metadata={"format": "pt"})
+        self.parts.append((path, list(tensors)))
+        self.total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def finish(self) -> None:
+        """Rename the parts ``model-0000i-of-0000n.safetensors`` and write the index ``from_pretrained`` reads."""
+        n = len(self.parts)
+        weight_map = {}
+        for i, (path, names) in enumerate(self.parts):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(path, self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2))
+
+
+class Stream:
+    """Reads blocks and the shell of ``model`` (on the meta device) from ``tensors``; writes rewritten blocks to ``sink``."""
+
+    def __init__(self, model: nn.Module, adapter, tensors: CheckpointTensors, dtype: torch.dtype,
+                 sink: ShardWriter | None = None, measured: set[str] | None = None) -> None:
+        self.model, self.adapter, self.tensors, self.dtype, self.sink = model, adapter, tensors, dtype, sink
+        self.names = tensor_names(model)
+        self.measured = measured or set()      # full names of linears whose zeros are counted when written
+        self.zeros: dict[str, tuple[int, int]] = {}
+        self.bytes_read = 0
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="prunewise-prefetch")
+        self._pending: tuple[nn.Module, Future] | None = None
+        decoder = adapter.decoder(model)
+        blocks = adapter.blocks(model)
+        self.shell = [m for m in decoder.children() if m is not blocks]
+        self.shell += [m for m in model.children() if m is not decoder and not any(x is decoder for x in m.modules())]
+
+    def _read(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        mapping = {full: checkpoint_name(self.model, full, self.tensors)
+                   for full in parameter_names(module, self.names[id(module)])}
+        raw = self.tensors.read(sorted(set(mapping.values())))
+        return {full: raw[name] for full, name in mapping.items()}
+
+    def load(self, module: nn.Module, prefetch: nn.Module | None = None) -> None:
+        """Give ``module`` its tensors (the prefetched ones when it was announced), and start reading ``prefetch``."""
+        if self._pending is not None and self._pending[0] is module:
+            data = self._pending[1].result()
+        else:
+            if self._pending is not None:
+                self._pending[1].result()  # never two reads at once
+            data = self._read(module)
+        self._pending = (prefetch, self._reader.submit(self._read, prefetch)) if prefetch is not None else None
+        self.bytes_read += sum(t.numel() * t.element_size() for t in data.values())
+        materialize(module, self.names[id(module)], data, self.dtype)
+
+    def done(self, module: nn.Module, write: bool) -> None:
+        """After a module's passes: written out (``write``, with its zeros counted) and released."""
+        if write and self.sink is not None:
+            prefix = self.names[id(module)]
+            out = {}
+            for full, (_, p) in zip(parameter_names(module, prefix), module.named_parameters(remove_duplicate=False)):
+                if checkpoint_name(self.model, full, self.tensors) != full:
+                    continue  # a tied output head: the input embedding's tensor is saved once
+                out[full] = p.data
+                linear = full.removesuffix(".weight")
+                if linear in self.measured:
+                    self.zeros[linear] = (int((p.data == 0).sum()), p.numel())
+            self.sink.write(out)
+        release(module)
+
+    def measured_sparsity(self, model: nn.Module) -> dict:
+        """Zeros of the pruned linears as they were written (the shape of ``measure_sparsity``'s answer)."""
+        per = {n: {"zeros": z, "numel": t, "sparsity": z / t} for n, (z, t) in sorted(self.zeros.items())}
+        zeros, total = sum(z for z, _ in self.zeros.values()), sum(t for _, t in self.zeros.values())
+        all_params = sum(p.numel() for p in model.parameters())
+        return {"modules": per, "zeros": zeros, "numel": total, "sparsity": zeros / total if total else 0.0,
+                "all_parameters": all_params, "sparsity_of_all_parameters": zeros / all_params}
+
+    def load_shell(self) -> None:
+        for m in self.shell:
+            if any(True for _ in m.parameters()):
+                self.load(m)
+
+    def release_shell(self) -> None:
+        for m in self.shell:
+            release(m)
+
+    def finish(self) -> None:
+        """Write the shell once (embedding, final norm, head) and the shard index."""
+        if self.sink is None:
+            return
+        for m in self.shell:
+            if any(True for _ in m.parameters()):
+                self.load(m)
+                self.done(m, write=True)
+        self.sink.finish()
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=True)

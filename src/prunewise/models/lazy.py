@@ -1,0 +1,132 @@
+"""Models that are never built in memory: a module tree on the meta device, tensors read from the shards on demand.
+
+:func:`empty_model` builds the tree of a checkpoint folder with every parameter on the meta device
+(buffers such as rotary frequencies are computed for real: they are small and not in checkpoints).
+:class:`CheckpointTensors` reads named tensors from the folder's safetensors files (one file, or
+shards with ``model.safetensors.index.json``), each file memory-mapped only while it is read.
+:func:`materialize` gives a module its tensors, :func:`release` puts them back on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import PrunewiseError
+
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointTensors:
+    """Where each tensor of a safetensors checkpoint lives, and reading them by name."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        single = self.folder / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise PrunewiseError(f"{index} is not a safetensors index (no weight_map: {exc}); re-save the model") from None
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        elif single.exists():
+            with safe_open(single, "pt") as f:
+                self.files = dict.fromkeys(f.keys(), single)
+        else:
+            raise PrunewiseError(f"{self.folder} has no model.safetensors or {INDEX}; streaming from disk reads "
+                                 "safetensors checkpoints (convert other formats with save_pretrained first)")
+        missing = sorted({str(p.name) for p in self.files.values() if not p.exists()})
+        if missing:
+            raise PrunewiseError(f"{self.folder} lacks shard(s) {', '.join(missing[:3])} named in its index; "
+                                 "the download is incomplete")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in set(self.files.values()))
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, each in memory of its own (the files are unmapped afterwards)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.files:
+                raise PrunewiseError(f"tensor {name} is not in the checkpoint {self.folder}; the checkpoint does not "
+                                     "match its config.json")
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for path, group in by_file.items():
+            with safe_open(path, "pt") as f:
+                for name in group:
+                    out[name] = f.get_tensor(name).clone()  # own memory: nothing stays mapped
+        return out
+
+
+def empty_model(folder: str | Path, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint's CausalLM with parameters on the meta device (no memory), in eval mode."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    except Exception as exc:
+        raise PrunewiseError(f"could not build the model of {folder} from its config.json "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+    return model.eval()
+
+
+def tensor_names(model: nn.Module) -> dict[int, str]:
+    """id(module) -> its full name, for finding the checkpoint names of a module's parameters."""
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def checkpoint_name(model: nn.Module, full: str, tensors: CheckpointTensors) -> str:
+    """The checkpoint name of parameter ``full``: itself, or the input embedding a tied output head shares."""
+    if full in tensors:
+        return full
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = tensor_names(model)
+    if head is not None and full == f"{names[id(head)]}.weight":
+        embed = model.get_input_embeddings()
+        tied = f"{names[id(embed)]}.weight"
+        if tied in tensors and getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+            return tied
+    raise PrunewiseError(f"tensor {full} is not in the checkpoint {tensors.folder}; the checkpoint does not match "
+                         "its config.json")
+
+
+def materialize(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Give every parameter of ``module`` (full names ``prefix.name``) its tensor, cast to ``dtype``."""
+    for sub_name, sub in module.named_modules():
+        for leaf, p in list(sub._parameters.items()):
+            if p is None:
+                continue
+            full = ".".join(x for x in (prefix, sub_name, leaf) if x)
+            t = tensors[full]
+            if tuple(t.shape) != tuple(p.shape):
+                raise PrunewiseError(f"tensor {full} has shape {tuple(t.shape)} in the checkpoint but {tuple(p.shape)} "
+                                     "in its config; the checkpoint does not match its config.json")
+            sub._parameters[leaf] = nn.Parameter(t.to(dtype), requires_grad=False)
+
+
+def release(module: nn.Module) -> None:
+    """Put every parameter of ``module`` back on the meta device (its memory is freed)."""
+    for sub in module.modules():
+        for leaf, p in list(sub._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                sub._parameters[leaf] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                     requires_grad=False)
+
+
+def parameter_names(module: nn.Module, prefix: str) -> list[str]:
+    return [".".join(x for x in (prefix, n) if x) for n, _ in module.named_parameters(remove_duplicate=False)]

@@ -1,0 +1,106 @@
+"""Out of core: a sharded checkpoint pruned block by block from disk to disk, never built in memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_model, tiny_tokenizer, write_paragraphs
+from prunewise.api import MaskSet, run
+from prunewise.errors import PrunewiseError
+from prunewise.models.lazy import CheckpointTensors, empty_model
+from prunewise.recipe import make_recipe
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    tiny_model(layers=3).to(torch.bfloat16).save_pretrained(root / "model", max_shard_size="60KB")
+    tiny_tokenizer().save_pretrained(root / "model")
+    assert len(list((root / "model").glob("model-*.safetensors"))) > 1  # the source is itself sharded
+    return {"root": root, "model": str(root / "model"), "calib": write_paragraphs(root / "calib.txt", 1),
+            "eval": write_paragraphs(root / "eval.txt", 2)}
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(folder).glob("model*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _recipe(sharded, offload: str, out: str, **fields):
+    return make_recipe(model=sharded["model"], calibration=sharded["calib"], nsamples=8, seqlen=32,
+                       evaluation=[sharded["eval"]], eval_tokens=2000, eval_seqlen=32, completions=False,
+                       offload=offload, output=out, overwrite=True, **fields)
+
+
+def test_meta_tree_holds_no_memory_and_the_reader_finds_every_tensor(sharded):
+    model = empty_model(sharded["model"], torch.bfloat16)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    tensors = CheckpointTensors(sharded["model"])
+    assert len(tensors.files) == 29 and len(set(tensors.files.values())) > 1
+    read = tensors.read(["model.layers.2.mlp.down_proj.weight"])
+    assert read["model.layers.2.mlp.down_proj.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fields", [{"score": "wanda"}, {"score": "sparsegpt"}, {"score": "wanda", "structure": "2:4"},
+                                    {"score": "wanda", "allocation": "owl", "sparsity": 0.6}],
+                         ids=["wanda", "sparsegpt", "wanda-2of4", "wanda-owl"])
+def test_streamed_prune_is_bit_identical_to_the_in_memory_prune(sharded, fields):
+    root = sharded["root"]
+    reports = {off: run(_recipe(sharded, off, str(root / f"out-{off}"), **fields), progress=False)
+               for off in ("none", "disk")}
+    memory, streamed = _tensors(root / "out-none"), _tensors(root / "out-disk")
+    assert memory.keys() == streamed.keys()
+    assert all(torch.equal(memory[k], streamed[k]) for k in memory)
+    assert reports["disk"]["perplexity"] == reports["none"]["perplexity"]  # dense and pruned, streamed the same way
+    assert reports["disk"]["achieved_sparsity"] == reports["none"]["achieved_sparsity"]
+    assert reports["disk"]["offload"]["bytes_written"] > 0
+    a, b = (MaskSet.load(root / f"out-{off}") for off in ("none", "disk"))  # streamed: packed block by block
+    assert a.weights.keys() == b.weights.keys() and all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+
+
+def test_streamed_output_is_a_complete_sharded_checkpoint_that_stock_transformers_loads(sharded):
+    from transformers import AutoModelForCausalLM
+
+    out = sharded["root"] / "out-check"
+    report = run(_recipe(sharded, "disk", str(out), score="wanda"), progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = {f: load_file(out / f) for f in set(index["weight_map"].values())}
+    assert all(name in shards[f] for name, f in index["weight_map"].items())  # the index is complete
+    assert sum(len(s) for s in shards.values()) == len(index["weight_map"])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    for name, entry in report["modules"].items():
+        weight = dict(model.named_parameters())[f"{name}.weight"]
+        assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-6) == entry["sparsity"]
+    assert not list(sharded["root"].glob(".out-check.*"))  # no staging or temporary folder left
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"structure": "width", "sparsity": 0.2}, "--offload disk prunes unstructured and N:M models"),
+    ({"score": "gblm"}, "gradient pass needs the model in memory"),
+    ({"allocation": {"name": "profile", "nsamples": 2, "seqlen": 16}}, "the profile allocation needs the model in memory"),
+])
+def test_streaming_refuses_what_needs_the_model_in_memory_before_any_work(sharded, fields, message):
+    out = sharded["root"] / "out-refused"
+    with pytest.raises(PrunewiseError, match=message):
+        run(_recipe(sharded, "disk", str(out), **fields), progress=False)
+    assert not out.exists()
+
+
+def test_streaming_to_a_disk_too_small_fails_before_any_work(sharded, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1000))
+    out = sharded["root"] / "out-small"
+    with pytest.raises(PrunewiseError, match="MB free"):
+        run(_recipe(sharded, "disk", str(out), score="wanda"), progress=False)
+    assert not out.exists() and not list(sharded["root"].glob(".out-small.*"))
