@@ -40,20 +40,80 @@ class MaskSet:
     structure: str = "unstructured"
     # masks already bit-packed (name -> (packed bits, shape)): a streamed run keeps one bit per weight in memory
     packed: dict[str, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)
+    # with ``spill``, packed masks go to files there instead (name -> (file, shape)): memory stays flat out of core
+    spill: Path | None = None
+    spilled: dict[str, tuple[Path, list[int]]] = field(default_factory=dict)
 
     def removed(self) -> int:
+        """Weights masked (spilled masks are not counted: read them back with ``load``)."""
         return (sum(int(m.sum()) for m in self.weights.values())
                 + sum(int(np.unpackbits(bits.numpy(), bitorder="little").sum()) for bits, _ in self.packed.values()))
 
     def pack(self) -> None:
-        """Move every boolean mask into ``packed`` (8 weights per byte); ``load`` gives them back unpacked."""
+        """Move every boolean mask into ``packed`` (8 weights per byte), or into a file under ``spill``."""
+        from safetensors.torch import save_file
+
+        batch = {}
         for name, mask in self.weights.items():
             flat = mask.detach().to("cpu", torch.bool).flatten().numpy()
-            self.packed[name] = (torch.from_numpy(np.packbits(flat, bitorder="little")), list(mask.shape))
+            batch[name] = (torch.from_numpy(np.packbits(flat, bitorder="little")), list(mask.shape))
         self.weights.clear()
+        if self.spill is None or not batch:
+            self.packed.update(batch)
+            return
+        self.spill.mkdir(parents=True, exist_ok=True)
+        path = self.spill / f"part-{len(set(f for f, _ in self.spilled.values())):05d}.safetensors"
+        save_file({n: bits for n, (bits, _) in batch.items()}, str(path))
+        self.spilled.update({n: (path, shape) for n, (_, shape) in batch.items()})
 
-    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def write(self, path: str | Path) -> None:
+        """Write the mask file tensor by tensor (spilled masks are read one part file at a time)."""
+        from safetensors import safe_open
+
+        tensors, meta = self.to_tensors(include_spilled=False)
+        entries = {n: (t.numel() * t.element_size(), {"dtype": {torch.uint8: "U8", torch.int64: "I64"}[t.dtype],
+                                                     "shape": list(t.shape)}) for n, t in tensors.items()}
+        shapes = json.loads(meta["shapes"])
+        for name, (_, shape) in self.spilled.items():
+            nbytes = (int(np.prod(shape)) + 7) // 8
+            entries[f"weight/{name}"] = (nbytes, {"dtype": "U8", "shape": [nbytes]})
+            shapes[name] = shape
+        meta["shapes"] = json.dumps(shapes)
+        header, offset = {"__metadata__": meta}, 0
+        for key in sorted(entries):
+            nbytes, info = entries[key]
+            header[key] = {**info, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        by_file: dict[Path, list[str]] = {}
+        for name, (file, _) in self.spilled.items():
+            by_file.setdefault(file, []).append(name)
+        with open(path, "wb") as out:
+            out.write(len(text).to_bytes(8, "little") + text)
+            handles = {}
+            try:
+                for key in sorted(entries):
+                    if key in tensors:
+                        out.write(tensors[key].contiguous().numpy().tobytes())
+                        continue
+                    name = key.removeprefix("weight/")
+                    file = self.spilled[name][0]
+                    if file not in handles:
+                        handles[file] = safe_open(str(file), framework="pt")
+                    out.write(handles[file].get_tensor(name).numpy().tobytes())
+            finally:
+                handles.clear()
+
+    def to_tensors(self, include_spilled: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors, shapes = {}, {}
+        if include_spilled and self.spilled:
+            from safetensors.torch import load_file
+
+            for file in sorted({f for f, _ in self.spilled.values()}):
+                for name, bits in load_file(str(file)).items():
+                    tensors[f"weight/{name}"] = bits
+                    shapes[name] = self.spilled[name][1]
         for name, mask in self.weights.items():
             flat = mask.detach().to("cpu", torch.bool).flatten().numpy()
             tensors[f"weight/{name}"] = torch.from_numpy(np.packbits(flat, bitorder="little"))

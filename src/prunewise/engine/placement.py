@@ -101,10 +101,12 @@ class Placement:
             return {k: self.to_compute(v) for k, v in t.items()}
         return t
 
-    def onload(self, module: nn.Module) -> dict | None:
+    def onload(self, module: nn.Module, keep_stored: bool = True) -> dict | None:
         """Move ``module``'s parameters to the device in the compute dtype (buffers: the device only).
 
-        Returns what :meth:`offload` needs to put the stored tensors back (None when trivial).
+        Returns what :meth:`offload` needs to put the stored tensors back (None when trivial). Without
+        ``keep_stored`` (a streamed block, released after) the stored copies are dropped at once and
+        offloading casts back (exact for unchanged weights: bf16/fp16 -> fp32 -> back is lossless).
         """
         if self.trivial:
             return None
@@ -113,7 +115,7 @@ class Placement:
             for name, p in list(sub._parameters.items()):
                 if p is None:
                     continue
-                saved[(id(sub), "p", name)] = p.data
+                saved[(id(sub), "p", name)] = p.data if keep_stored else (p.dtype, p.device)
                 p.data = p.data.to(self.device, self.compute if p.is_floating_point() else p.dtype)
             for name, b in list(sub._buffers.items()):
                 if b is None or b.device == self.device:
@@ -132,6 +134,9 @@ class Placement:
                 if p is None or key not in saved:
                     continue
                 original = saved[key]
+                if isinstance(original, tuple):  # not kept: cast back
+                    p.data = p.data.to(original[1], original[0])
+                    continue
                 if write_back:
                     original.copy_(p.data)  # cast to the storage dtype, in the stored tensor (shared ties stay tied)
                 p.data = original
@@ -165,7 +170,7 @@ def placed(model: nn.Module, adapter, placement: Placement, stream=None) -> Iter
     def pre(module, args, kwargs):
         if stream is not None:  # out of core: read from the shards as it is called
             stream.load(module)
-        state[id(module)] = placement.onload(module)
+        state[id(module)] = placement.onload(module, keep_stored=stream is None)
         return placement.to_compute(args), placement.to_compute(kwargs)
 
     def post(module, args, kwargs, output):

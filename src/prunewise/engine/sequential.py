@@ -200,7 +200,7 @@ class SequentialEngine:
             if record:
                 inputs.append(hidden)
             self._arrive(blocks, i)
-            saved = self.placement.onload(blocks[i])
+            saved = self.placement.onload(blocks[i], keep_stored=self.stream is None)
             try:
                 hidden = self._run_block(i, blocks[i], hidden, cap.kwargs[i], visitor)
                 visitor.end_block(i, blocks[i])
@@ -236,7 +236,7 @@ class SequentialEngine:
             if keep:
                 kept.append(h)
             self._arrive(blocks, j)
-            saved = self.placement.onload(blocks[j])
+            saved = self.placement.onload(blocks[j], keep_stored=self.stream is None)
             try:
                 h = block_output(blocks[j](h, **kwargs[j]))
             finally:

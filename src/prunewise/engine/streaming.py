@@ -62,6 +62,7 @@ class Stream:
         self.names = tensor_names(model)
         self.measured = measured or set()      # full names of linears whose zeros are counted when written
         self.zeros: dict[str, tuple[int, int]] = {}
+        self.mask_spill: Path | None = sink.folder.parent / f"{sink.folder.name}-masks" if sink is not None else None
         self.bytes_read = 0
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="prunewise-prefetch")
         self._pending: tuple[nn.Module, Future] | None = None

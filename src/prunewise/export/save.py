@@ -175,7 +175,7 @@ def _remove_leftovers(out: Path, keep: Path | None = None) -> None:
         return
     for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*"),
                   *out.parent.glob(f".{out.name}.stream-*")]:
-        if keep is None or stale.resolve() != keep.resolve():
+        if keep is None or not str(stale.resolve()).startswith(str(keep.resolve())):  # the staging and its masks
             shutil.rmtree(stale, ignore_errors=True)
 
 

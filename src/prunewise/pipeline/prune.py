@@ -156,6 +156,8 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
 
     visitor = PruneVisitor(pruner, structure, plan, adapter.block_prefix(model), rowwise=rowwise,
                            pack_masks=stream is not None)
+    if stream is not None:  # out of core: each block's masks packed into a file, not kept in memory
+        visitor.masks.spill = stream.mask_spill
     t0 = time.perf_counter()
     engine = SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc=f"{parts.score.name} prune",
                               sequential=recipe.sequential, placement=placement, stream=stream)

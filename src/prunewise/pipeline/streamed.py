@@ -14,6 +14,7 @@ import shutil
 
 import torch
 
+from ..core.masks import MASKS_FILE
 from ..data import check_calibration_overlap, evaluation_windows, get_corpus
 from ..engine.placement import Placement, placed
 from ..engine.streaming import ShardWriter, Stream
@@ -117,6 +118,8 @@ def run_streamed(recipe, progress: bool = True) -> dict:
             stream.finish()
         finally:
             stream.close()
+        result.masks.write(staging / MASKS_FILE)  # tensor by tensor from the per-block files: memory stays flat
+        result.masks = None  # already beside the shards
         report = result.report
         report["offload"] = {"mode": "disk", "bytes_read": stream.bytes_read, "bytes_written": stream.sink.total_size}
         if recipe.evaluation:
@@ -126,4 +129,5 @@ def run_streamed(recipe, progress: bool = True) -> dict:
                     source=recipe.model, weights=staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(f"{staging}-masks", ignore_errors=True)
     return report
