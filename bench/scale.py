@@ -14,6 +14,7 @@ head are about 50% larger here, under 4% of the 7B and 13B models).
 
     python bench/scale.py --sizes 0.5b 1.5b            # JSON + table in bench/results/scale.*
     python bench/scale.py --sizes 13b --drop-fixtures  # about 26 GB in, 26 GB out
+    python bench/scale.py --cells qwen-wanda-exact qwen-sparsegpt-exact qwen-flap-exact
 """
 
 from __future__ import annotations
@@ -99,6 +100,53 @@ def fixture(size: str, seed: int = 0) -> Path:
     return folder
 
 
+EXACT = {"qwen-wanda-exact": {"score": "wanda"}, "qwen-sparsegpt-exact": {"score": "sparsegpt"},
+         "qwen-flap-exact": {"score": "fluctuation", "structure": "width", "sparsity": 0.2, "allocation": "global",
+                             "compensation": ["bias"]}}
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("model*.safetensors")):
+        with safe_open(str(f), "pt") as handle:
+            for name in handle.keys():
+                t = handle.get_tensor(name)
+                out[name] = hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return out
+
+
+def exact_cell(args, cell: str) -> dict:
+    """qwen2.5-coder-0.5b pruned in memory and streamed from disk: are the saved tensors bit-identical?"""
+    from prunewise.api import run
+    from prunewise.errors import PrunewiseError
+    from prunewise.recipe import make_recipe
+
+    row = {"cell": cell}
+    hashes = {}
+    for offload in ("none", "disk"):
+        out = Path(args.scratch) / f"{cell}-{offload}"
+        recipe = make_recipe(model="qwen2.5-coder-0.5b", calibration="wiki", nsamples=4, seqlen=128, evaluation=[],
+                             completions=False, offload=offload, output=str(out), overwrite=True, **EXACT[cell])
+        try:
+            t0 = time.perf_counter()
+            run(recipe, progress=False)
+            row[f"{offload}_s"] = time.perf_counter() - t0
+        except PrunewiseError as exc:
+            row[f"{offload}_error"] = str(exc)
+            continue
+        hashes[offload] = _hashes(out)
+        shutil.rmtree(out, ignore_errors=True)
+    if len(hashes) == 2:
+        a, b = hashes["none"], hashes["disk"]
+        row.update(tensors=len(a), identical=sum(a[k] == b.get(k) for k in a), same_names=a.keys() == b.keys())
+    return row
+
+
 def run_cell(args, cell: str) -> dict:
     import torch  # noqa: F401
     import transformers  # noqa: F401
@@ -106,6 +154,8 @@ def run_cell(args, cell: str) -> dict:
     from prunewise.api import run
     from prunewise.recipe import make_recipe
 
+    if cell in EXACT:
+        return exact_cell(args, cell)
     size, mode = cell.rsplit("-", 1)
     t0 = time.perf_counter()
     folder = fixture(size)
@@ -142,12 +192,22 @@ def write_table(results: dict, path: Path) -> str:
              "| size | mode | checkpoint GB | peak RSS MB | baseline MB | (peak - baseline) / block | s / block | "
              "read GB | written GB | output GB | sparsity per module |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    exact = [r for r in results["cells"].values() if "cell" in r]
     for row in results["cells"].values():
+        if "cell" in row:
+            continue
         gb = lambda b: f"{b / 1e9:.2f}" if b else "-"  # noqa: E731
         lines.append(f"| {row['size']} | {row['mode']} | {gb(row['checkpoint_bytes'])} | {row['peak_rss_mb']:.0f} | "
                      f"{row['baseline_rss_mb']:.0f} | {row['peak_over_block']:.2f} | {row['s_per_block']:.2f} | "
                      f"{gb(row['bytes_read'])} | {gb(row['bytes_written'])} | {gb(row['output_bytes'])} | "
                      f"{', '.join(str(s) for s in row['module_sparsity'])} |")
+    if exact:
+        lines += ["", "qwen2.5-coder-0.5b (float32), 4 x 128 wiki tokens: in memory vs streamed from disk.", "",
+                  "| cell | tensors | bit-identical | in memory s | streamed s | note |", "|---|---|---|---|---|---|"]
+        for r in exact:
+            note = r.get("disk_error") or r.get("none_error") or ""
+            lines.append(f"| {r['cell']} | {r.get('tensors', '-')} | {r.get('identical', '-')} | "
+                         f"{r.get('none_s', 0):.0f} | {r.get('disk_s', 0):.0f} | {note} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
@@ -174,13 +234,15 @@ def main() -> None:
         if cell in results["cells"]:
             continue
         print(f"{cell} ...", flush=True)
-        subprocess.run([sys.executable, __file__, "--_fixture", cell.rsplit("-", 1)[0]], check=True)
+        if cell not in EXACT:
+            subprocess.run([sys.executable, __file__, "--_fixture", cell.rsplit("-", 1)[0]], check=True)
         results["cells"][cell] = row = run_cell_process([sys.executable, __file__, "--_cell", cell, "--scratch",
                                                          args.scratch], cell)
-        print(f"{cell}: peak RSS {row['peak_rss_mb']:.0f} MB, {row['s_per_block']:.2f} s/block", flush=True)
+        print(f"{cell}: " + (f"{row.get('identical')} of {row.get('tensors')} tensors identical" if cell in EXACT
+                             else f"peak RSS {row['peak_rss_mb']:.0f} MB, {row['s_per_block']:.2f} s/block"), flush=True)
         out.write_text(json.dumps(results, indent=1))
         size = cell.rsplit("-", 1)[0]
-        if args.drop_fixtures and not any(c.startswith(size + "-") and c not in results["cells"] for c in cells):
+        if args.drop_fixtures and cell not in EXACT and not any(c.startswith(size + "-") and c not in results["cells"] for c in cells):
             from prunewise.cache import cache_dir
 
             shutil.rmtree(cache_dir("scale") / f"llama-{size}-bf16-seed0", ignore_errors=True)
