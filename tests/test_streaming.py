@@ -49,8 +49,10 @@ def test_meta_tree_holds_no_memory_and_the_reader_finds_every_tensor(sharded):
 
 
 @pytest.mark.parametrize("fields", [{"score": "wanda"}, {"score": "sparsegpt"}, {"score": "wanda", "structure": "2:4"},
-                                    {"score": "wanda", "allocation": "owl", "sparsity": 0.6}],
-                         ids=["wanda", "sparsegpt", "wanda-2of4", "wanda-owl"])
+                                    {"score": "wanda", "allocation": "owl", "sparsity": 0.6},
+                                    {"score": "fluctuation", "structure": "width", "sparsity": 0.25,
+                                     "allocation": "global", "compensation": ["bias"]}],
+                         ids=["wanda", "sparsegpt", "wanda-2of4", "wanda-owl", "flap-width-global-bias"])
 def test_streamed_prune_is_bit_identical_to_the_in_memory_prune(sharded, fields):
     root = sharded["root"]
     reports = {off: run(_recipe(sharded, off, str(root / f"out-{off}"), **fields), progress=False)
@@ -83,7 +85,7 @@ def test_streamed_output_is_a_complete_sharded_checkpoint_that_stock_transformer
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"structure": "width", "sparsity": 0.2}, "--offload disk prunes unstructured and N:M models"),
+    ({"structure": "blocks", "sparsity": 0.3}, "blocks measures whole-model outputs in memory"),
     ({"score": "gblm"}, "gradient pass needs the model in memory"),
     ({"allocation": {"name": "profile", "nsamples": 2, "seqlen": 16}}, "the profile allocation needs the model in memory"),
 ])

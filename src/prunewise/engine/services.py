@@ -21,9 +21,10 @@ class StatsVisitor:
 
     modifies_weights = False
 
-    def __init__(self, needs: Needs | None = None) -> None:
+    def __init__(self, needs: Needs | None = None, on_block=None) -> None:
         self.stats: dict[int, dict[str, LinearStats]] = {}
         self._needs = needs or Needs(sq_norm=True, mean=True)
+        self.on_block = on_block  # called with (i, block) while the block is still resident (streamed walks)
 
     def needs(self, i: int, name: str) -> Needs:
         return self._needs
@@ -33,7 +34,8 @@ class StatsVisitor:
         self.stats.setdefault(i, {})[name] = stats
 
     def end_block(self, i: int, block: nn.Module) -> None:
-        return None
+        if self.on_block is not None:
+            self.on_block(i, block)
 
 
 def loss_gradients(model: nn.Module, adapter, windows: torch.Tensor, kind: str = "sum", chunk_size: int = 4,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import PrunewiseError
 from ..models.lazy import INDEX, CheckpointTensors, checkpoint_name, materialize, parameter_names, release, tensor_names
 
 
@@ -95,7 +96,7 @@ class Stream:
             prefix = self.names[id(module)]
             out = {}
             for full, (_, p) in zip(parameter_names(module, prefix), module.named_parameters(remove_duplicate=False)):
-                if checkpoint_name(self.model, full, self.tensors) != full:
+                if full not in self.tensors and self._tied(full):
                     continue  # a tied output head: the input embedding's tensor is saved once
                 out[full] = p.data
                 linear = full.removesuffix(".weight")
@@ -111,6 +112,26 @@ class Stream:
         all_params = sum(p.numel() for p in model.parameters())
         return {"modules": per, "zeros": zeros, "numel": total, "sparsity": zeros / total if total else 0.0,
                 "all_parameters": all_params, "sparsity_of_all_parameters": zeros / all_params}
+
+    def write_resident(self, modules: list[nn.Module]) -> None:
+        """Write the tensors a run added to released modules afterwards (zero sibling biases of a stock config)."""
+        out = {}
+        for module in modules:
+            prefix = self.names[id(module)]
+            for full, (_, p) in zip(parameter_names(module, prefix), module.named_parameters(remove_duplicate=False)):
+                if p.device.type != "meta":
+                    out[full] = p.data
+            release(module)
+        if self.sink is not None:
+            self.sink.write(out)
+
+    def _tied(self, full: str) -> bool:
+        """Whether ``full`` (absent from the checkpoint) is the output head tied to the input embedding; else it is
+        a tensor the run created (e.g. a bias from FLAP's compensation), written under its own name."""
+        try:
+            return checkpoint_name(self.model, full, self.tensors) != full
+        except PrunewiseError:
+            return False
 
     def load_shell(self) -> None:
         for m in self.shell:

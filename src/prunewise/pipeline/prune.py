@@ -147,7 +147,7 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
         windows = calibration_spec_windows(tokenizer, recipe.calibration, recipe.nsamples, recipe.seqlen, recipe.seed)
         timings["calibration_data_s"] = time.perf_counter() - t0
     if not structure.weight_level:
-        return _prune_units(recipe, parts, model, tokenizer, adapter, numels, windows, timings, progress)
+        return _prune_units(recipe, parts, model, tokenizer, adapter, numels, windows, timings, progress, stream)
 
     t0 = time.perf_counter()
     files: dict = {}
@@ -196,7 +196,8 @@ def _weight_report(recipe, parts, measured, numels, plan, visitor, timings) -> d
     }
 
 
-def _prune_units(recipe, parts, model, tokenizer, adapter, numels, windows, timings, progress: bool) -> PruneResult:
+def _prune_units(recipe, parts, model, tokenizer, adapter, numels, windows, timings, progress: bool,
+                 stream=None) -> PruneResult:
     """Structured pruning: unit scores (or block and sublayer influence), widths, compensation, a smaller model."""
     structure = parts.structure
     source_plan = None
@@ -208,12 +209,12 @@ def _prune_units(recipe, parts, model, tokenizer, adapter, numels, windows, timi
         from ..structures import Unstructured
 
         t0 = time.perf_counter()
-        ctx = allocation_context(model, recipe, parts, numels, windows, progress)
+        ctx = allocation_context(model, recipe, parts, numels, windows, progress, stream=stream)
         source_plan = owl_plan(ctx, windows, parts.allocation.config.m, parts.allocation.config.lam,
                                structure=Unstructured())
         timings["allocation_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan, info, masks = prune_structured(model, adapter, recipe, windows, progress, source_plan)
+    plan, info, masks = prune_structured(model, adapter, recipe, windows, progress, source_plan, stream)
     timings["prune_s"] = time.perf_counter() - t0
     timings.update(info.pop("timings"))
     before, after = info["params_before"], info["params_after"]

@@ -4,8 +4,9 @@ The module tree is built on the meta device; the engine reads each block from th
 safetensors (memory-mapped only while read, the next block prefetched), prunes it, writes it to an
 output shard and releases it. Dense and pruned perplexity stream the same way, one block at a time.
 The saved folder is sharded safetensors with an index, loadable by stock ``from_pretrained``.
-Weight-level structures (unstructured, N:M) with the allocations that only walk the blocks
-(uniform, OWL, global) and scores without gradients; anything else is refused before any work.
+Weight-level and width structures (unstructured, N:M, channels, heads, width) with the allocations
+that only walk the blocks (uniform, OWL, global) and scores without gradients; anything else is
+refused before any work.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ STREAMED_ALLOCATIONS = ("uniform", "owl", "global")
 
 def check_streamable(recipe) -> None:
     parts = recipe.parts()
-    if not parts.structure.weight_level:
-        raise PrunewiseError(f"--offload disk prunes unstructured and N:M models; {parts.structure.name} needs the model "
-                             "in memory (use --offload none)")
+    if getattr(parts.structure, "depth", False):
+        raise PrunewiseError(f"--offload disk prunes weights and widths (unstructured, N:M, channels, heads, width); "
+                             f"{parts.structure.name} measures whole-model outputs in memory (use --offload none)")
     if parts.score.needs.gradient:
         raise PrunewiseError(f"--offload disk: the {parts.score.name} score's gradient pass needs the model in memory; "
                              "use wanda, sparsegpt or magnitude, or --offload none")

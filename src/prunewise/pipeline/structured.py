@@ -108,7 +108,7 @@ def _depth_keeps(model, adapter, recipe, windows, geoms, budget, info, timings, 
     return keeps, [], means
 
 
-def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, progress):
+def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, progress, stream=None):
     """Channels and heads: unit scores from one dense statistics pass (and gradients for taylor), then widths.
     Returns what each block keeps and the output-projection input means for compensation."""
     parts = recipe.parts()
@@ -116,7 +116,7 @@ def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, 
     compensate = parts.compensation_named("bias") is not None
     blocks = adapter.blocks(model)
     engine = SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="structured statistics",
-                              sequential=False, placement=placement_for(model, recipe, parts))
+                              sequential=False, placement=placement_for(model, recipe, parts), stream=stream)
     if score.needs.gradient:
         t0 = time.perf_counter()
         engine.gradients = loss_gradients(model, adapter, windows, score.needs.gradient,
@@ -124,15 +124,20 @@ def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, 
         timings["gradients_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # every linear's statistics (FLAP's means and variances, Wanda's norms) and gradients, one dense pass
-    visitor = StatsVisitor(Needs(sq_norm=True, mean=True, gradient=score.needs.gradient))
-    if windows is not None:  # group magnitude without compensation needs no data
-        engine.run(visitor)
-    timings["statistics_s"] = time.perf_counter() - t0
-    scores = []
-    for i, (block, g) in enumerate(zip(blocks, geoms)):
+    scores: dict[int, object] = {}
+
+    def score_block(i: int, block: nn.Module) -> None:  # while the block is resident (streamed: read from disk)
         stats = visitor.stats.get(i, {})
-        scores.append(unit_scores(score, adapter.roles_of(block), g,
-                                  {r: stats[n] for r, n in adapter.roles.items() if n in stats}))
+        scores[i] = unit_scores(score, adapter.roles_of(block), geoms[i],
+                                {r: stats[n] for r, n in adapter.roles.items() if n in stats})
+
+    visitor = StatsVisitor(Needs(sq_norm=True, mean=True, gradient=score.needs.gradient), on_block=score_block)
+    if windows is not None:  # group magnitude without compensation needs no data: scored in a walk without it
+        engine.run(visitor)
+    else:
+        engine.walk_without_data(visitor)
+    timings["statistics_s"] = time.perf_counter() - t0
+    scores = [scores[i] for i in range(len(blocks))]
     allocation, shares = parts.allocation.key, None
     if plan is not None:
         allocation, shares = "shares", plan_shares(plan, adapter.block_prefix(model), len(blocks), adapter)
@@ -145,9 +150,10 @@ def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, 
 
 
 def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | None, progress: bool = True,
-                     plan: AllocationPlan | None = None) -> tuple[AllocationPlan, dict]:
+                     plan: AllocationPlan | None = None, stream=None) -> tuple[AllocationPlan, dict]:
     """Prune ``model`` in place as the recipe's structured structure says. Returns (plan, report fields, masks):
-    the masks hold what every block keeps (its kept units) and the blocks removed outright."""
+    the masks hold what every block keeps (its kept units) and the blocks removed outright. With ``stream``
+    (widths only) each block is read from the shards to be sliced, then written out and released."""
     parts = recipe.parts()
     structure = parts.structure
     blocks = adapter.blocks(model)
@@ -168,7 +174,7 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
     if structure.depth:
         keeps, drop_blocks, means = _depth_keeps(model, adapter, recipe, windows, geoms, budget, info, timings, progress)
     else:
-        keeps, means = _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, progress)
+        keeps, means = _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, progress, stream)
         drop_blocks = []
     masks = MaskSet(structure=structure.name, removed_blocks=list(drop_blocks))
     specs_of: dict[int, dict] = {}
@@ -176,12 +182,18 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
         if i not in drop_blocks:
             masks.units[i] = {"channels": keep.channels, "query_heads": keep.query_heads, "kv_heads": keep.kv_heads}
             o_mean, down_mean = means.get(i, (None, None))
+            if stream is not None:
+                stream.load(block, prefetch=blocks[i + 1] if i + 1 < len(blocks) else None)
             specs_of[i] = shrink_block(block, keep, head_dim, adapter, o_mean, down_mean)
+            if stream is not None:
+                stream.done(block, write=True)
     if drop_blocks:
         remove_blocks(model, adapter, drop_blocks)
     kept_index = sorted(specs_of)
     specs = [specs_of[i] for i in kept_index]
     kind = finalize_config(model, adapter, specs)
+    if stream is not None:  # zero biases a stock config's flag added to every (released) block
+        stream.write_resident(list(adapter.blocks(model)))
     after = count_params(model, adapter)
     sizes_after = {i: _linear_sizes(b, adapter) for i, b in zip(kept_index, adapter.blocks(model))}
     keeps_info = [{n: (sizes_before[i][n], sizes_after.get(i, {}).get(n, 0)) for n in adapter.roles.values()}
