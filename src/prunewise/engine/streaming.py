@@ -23,6 +23,24 @@ from ..errors import PrunewiseError
 from ..models.lazy import INDEX, CheckpointTensors, checkpoint_name, materialize, parameter_names, release, tensor_names
 
 
+def return_freed_memory() -> bool:
+    """Make glibc give every freed allocation over 1 MB back to the system at once (``mallopt``).
+
+    A streamed run allocates and frees block-sized tensors from two threads; with glibc's default
+    (a dynamic mmap threshold up to 32 MB, per-thread arenas) freed blocks stay in the heap and the
+    resident size creeps up with every block (measured: 1.69 GB -> 1.08 GB peak on 8 blocks of a
+    1.5B-shaped model). Process-wide; a no-op where glibc is absent.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 class ShardWriter:
     """Writes modules' tensors as safetensors shards (one per call) and, at the end, their index."""
 

@@ -18,7 +18,7 @@ import torch
 from ..core.masks import MASKS_FILE
 from ..data import check_calibration_overlap, evaluation_windows, get_corpus
 from ..engine.placement import Placement, placed
-from ..engine.streaming import ShardWriter, Stream
+from ..engine.streaming import ShardWriter, Stream, return_freed_memory
 from ..errors import PrunewiseError
 from ..evaluate.perplexity import perplexity
 from ..export.save import check_output, save_pruned, staging_folder
@@ -101,6 +101,7 @@ def run_streamed(recipe, progress: bool = True) -> dict:
     if not recipe.output:
         raise PrunewiseError("--offload disk writes the pruned model as it goes; give --output")
     check_streamable(recipe)
+    return_freed_memory()
     folder = fetch_model(recipe.model)
     tensors = CheckpointTensors(folder)
     dtype = source_dtype(recipe, folder)
