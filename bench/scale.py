@@ -120,6 +120,30 @@ def _hashes(folder: Path) -> dict[str, str]:
     return out
 
 
+def check_saved(folder: Path, source: Path) -> dict:
+    """Open every output shard, check the index names every tensor of the source (ties aside) and only files that
+    exist, and count the zeros of each block linear in the saved tensors, one tensor at a time."""
+    from safetensors import safe_open
+
+    from prunewise.models.lazy import INDEX
+
+    weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+    source_names = set(json.loads((source / INDEX).read_text())["weight_map"])
+    shards = sorted(set(weight_map.values()))
+    sparsity, seen = {}, set()
+    for shard in shards:
+        with safe_open(str(folder / shard), "pt") as handle:
+            for name in handle.keys():
+                seen.add(name)
+                if ".layers." in name and name.endswith("proj.weight"):
+                    t = handle.get_tensor(name)
+                    sparsity[name] = round(float((t == 0).sum()) / t.numel(), 6)
+                    del t
+    return {"shards": len(shards), "shards_opened": len(shards), "index_complete": seen == set(weight_map)
+            and source_names <= set(weight_map), "saved_modules": len(sparsity),
+            "saved_sparsity": sorted(set(sparsity.values()))}
+
+
 def exact_cell(args, cell: str) -> dict:
     """qwen2.5-coder-0.5b pruned in memory and streamed from disk: are the saved tensors bit-identical?"""
     from prunewise.api import run
@@ -172,8 +196,9 @@ def run_cell(args, cell: str) -> dict:
     head_dim = hidden // heads
     block_params = hidden * (heads + 2 * kv) * head_dim + heads * head_dim * hidden + 3 * hidden * inter + 2 * hidden
     out_bytes = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
+    peak = _rss_mb()  # before the check below reads the output back
+    saved = check_saved(out, folder) if mode == "disk" else {}
     shutil.rmtree(out, ignore_errors=True)
-    peak = _rss_mb()
     return {"size": size, "mode": mode, "layers": layers, "block_bytes": block_params * 2,
             "checkpoint_bytes": sum(f.stat().st_size for f in folder.glob("model*.safetensors")),
             "baseline_rss_mb": baseline, "peak_rss_mb": peak,
@@ -183,7 +208,7 @@ def run_cell(args, cell: str) -> dict:
             "bytes_read": report.get("offload", {}).get("bytes_read"),
             "bytes_written": report.get("offload", {}).get("bytes_written"), "output_bytes": out_bytes,
             "achieved_sparsity": report["achieved_sparsity"],
-            "module_sparsity": sorted({round(m["sparsity"], 6) for m in report["modules"].values()})}
+            "module_sparsity": sorted({round(m["sparsity"], 6) for m in report["modules"].values()}), **saved}
 
 
 def write_table(results: dict, path: Path) -> str:
