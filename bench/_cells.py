@@ -73,3 +73,22 @@ def run_missing(results: dict, out: Path, cells: list[str], script: str, args, k
         results["cells"][cell] = run_cell_process(cmd, cell)
         print(f"{cell}: {describe(results['cells'][cell])}", flush=True)
         out.write_text(json.dumps(results, indent=1))
+
+
+def window_bench_main(script: str, doc: str, default_out: Path, cells: list[str], run_cell, write_table, describe,
+                      nsamples: int = 64) -> None:
+    """``main()`` of a perplexity benchmark: --cells (default ``cells``, after ``dense``), the window settings, one
+    process per missing cell, then the table."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cell_args(ap, default_out, f"cells to run (default dense and: {' '.join(cells)})")
+    add_window_args(ap, nsamples=nsamples)
+    args = ap.parse_args()
+    keys = ("nsamples", "seqlen", "eval_tokens")
+    results = start(args, run_cell, keys)
+    if results is None:
+        return
+    out = Path(args.out)
+    run_missing(results, out, ["dense"] + (args.cells or cells), script, args, keys, describe)
+    print(write_table(results, out.with_suffix(".md")))

@@ -10,17 +10,15 @@ in the same run. Results go to JSON after every cell (a run resumes) and to a ma
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cells import add_cell_args, add_window_args, run_missing, start  # noqa: E402
+from _cells import window_bench_main  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = ("nsamples", "seqlen", "eval_tokens")
 CELLS = {  # the most telling comparisons first (a run can be stopped and resumed)
     "wanda-50": {"score": "wanda", "sparsity": 0.5},
     "gblm-50": {"score": "gblm", "sparsity": 0.5},
@@ -77,17 +75,8 @@ def write_table(results: dict, path: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_cell_args(ap, HERE / "results" / "compose.json", f"cells to run (default dense and all: {', '.join(CELLS)})")
-    add_window_args(ap, nsamples=32)
-    args = ap.parse_args()
-    results = start(args, run_cell, SETTINGS)
-    if results is None:
-        return
-    out = Path(args.out)
-    run_missing(results, out, ["dense"] + (args.cells or list(CELLS)), __file__, args, SETTINGS,
-                lambda row: f"ppl {row['perplexity']:.3f}")
-    print(write_table(results, out.with_suffix(".md")))
+    window_bench_main(__file__, __doc__, HERE / "results" / "compose.json", list(CELLS), run_cell, write_table,
+                      lambda row: f"ppl {row['perplexity']:.3f}", nsamples=32)
 
 
 if __name__ == "__main__":

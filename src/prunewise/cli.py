@@ -12,8 +12,9 @@ from .errors import PrunewiseError
 PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--model": ("model", str, "named model (see `prunewise models`), HF folder or id, or a .gguf file"),
     "--score": ("score", str, "how weights (or structured units) are ranked"),
-    "--compensate": ("compensation", str, "compensation parts after selection, comma-separated (obs: OBS "
-                                          "reconstruction after any mask; bias: FLAP, structured)"),
+    "--compensate": ("compensation", str, "compensation parts after selection, comma-separated, options as "
+                                          "NAME:OPTION=VALUE (obs: OBS reconstruction after any mask; dsnot: DSnoT "
+                                          "mask refinement; bias: FLAP, structured)"),
     "--structure": ("structure", str, "unstructured | N:M (N zeros in every M weights, e.g. 2:4) | channels | heads | "
                                       "width (channels and heads) | sublayers | blocks: structured, a smaller model"),
     "--width-multiple": ("width_multiple", int, "structured: MLP widths change in multiples of this (default 8)"),

@@ -41,7 +41,22 @@ LEGACY_FIELDS = {
 
 
 def _choice(value, axis: str) -> dict:
-    """An axis entry as a mapping ``{name: ..., option: value, ...}`` (a bare name is accepted)."""
+    """An axis entry as a mapping ``{name: ..., option: value, ...}``. A bare name is accepted and, for the chained
+    axes, ``name:option=value:...`` or ``name:VALUE`` for the part's ``shorthand`` option (``eora:16``)."""
+    if isinstance(value, str) and axis in ("compensation", "recovery") and ":" in value:
+        import yaml
+
+        name, *items = (t.strip() for t in value.split(":"))
+        entry: dict = {"name": name}
+        cls = REGISTRIES[axis].parts.get(name)
+        for item in items:
+            key, eq, text = item.partition("=")
+            if not eq:
+                key, text = (cls.shorthand if cls is not None else None), item
+                if key is None:
+                    raise ValueError(f"{axis} '{value}': write options as {name}:OPTION=VALUE")
+            entry[key.strip()] = yaml.safe_load(text)
+        return entry
     if isinstance(value, str):
         return {"name": value.strip()}
     if isinstance(value, dict) and isinstance(value.get("name"), str):

@@ -11,8 +11,10 @@ class Compensation(Part):
 
     Weight-level compensations (``reconstructs``) turn a weight, its statistics and a mask (or a
     saliency to choose the mask with during the update) into the pruned weight; structured ones
-    (``bias``) act when units are sliced away.
+    (``bias``) act when units are sliced away. Mask refiners (``refines_mask``) change which weights are
+    pruned, row counts kept, from the dense weight and its statistics.
     """
 
     needs: Needs = NONE
     reconstructs = False
+    refines_mask = False  # turns a selected mask into a better one before any reconstruction (DSnoT)

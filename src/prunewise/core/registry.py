@@ -36,6 +36,7 @@ class Part:
     # other axis -> part names that must be chosen with this one
     requires: ClassVar[dict[str, tuple[str, ...]]] = {}
     hint: ClassVar[str] = ""  # appended to a refusal: what to use instead
+    shorthand: ClassVar[str | None] = None  # the option a bare value sets in ``name:VALUE`` (eora:16 -> rank)
 
     def __init__(self, config: PartConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()

@@ -21,7 +21,8 @@ class Needs:
 
     ``sq_norm``: per-input sums of squares (Wanda's ``||X_j||^2``); ``mean``: per-input sums as
     well (means and variances: FLAP); ``hessian``: ``X X^T`` (SparseGPT, OBS); ``samples``: a few
-    kept input vectors per window (TRIM's row-wise allocation); ``gradient``: gradients of the LM
+    kept input vectors per window (TRIM's row-wise allocation); ``window_variance``: each input's
+    population variance within a window, averaged over windows (DSnoT); ``gradient``: gradients of the LM
     loss w.r.t. the weight, either ``"sum"`` over the calibration windows (Taylor) or
     ``"per_sample_l2"``, the root of the summed squared per-window gradients (GBLM-Pruner).
     """
@@ -30,6 +31,7 @@ class Needs:
     mean: bool = False
     hessian: bool = False
     samples: bool = False
+    window_variance: bool = False
     gradient: Literal["sum", "per_sample_l2"] | None = None
 
     def __or__(self, other: Needs | None) -> Needs:
@@ -43,7 +45,7 @@ class Needs:
     @property
     def inputs(self) -> bool:
         """Whether any statistic of the inputs is asked (a calibration pass through the block)."""
-        return self.sq_norm or self.mean or self.hessian or self.samples
+        return self.sq_norm or self.mean or self.hessian or self.samples or self.window_variance
 
     @property
     def any(self) -> bool:
@@ -69,11 +71,13 @@ class LinearStats:
     """
 
     def __init__(self, in_features: int, hessian: bool = False, samples_per_window: int = 0,
-                 mean: bool = False, device: torch.device | str = "cpu") -> None:
+                 mean: bool = False, device: torch.device | str = "cpu", window_variance: bool = False) -> None:
         wide = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
         self.sq_norm = torch.zeros(in_features, dtype=wide, device=device)
         self.sum = torch.zeros(in_features, dtype=wide, device=device) if mean else None
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        # token-weighted sum of within-window population variances (DSnoT's ``var``)
+        self.window_var = torch.zeros(in_features, dtype=wide, device=device) if window_variance else None
         self.tokens = 0
         self.windows = 0  # calibration windows seen (the reference codes average sums of squares over them)
         self.samples_per_window = samples_per_window
@@ -83,8 +87,8 @@ class LinearStats:
 
     @classmethod
     def for_needs(cls, in_features: int, needs: Needs, device: torch.device | str = "cpu") -> LinearStats:
-        return cls(in_features, hessian=needs.hessian, samples_per_window=4 if needs.samples else 0, mean=needs.mean,
-                   device=device)
+        return cls(in_features, hessian=needs.hessian, samples_per_window=4 if needs.samples else 0,
+                   mean=needs.mean or needs.window_variance, device=device, window_variance=needs.window_variance)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -98,6 +102,11 @@ class LinearStats:
         return ((self.sq_norm - self.sum.pow(2) / n) / (n - 1)).clamp_min(0)
 
     @property
+    def window_variance(self) -> torch.Tensor:
+        """Each input's population variance within a window, averaged over windows by tokens (needs ``window_variance``)."""
+        return self.window_var / max(self.tokens, 1)
+
+    @property
     def samples(self) -> torch.Tensor:
         """Kept input vectors (S, in): ``samples_per_window`` evenly spaced positions of every window."""
         return torch.cat(self._samples) if self._samples else torch.zeros(0, self.sq_norm.shape[0])
@@ -109,6 +118,9 @@ class LinearStats:
             pos = torch.linspace(L - 1, 0, k).round().long().flip(0)  # always includes the last token (TRIM's choice)
             self._samples.append(x[:, pos].reshape(-1, x.shape[-1]).float().clone())
         self.windows += x.shape[0] if x.dim() == 3 else 1
+        if self.window_var is not None:
+            xw = x.float() if x.dim() == 3 else x.float().unsqueeze(0)
+            self.window_var += (xw.var(dim=1, unbiased=False) * xw.shape[1]).sum(0).to(self.window_var.dtype)
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         if self.sum is not None:

@@ -28,29 +28,44 @@ class PartSet:
     def compensation_named(self, key: str) -> Part | None:
         return next((c for c in self.compensation if c.key == key), None)
 
-    def pruner(self) -> Pruner:
-        return Pruner(self.score, self.structure, [c for c in self.compensation if c.reconstructs])
+    def pruner(self, adapter=None) -> Pruner:
+        kinds = {}
+        if adapter is not None:  # which sublayer a linear belongs to (parts that treat them apart: DSnoT's skip)
+            kinds = {name: kind for kind in ("attention", "mlp") for name in adapter.coupled(kind)}
+        return Pruner(self.score, self.structure, [c for c in self.compensation if c.reconstructs],
+                      [c for c in self.compensation if c.refines_mask], kinds)
 
 
 class Pruner:
-    """Prunes one linear: the score ranks, the structure selects, reconstructing compensations update.
+    """Prunes one linear: the score ranks, the structure selects, mask refiners refine, reconstructing
+    compensations update.
 
     With a score whose saliency must follow the updated weights (SparseGPT) and an OBS compensation,
-    the structure selects inside the OBS sweep, tile by tile, as SparseGPT does.
+    the structure selects inside the OBS sweep, tile by tile, as SparseGPT does. A mask refiner
+    (DSnoT) then refines that mask on the dense weights and the sweep runs again with the refined
+    mask fixed, so the survivors are reconstructed for the mask that is kept.
     """
 
-    def __init__(self, score, structure, reconstruct: list) -> None:
+    def __init__(self, score, structure, reconstruct: list, refine: list | None = None,
+                 kinds: dict[str, str] | None = None) -> None:
         self.score, self.structure, self.reconstruct = score, structure, reconstruct
-        self.needs: Needs = merge(score.needs, *(c.needs for c in reconstruct))
-        self.name = score.name if not reconstruct or (score.sweep_saliency and len(reconstruct) == 1) else \
-            "+".join([score.name] + [c.name for c in reconstruct])
+        self.refine = list(refine or [])
+        self.kinds = kinds or {}
+        self.needs: Needs = merge(score.needs, *(c.needs for c in reconstruct + self.refine))
+        # SparseGPT's own OBS sweep is part of its name; any other part is named after the score
+        shown = reconstruct[1:] if score.sweep_saliency and reconstruct else reconstruct
+        self.name = "+".join([score.name] + [c.name for c in self.refine + shown])
         self.default_group = score.default_group
+
+    def kind(self, module: str) -> str | None:
+        """``attention`` or ``mlp`` for a linear's full name, when the adapter said (else None)."""
+        return next((k for name, k in self.kinds.items() if module.endswith("." + name)), None)
 
     @property
     def options(self) -> dict:
         """What changes the result besides the name (a cache key for profiles)."""
         out = dict(self.score.options())
-        for c in self.reconstruct:
+        for c in self.refine + self.reconstruct:
             out.update(c.options())
         return out
 
@@ -59,16 +74,30 @@ class Pruner:
 
     def prune(self, weight: torch.Tensor, stats, structure, sparsity, module: str = "?") -> PruneOutcome:
         """``weight`` pruned to ``sparsity`` (a level, or a per-row vector) under ``structure``."""
-        if not self.reconstruct:
-            mask = structure.mask(self.importance(weight, stats, module), sparsity)
-            return PruneOutcome(weight.masked_fill(mask, 0.0), mask)
-        first, *rest = self.reconstruct
-        if self.score.sweep_saliency is not None:
-            outcome = first.compensate(weight, stats, structure, sparsity, saliency=self.score.sweep_saliency,
-                                       module=module)
+        notes: dict = {}
+        importance = None
+        if self.reconstruct and self.score.sweep_saliency is not None:
+            outcome = self.reconstruct[0].compensate(weight, stats, structure, sparsity,
+                                                     saliency=self.score.sweep_saliency, module=module)
+            if not self.refine:
+                return self._rest(outcome, stats, structure, sparsity, module)
+            mask, notes = outcome.mask, outcome.notes
         else:
-            mask = structure.mask(self.importance(weight, stats, module), sparsity)
-            outcome = first.compensate(weight, stats, structure, sparsity, mask=mask, module=module)
+            importance = self.importance(weight, stats, module)
+            mask = structure.mask(importance, sparsity)
+        for part in self.refine:
+            mask, more = part.refine(weight, stats, structure, mask, importance=importance, module=module,
+                                     kind=self.kind(module))
+            notes = {**notes, **more}
+        if not self.reconstruct:
+            return PruneOutcome(weight.masked_fill(mask, 0.0), mask, notes)
+        first = self.reconstruct[0]
+        outcome = first.compensate(weight, stats, structure, sparsity, mask=mask, module=module)
+        outcome.notes = {**notes, **outcome.notes}
+        return self._rest(outcome, stats, structure, sparsity, module)
+
+    def _rest(self, outcome: PruneOutcome, stats, structure, sparsity, module: str) -> PruneOutcome:
+        rest = self.reconstruct[1:]
         for comp in rest:  # later reconstructions keep the mask the first one produced
             notes = outcome.notes
             outcome = comp.compensate(outcome.weight, stats, structure, sparsity, mask=outcome.mask, module=module)
@@ -94,7 +123,8 @@ def make_pruner(score: str, structure=None, compensation: list[str] | None = Non
         ccls = REGISTRIES["compensation"].get(name)
         comps.append(REGISTRIES["compensation"].build(name, **{k: v for k, v in options.items()
                                                                if k in ccls.Config.model_fields}))
-    return Pruner(part, structure or Unstructured(part.default_group), [c for c in comps if c.reconstructs])
+    return Pruner(part, structure or Unstructured(part.default_group), [c for c in comps if c.reconstructs],
+                  [c for c in comps if c.refines_mask])
 
 
 def placement_for(model, recipe, parts: PartSet | None = None):

@@ -84,7 +84,7 @@ def allocation_context(model, recipe, parts, numels, windows, progress: bool, to
         return SequentialEngine(model, adapter, win, recipe.chunk_size, progress, desc=desc, sequential=sequential,
                                 placement=placement, stream=stream)
 
-    return AllocationContext(model=model, adapter=adapter, pruner=parts.pruner(), structure=parts.structure,
+    return AllocationContext(model=model, adapter=adapter, pruner=parts.pruner(adapter), structure=parts.structure,
                              numels=numels, target=float(recipe.sparsity), exact=bool(recipe.budget),
                              windows=windows, progress=progress, seed=recipe.seed, chunk_size=recipe.chunk_size,
                              draw=draw, engine=engine, fingerprint=lambda: weights_fingerprint(model))
@@ -134,7 +134,7 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
             check_weight(name, weights[name])
         structure.check(name, weights[name])
     timings: dict[str, float] = {}
-    pruner = parts.pruner()
+    pruner = parts.pruner(adapter)
     rowwise = bool(parts.allocation.config.rowwise)
     if structure.weight_level:
         needs_data = pruner.needs.any or rowwise or (not recipe.plan and parts.allocation.reads_calibration(pruner))

@@ -1,0 +1,112 @@
+"""Compensation and recovery on smollm2-135m: one-shot prunes, then each compensation, side by side.
+
+Cells are ``BASE/STEP``: BASE a one-shot setting (Wanda 50/60/70%, SparseGPT 50/60%, Wanda 2:4,
+SparseGPT 70% OWL, FLAP 25/50% global widths + bias), STEP ``none`` or a compensation chain
+(``dsnot`` as the reference defines it; ``dsnot-sign`` with its sign check; ``dsnot-mlp`` skipping the
+MLP linears as the reference's default ``--skip_layer mlp`` does). Every cell runs in its own process
+with the same calibration (``nsamples`` x ``seqlen`` windows of ``wiki``) and reports wiki-test and
+code perplexity beside the dense model measured in the same run, the sparsity counted in the pruned
+weights, the prune time and the time the compensation itself took. Results go to JSON after every
+cell (a run resumes) and to a markdown table.
+
+    python bench/recovery.py --cells wanda-60/none wanda-60/dsnot
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cells import window_bench_main  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+EVAL = ["wiki-test", "code"]
+BASES = {
+    "wanda-50": {"score": "wanda", "sparsity": 0.5},
+    "wanda-60": {"score": "wanda", "sparsity": 0.6},
+    "wanda-70": {"score": "wanda", "sparsity": 0.7},
+    "sparsegpt-50": {"score": "sparsegpt", "sparsity": 0.5},
+    "sparsegpt-60": {"score": "sparsegpt", "sparsity": 0.6},
+    "wanda-2of4": {"score": "wanda", "structure": "2:4"},
+    "sparsegpt-70-owl": {"score": "sparsegpt", "sparsity": 0.7, "allocation": "owl"},
+    "flap-25": {"score": "fluctuation", "structure": "width", "sparsity": 0.25, "allocation": "global",
+                "compensation": ["bias"]},
+    "flap-50": {"score": "fluctuation", "structure": "width", "sparsity": 0.5, "allocation": "global",
+                "compensation": ["bias"]},
+}
+STEPS = {
+    "none": [],
+    "dsnot": [{"name": "dsnot"}],
+    "dsnot-sign": [{"name": "dsnot", "same_sign": True}],
+    "dsnot-mlp": [{"name": "dsnot", "skip": "mlp"}],
+}
+DEFAULT = ["wanda-60/none", "wanda-60/dsnot", "wanda-70/none", "wanda-70/dsnot", "sparsegpt-60/none",
+           "sparsegpt-60/dsnot", "wanda-60/dsnot-sign", "wanda-60/dsnot-mlp", "wanda-2of4/none", "wanda-2of4/dsnot"]
+
+
+def recipe_fields(cell: str) -> dict:
+    base, step = cell.split("/")
+    fields = dict(BASES[base])
+    chain = list(fields.pop("compensation", []))
+    if fields["score"] == "sparsegpt" and STEPS[step]:
+        chain.append("obs")
+    chain += STEPS[step]
+    if chain:
+        fields["compensation"] = chain
+    return fields
+
+
+def run_cell(args, cell: str) -> dict:
+    from prunewise.api import evaluate, prune
+    from prunewise.models.loading import load_model
+    from prunewise.recipe import make_recipe
+
+    model, tok = load_model("smollm2-135m")
+    if cell == "dense":
+        return {"perplexity": evaluate(model, tok, EVAL, args.eval_tokens, 512, progress=False)}
+    recipe = make_recipe(model="smollm2-135m", calibration="wiki", nsamples=args.nsamples, seqlen=args.seqlen,
+                         evaluation=[], **recipe_fields(cell))
+    t0 = time.perf_counter()
+    result = prune(recipe, model, tok, progress=False)
+    seconds = time.perf_counter() - t0
+    ppl = evaluate(result.model, tok, EVAL, args.eval_tokens, 512, progress=False)
+    modules = result.report["modules"].values()
+    return {"perplexity": ppl, "achieved_sparsity": result.report["achieved_sparsity"], "prune_s": seconds,
+            "dsnot_s": sum(m.get("dsnot_s", 0.0) for m in modules),
+            "dsnot_swaps": sum(m.get("dsnot_swaps", 0) for m in modules),
+            "timings": result.report["timings"], "recipe": json.loads(recipe.model_dump_json())}
+
+
+def write_table(results: dict, path: Path) -> str:
+    s = results["settings"]
+    dense = results["cells"].get("dense", {}).get("perplexity", {})
+    lines = [f"smollm2-135m; calibration {s['nsamples']} x {s['seqlen']} wiki windows; perplexity on "
+             f"{s['eval_tokens']} tokens of each corpus; dense " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()),
+             "", "| cell | wiki-test | code | gap to dense closed (wiki-test) | sparsity | prune s | "
+             "compensation s | swaps |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in results["cells"].items():
+        if name == "dense":
+            continue
+        base = results["cells"].get(name.split("/")[0] + "/none")
+        closed = "-"
+        if base and dense and name.split("/")[1] != "none":
+            before, after, d = base["perplexity"]["wiki-test"], row["perplexity"]["wiki-test"], dense["wiki-test"]
+            closed = f"{(before - after) / (before - d):+.1%}"
+        comp = f"{row['dsnot_s']:.1f}" if row.get("dsnot_swaps") else "-"
+        lines.append(f"| {name} | {row['perplexity']['wiki-test']:.2f} | {row['perplexity']['code']:.2f} | {closed} | "
+                     f"{row['achieved_sparsity']:.4f} | {row['prune_s']:.0f} | {comp} | {row.get('dsnot_swaps') or '-'} |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def main() -> None:
+    window_bench_main(__file__, __doc__, HERE / "results" / "recovery.json", DEFAULT, run_cell, write_table,
+                      lambda row: f"ppl {row['perplexity']}", nsamples=32)
+
+
+if __name__ == "__main__":
+    main()
