@@ -3,7 +3,7 @@
 Cells are ``BASE/STEP``: BASE a one-shot setting (Wanda 50/60/70%, SparseGPT 50/60%, Wanda 2:4,
 SparseGPT 70% OWL, FLAP 25/50% global widths + bias), STEP ``none`` or a compensation chain
 (``dsnot`` as the reference defines it; ``dsnot-sign`` with its sign check; ``dsnot-mlp`` skipping the
-MLP linears as the reference's default ``--skip_layer mlp`` does). Every cell runs in its own process
+MLP linears as the reference's default ``--skip_layer mlp`` does; ``eora16``: EoRA at rank 16). Every cell runs in its own process
 with the same calibration (``nsamples`` x ``seqlen`` windows of ``wiki``) and reports wiki-test and
 code perplexity beside the dense model measured in the same run, the sparsity counted in the pruned
 weights, the prune time and the time the compensation itself took. Results go to JSON after every
@@ -42,9 +42,12 @@ STEPS = {
     "dsnot": [{"name": "dsnot"}],
     "dsnot-sign": [{"name": "dsnot", "same_sign": True}],
     "dsnot-mlp": [{"name": "dsnot", "skip": "mlp"}],
+    "eora16": [{"name": "eora", "rank": 16}],
+    "dsnot+eora16": [{"name": "dsnot"}, {"name": "eora", "rank": 16}],
 }
 DEFAULT = ["wanda-60/none", "wanda-60/dsnot", "wanda-70/none", "wanda-70/dsnot", "sparsegpt-60/none",
-           "sparsegpt-60/dsnot", "wanda-60/dsnot-sign", "wanda-60/dsnot-mlp", "wanda-2of4/none", "wanda-2of4/dsnot"]
+           "sparsegpt-60/dsnot", "wanda-60/dsnot-sign", "wanda-60/dsnot-mlp", "wanda-2of4/none", "wanda-2of4/dsnot",
+           "wanda-2of4/eora16", "wanda-50/none", "wanda-50/eora16", "sparsegpt-50/none", "sparsegpt-50/eora16"]
 
 
 def recipe_fields(cell: str) -> dict:
@@ -76,7 +79,7 @@ def run_cell(args, cell: str) -> dict:
     modules = result.report["modules"].values()
     return {"perplexity": ppl, "achieved_sparsity": result.report["achieved_sparsity"], "prune_s": seconds,
             "dsnot_s": sum(m.get("dsnot_s", 0.0) for m in modules),
-            "dsnot_swaps": sum(m.get("dsnot_swaps", 0) for m in modules),
+            "dsnot_swaps": sum(m.get("dsnot_swaps", 0) for m in modules), "adapter": result.report.get("adapter"),
             "timings": result.report["timings"], "recipe": json.loads(recipe.model_dump_json())}
 
 

@@ -27,7 +27,7 @@ def test_every_axis_has_its_parts_and_the_listing_names_them():
     expected = {"score": {"magnitude", "wanda", "sparsegpt", "gblm", "fluctuation", "taylor"},
                 "structure": {"unstructured", "n:m", "channels", "heads", "width", "sublayers", "blocks"},
                 "allocation": {"uniform", "global", "owl", "profile", "search"},
-                "compensation": {"obs", "bias", "dsnot"}, "recovery": set()}
+                "compensation": {"obs", "bias", "dsnot", "eora"}, "recovery": set()}
     for axis, names in expected.items():
         assert set(REGISTRIES[axis].names()) == names, axis
     text = listing()
@@ -45,7 +45,7 @@ def test_every_axis_has_its_parts_and_the_listing_names_them():
                                                    "width, not 2:4"),
     ({"allocation": {"name": "owl", "lambda": 0.7}}, "allocation owl: lambda: Input should be less than 0.5"),
     ({"score": {"name": "wanda", "damp": 0.1}}, "score wanda: damp: Extra inputs are not permitted"),
-    ({"compensation": ["eora"]}, "unknown compensation 'eora'; choose one of: bias, dsnot, obs"),
+    ({"compensation": ["lora"]}, "unknown compensation 'lora'; choose one of: bias, dsnot, eora, obs"),
     ({"structure": "width", "compensation": ["dsnot"]}, "compensation dsnot works with structure unstructured, n:m, not width"),
     ({"compensation": ["dsnot:7"]}, "write options as dsnot:OPTION=VALUE"),
 ])

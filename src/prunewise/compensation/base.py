@@ -18,3 +18,4 @@ class Compensation(Part):
     needs: Needs = NONE
     reconstructs = False
     refines_mask = False  # turns a selected mask into a better one before any reconstruction (DSnoT)
+    adds_lowrank = False  # after everything, a low-rank correction kept beside the pruned weight (EoRA)

@@ -28,6 +28,7 @@ class PruneOutcome:
     weight: torch.Tensor
     mask: torch.Tensor
     notes: dict = field(default_factory=dict)
+    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None  # (A, B): a correction B A kept beside the weight
 
 
 @dataclass

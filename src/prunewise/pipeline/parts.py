@@ -33,7 +33,8 @@ class PartSet:
         if adapter is not None:  # which sublayer a linear belongs to (parts that treat them apart: DSnoT's skip)
             kinds = {name: kind for kind in ("attention", "mlp") for name in adapter.coupled(kind)}
         return Pruner(self.score, self.structure, [c for c in self.compensation if c.reconstructs],
-                      [c for c in self.compensation if c.refines_mask], kinds)
+                      [c for c in self.compensation if c.refines_mask], kinds,
+                      [c for c in self.compensation if c.adds_lowrank])
 
 
 class Pruner:
@@ -47,14 +48,15 @@ class Pruner:
     """
 
     def __init__(self, score, structure, reconstruct: list, refine: list | None = None,
-                 kinds: dict[str, str] | None = None) -> None:
+                 kinds: dict[str, str] | None = None, lowrank: list | None = None) -> None:
         self.score, self.structure, self.reconstruct = score, structure, reconstruct
         self.refine = list(refine or [])
+        self.lowrank = list(lowrank or [])[:1]
         self.kinds = kinds or {}
-        self.needs: Needs = merge(score.needs, *(c.needs for c in reconstruct + self.refine))
+        self.needs: Needs = merge(score.needs, *(c.needs for c in reconstruct + self.refine + self.lowrank))
         # SparseGPT's own OBS sweep is part of its name; any other part is named after the score
         shown = reconstruct[1:] if score.sweep_saliency and reconstruct else reconstruct
-        self.name = "+".join([score.name] + [c.name for c in self.refine + shown])
+        self.name = "+".join([score.name] + [c.name for c in self.refine + shown + self.lowrank])
         self.default_group = score.default_group
 
     def kind(self, module: str) -> str | None:
@@ -65,7 +67,7 @@ class Pruner:
     def options(self) -> dict:
         """What changes the result besides the name (a cache key for profiles)."""
         out = dict(self.score.options())
-        for c in self.refine + self.reconstruct:
+        for c in self.refine + self.reconstruct + self.lowrank:
             out.update(c.options())
         return out
 
@@ -73,7 +75,14 @@ class Pruner:
         return self.score.importance(weight, stats, module=module)
 
     def prune(self, weight: torch.Tensor, stats, structure, sparsity, module: str = "?") -> PruneOutcome:
-        """``weight`` pruned to ``sparsity`` (a level, or a per-row vector) under ``structure``."""
+        """``weight`` pruned to ``sparsity`` (a level, or a per-row vector) under ``structure``; with a low-rank
+        compensation (EoRA) the outcome carries its correction of what pruning changed."""
+        outcome = self._prune(weight, stats, structure, sparsity, module)
+        for part in self.lowrank:
+            outcome.lowrank = part.factors(weight, outcome.weight, stats, module=module)
+        return outcome
+
+    def _prune(self, weight: torch.Tensor, stats, structure, sparsity, module: str) -> PruneOutcome:
         notes: dict = {}
         importance = None
         if self.reconstruct and self.score.sweep_saliency is not None:
@@ -124,7 +133,7 @@ def make_pruner(score: str, structure=None, compensation: list[str] | None = Non
         comps.append(REGISTRIES["compensation"].build(name, **{k: v for k, v in options.items()
                                                                if k in ccls.Config.model_fields}))
     return Pruner(part, structure or Unstructured(part.default_group), [c for c in comps if c.reconstructs],
-                  [c for c in comps if c.refines_mask])
+                  [c for c in comps if c.refines_mask], lowrank=[c for c in comps if c.adds_lowrank])
 
 
 def placement_for(model, recipe, parts: PartSet | None = None):

@@ -37,6 +37,9 @@ from .visitor import PruneVisitor
 log = logging.getLogger(__name__)
 
 
+ADAPTER_FOLDER = "eora"  # beside the weights: a PEFT LoRA adapter (PeftModel.from_pretrained(model, out / "eora"))
+
+
 @dataclass
 class PruneResult:
     """A pruned model in memory, the plan it followed, its masks and the report of what happened."""
@@ -48,6 +51,7 @@ class PruneResult:
     report: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # name -> content that run() saves beside plan.json (profile.json, ...)
     masks: MaskSet | None = None
+    lowrank: object | None = None  # engine.lowrank.LowRankSet: corrections attached to the model (EoRA), saved as PEFT
 
 
 def peak_rss_mb() -> float:
@@ -173,7 +177,10 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
 
     measured = stream.measured_sparsity(model) if stream is not None else measure_sparsity(model, list(numels))
     report = _weight_report(recipe, parts, measured, numels, plan, visitor, timings)
-    return PruneResult(model, tokenizer, recipe, plan, report, files, visitor.masks)
+    lowrank = visitor.lowrank if len(visitor.lowrank) else None
+    if lowrank is not None:
+        report["adapter"] = {"kind": "lora", "folder": ADAPTER_FOLDER, **lowrank.summary(next(model.parameters()).dtype)}
+    return PruneResult(model, tokenizer, recipe, plan, report, files, visitor.masks, lowrank)
 
 
 def _weight_report(recipe, parts, measured, numels, plan, visitor, timings) -> dict:

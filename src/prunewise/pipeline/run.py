@@ -112,6 +112,8 @@ def output_files(result: PruneResult, report: dict) -> dict:
         files["plan.png"] = png
     if result.masks is not None:
         files[MASKS_FILE] = result.masks.to_bytes()
+    if result.lowrank is not None:  # the EoRA correction: a PEFT LoRA adapter in a folder beside the weights
+        files.update(result.lowrank.peft_files(report["adapter"]["folder"], next(result.model.parameters()).dtype))
     return {**files, "report.json": json.dumps(report, indent=1), **pages, **result.files}
 
 

@@ -41,6 +41,8 @@ def check_streamable(recipe) -> None:
     if recipe.plan is None and parts.allocation.key not in STREAMED_ALLOCATIONS:
         raise PrunewiseError(f"--offload disk: the {parts.allocation.key} allocation needs the model in memory; use "
                              f"{', '.join(STREAMED_ALLOCATIONS)} or a --plan, or --offload none")
+    if any(c.adds_lowrank for c in parts.compensation):
+        raise PrunewiseError("--offload disk: the eora adapter is computed and saved in memory; use --offload none")
     if recipe.tasks or recipe.completions:
         raise PrunewiseError("--offload disk evaluates perplexity only; add --no-completions and leave --tasks out")
 

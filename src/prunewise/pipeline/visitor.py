@@ -11,6 +11,7 @@ from ..allocation.plan import AllocationPlan
 from ..allocation.rowwise import trim_row_sparsities
 from ..core.masks import MaskSet
 from ..core.stats import LinearStats, Needs, check_weight
+from ..engine.lowrank import LowRankSet
 from ..errors import PrunewiseError
 
 
@@ -31,6 +32,7 @@ class PruneVisitor:
         self.rowwise = rowwise
         self.records: dict[str, dict] = {}
         self.masks = MaskSet(structure=structure.name)
+        self.lowrank = LowRankSet()  # low-rank corrections (EoRA), attached as each linear is pruned
         if (rowwise or plan.rows) and structure.level_quantum:
             raise PrunewiseError("row-wise sparsities cannot be N:M (every row of N:M has the same sparsity); "
                                  "use unstructured with --rowwise")
@@ -64,8 +66,12 @@ class PruneVisitor:
         outcome = self.score.prune(linear.weight.data, stats, self.structure, sparsity, module=full)
         linear.weight.data.copy_(outcome.weight)
         self.masks.weights[full] = outcome.mask.to("cpu")  # masks of every module: host memory, not the device
+        if outcome.lowrank is not None:  # the rest of the walk (and the evaluation) computes with it
+            self.lowrank.attach(full, linear, *outcome.lowrank)
         record = {"target": self.plan.modules[full], "pruned": int(outcome.mask.sum()),
                   "seconds": time.perf_counter() - start}
+        if outcome.lowrank is not None:
+            record["lowrank_rank"] = int(outcome.lowrank[0].shape[0])
         if row_info:
             record["rowwise"] = row_info
         record.update(outcome.notes)

@@ -18,6 +18,11 @@ def report_markdown(report: dict, plan: AllocationPlan, details_only: bool = Fal
         for name, row in report["perplexity"].items():
             lines.append(f"| {name} | {row['dense']:.2f} | {row['pruned']:.2f} | {row['pruned'] / row['dense']:.2f}x |")
         lines.append("")
+    if report.get("adapter"):
+        a = report["adapter"]
+        lines += [f"Low-rank adapter (EoRA, rank {', '.join(map(str, a['ranks']))}) on {a['modules']} modules: "
+                  f"{a['parameters']:,} parameters, {a['bytes'] / 2**20:.1f} MB, a PEFT LoRA adapter in `{a['folder']}/` "
+                  "(`PeftModel.from_pretrained(model, folder)`); the sparse weights keep their zeros.", ""]
     stats = plan.layer_stats if isinstance(plan.layer_stats, dict) else {}
     if stats.get("history"):
         tracked = [h for h in stats["history"] if h.get("tracking_fitness") is not None]
@@ -74,6 +79,10 @@ def format_prune_report(report: dict, recipe) -> str:
         dense, pruned = report["tasks"]["dense"], report["tasks"]["pruned"]
         lines.append(f"zero-shot mean acc over {len(dense)} tasks: dense {mean_metric(dense):.3f}, pruned "
                      f"{mean_metric(pruned):.3f}, retention {(mean_retention(dense, pruned) or 0):.0%}")
+    if report.get("adapter"):
+        a = report["adapter"]
+        lines.append(f"low-rank adapter (rank {', '.join(map(str, a['ranks']))}) on {a['modules']} modules: "
+                     f"{a['parameters']:,} parameters, {a['bytes'] / 2**20:.1f} MB, PEFT LoRA in {a['folder']}/")
     if recipe.output:
         lines.append(f"saved: {recipe.output} (model, masks.safetensors, recipe.yaml, plan.json, report.html, report.md, report.json)")
     return "\n".join(lines)
