@@ -436,3 +436,17 @@ def test_owl_and_saved_plans_drive_structured_widths(tiny_folder, tmp_path):
     reused = prune(make_recipe(structure="channels", plan=str(plan), **base), progress=False)
     widths = [r["intermediate_size"] for r in reused.report["structured"]["layers"]]
     assert widths[0] < widths[1]  # block 0 was planned to lose three times as much
+
+
+def test_a_model_with_per_block_widths_is_evaluated_after_pruning(tiny_folder, tmp_path):
+    """Global widths give every block its own size (the family's pruned twin): evaluation places it block by block."""
+    from prunewise.api import run
+    from prunewise.recipe import make_recipe
+
+    report = run(make_recipe(model=tiny_folder["model"], calibration=tiny_folder["calib"], nsamples=4, seqlen=16,
+                             evaluation=[tiny_folder["eval"]], eval_tokens=512, eval_seqlen=32, completions=False,
+                             score="fluctuation", structure="width", sparsity=0.4, allocation="global",
+                             compensation=["bias"], output=str(tmp_path / "out")), progress=False)
+    assert report["structured"]["config"] == "custom"  # per-block widths: the pruned twin class
+    ppl = report["perplexity"][tiny_folder["eval"]]
+    assert 1 < ppl["pruned"] < float("inf") and ppl["pruned"] != ppl["dense"]

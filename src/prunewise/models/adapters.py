@@ -188,6 +188,8 @@ def get_adapter(model_or_config) -> ArchitectureAdapter:
     """The adapter for a model (or its config), chosen by ``config.model_type``."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
+    if isinstance(model_type, str) and model_type.startswith("prunewise_"):  # a family's pruned twin (per-block widths)
+        model_type = model_type[len("prunewise_"):]
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
