@@ -45,6 +45,11 @@ STEPS = {
     "eora16": [{"name": "eora", "rank": 16}],
     "dsnot+eora16": [{"name": "dsnot"}, {"name": "eora", "rank": 16}],
 }
+RECOVERY = {  # recovery steps: 65,536 tokens (128 x 512) of wiki, disjoint from the calibration windows
+    "lora": [{"name": "lora", "data": "wiki", "tokens": 65536}],
+    "distill": [{"name": "distill", "data": "wiki", "tokens": 65536}],
+    "bias_norm": [{"name": "lora", "data": "wiki", "tokens": 65536, "params": "bias_norm"}],
+}
 DEFAULT = ["wanda-60/none", "wanda-60/dsnot", "wanda-70/none", "wanda-70/dsnot", "sparsegpt-60/none",
            "sparsegpt-60/dsnot", "wanda-60/dsnot-sign", "wanda-60/dsnot-mlp", "wanda-2of4/none", "wanda-2of4/dsnot",
            "wanda-2of4/eora16", "wanda-50/none", "wanda-50/eora16", "sparsegpt-50/none", "sparsegpt-50/eora16"]
@@ -54,9 +59,12 @@ def recipe_fields(cell: str) -> dict:
     base, step = cell.split("/")
     fields = dict(BASES[base])
     chain = list(fields.pop("compensation", []))
-    if fields["score"] == "sparsegpt" and STEPS[step]:
-        chain.append("obs")
-    chain += STEPS[step]
+    if step in RECOVERY:
+        fields["recovery"] = RECOVERY[step]
+    else:
+        if fields["score"] == "sparsegpt" and STEPS[step]:
+            chain.append("obs")
+        chain += STEPS[step]
     if chain:
         fields["compensation"] = chain
     return fields
@@ -70,14 +78,29 @@ def run_cell(args, cell: str) -> dict:
     model, tok = load_model("smollm2-135m")
     if cell == "dense":
         return {"perplexity": evaluate(model, tok, EVAL, args.eval_tokens, 512, progress=False)}
+    fields = recipe_fields(cell)
     recipe = make_recipe(model="smollm2-135m", calibration="wiki", nsamples=args.nsamples, seqlen=args.seqlen,
-                         evaluation=[], **recipe_fields(cell))
+                         evaluation=EVAL, eval_tokens=args.eval_tokens, **fields)
     t0 = time.perf_counter()
-    result = prune(recipe, model, tok, progress=False)
+    result = prune(recipe.model_copy(update={"recovery": []}), model, tok, progress=False)
     seconds = time.perf_counter() - t0
+    from prunewise.evaluate.sparsity import measure_sparsity
+
+    weight_level = recipe.structure["name"] in ("unstructured", "n:m")
+    names = list(result.report["modules"])
+    extra = {"zeros_one_shot": measure_sparsity(result.model, names)["zeros"] if weight_level else None}
+    if fields.get("recovery"):
+        from prunewise.pipeline.recover import recover
+
+        extra["one_shot"] = evaluate(result.model, tok, EVAL, args.eval_tokens, 512, progress=False)
+        section = recover(result, recipe, progress=False)
+        for part in section["parts"]:
+            part.pop("adapter", None)
+        extra["recovery"] = section
     ppl = evaluate(result.model, tok, EVAL, args.eval_tokens, 512, progress=False)
+    extra["zeros"] = measure_sparsity(result.model, names)["zeros"] if weight_level else None
     modules = result.report["modules"].values()
-    return {"perplexity": ppl, "achieved_sparsity": result.report["achieved_sparsity"], "prune_s": seconds,
+    return {"perplexity": ppl, "achieved_sparsity": result.report["achieved_sparsity"], "prune_s": seconds, **extra,
             "dsnot_s": sum(m.get("dsnot_s", 0.0) for m in modules),
             "dsnot_swaps": sum(m.get("dsnot_swaps", 0) for m in modules), "adapter": result.report.get("adapter"),
             "timings": result.report["timings"], "recipe": json.loads(recipe.model_dump_json())}
@@ -89,7 +112,7 @@ def write_table(results: dict, path: Path) -> str:
     lines = [f"smollm2-135m; calibration {s['nsamples']} x {s['seqlen']} wiki windows; perplexity on "
              f"{s['eval_tokens']} tokens of each corpus; dense " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()),
              "", "| cell | wiki-test | code | gap to dense closed (wiki-test) | sparsity | prune s | "
-             "compensation s | swaps |", "|---|---|---|---|---|---|---|---|"]
+             "compensation s | swaps | recovery s | zeros unchanged |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in results["cells"].items():
         if name == "dense":
             continue
@@ -99,8 +122,12 @@ def write_table(results: dict, path: Path) -> str:
             before, after, d = base["perplexity"]["wiki-test"], row["perplexity"]["wiki-test"], dense["wiki-test"]
             closed = f"{(before - after) / (before - d):+.1%}"
         comp = f"{row['dsnot_s']:.1f}" if row.get("dsnot_swaps") else "-"
+        rec = row.get("recovery", {}).get("parts", [])
+        rec_s = f"{sum(p['seconds'] for p in rec):.0f}" if rec else "-"
+        kept = "-" if row.get("zeros") is None else ("yes" if row["zeros"] == row["zeros_one_shot"] else "NO")
         lines.append(f"| {name} | {row['perplexity']['wiki-test']:.2f} | {row['perplexity']['code']:.2f} | {closed} | "
-                     f"{row['achieved_sparsity']:.4f} | {row['prune_s']:.0f} | {comp} | {row.get('dsnot_swaps') or '-'} |")
+                     f"{row['achieved_sparsity']:.4f} | {row['prune_s']:.0f} | {comp} | {row.get('dsnot_swaps') or '-'} | "
+                     f"{rec_s} | {kept} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text

@@ -4,7 +4,7 @@
 
 STAGE names where the pause goes: ``prune`` (after the first block is pruned), ``save`` (after the
 temporary folder is fully written, before it is renamed into place), ``cell:N`` (inside the N-th
-sweep cell, 1-based), ``fetch`` (run ``fetch_distribution`` of the pinned test distribution given as
+sweep cell, 1-based), ``checkpoint`` (after the first recovery checkpoint is written), ``fetch`` (run ``fetch_distribution`` of the pinned test distribution given as
 JSON in the arguments, pausing inside the download). The child pauses once: it writes SIGNAL_FILE,
 then waits until SIGNAL_FILE.go exists or SECONDS have passed, then goes on.
 """
@@ -71,6 +71,16 @@ def main() -> int:
             _pause(signal_file, seconds)
 
         save._write = write
+    elif stage == "checkpoint":
+        from prunewise.engine import train
+
+        real_save = train._save
+
+        def save_checkpoint(*a, **k):
+            real_save(*a, **k)
+            _pause(signal_file, seconds)
+
+        train._save = save_checkpoint
     elif stage.startswith("cell:"):
         from prunewise import sweep
 

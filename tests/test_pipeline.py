@@ -27,7 +27,7 @@ def test_every_axis_has_its_parts_and_the_listing_names_them():
     expected = {"score": {"magnitude", "wanda", "sparsegpt", "gblm", "fluctuation", "taylor"},
                 "structure": {"unstructured", "n:m", "channels", "heads", "width", "sublayers", "blocks"},
                 "allocation": {"uniform", "global", "owl", "profile", "search"},
-                "compensation": {"obs", "bias", "dsnot", "eora"}, "recovery": set()}
+                "compensation": {"obs", "bias", "dsnot", "eora"}, "recovery": {"lora", "distill"}}
     for axis, names in expected.items():
         assert set(REGISTRIES[axis].names()) == names, axis
     text = listing()

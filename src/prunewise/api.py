@@ -11,5 +11,26 @@ from .pipeline.reapply import apply_masks
 from .pipeline.run import dense_key as _dense_key
 from .pipeline.run import evaluate, run
 
-__all__ = ["PruneResult", "MaskSet", "prune", "evaluate", "run", "apply_masks", "build_plan", "peak_rss_mb",
-           "targeted_numels", "_dense_key"]
+__all__ = ["PruneResult", "MaskSet", "prune", "evaluate", "run", "apply_masks", "recover", "build_plan",
+           "peak_rss_mb", "targeted_numels", "_dense_key"]
+
+
+def recover(folder: str, recovery: list, output: str, masks: str | None = None, evaluation: list[str] | None = None,
+            eval_tokens: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Recover a folder written by ``prunewise prune`` with ``recovery`` parts, keeping its saved masks (or ``masks``);
+    the rest of the recipe (source model as teacher, calibration, dtype, device) is the folder's ``recipe.yaml``."""
+    from pathlib import Path
+
+    from .errors import PrunewiseError
+    from .pipeline.recover import recover_folder
+    from .recipe import Recipe, make_recipe
+
+    if not (Path(folder) / "recipe.yaml").exists():
+        raise PrunewiseError(f"{folder} has no recipe.yaml: give a folder written by prunewise prune")
+    fields = {**Recipe.from_yaml(Path(folder) / "recipe.yaml").model_dump(), "recovery": recovery, "output": output,
+              "overwrite": overwrite, "plan": None}
+    if evaluation is not None:
+        fields["evaluation"] = evaluation
+    if eval_tokens is not None:
+        fields["eval_tokens"] = eval_tokens
+    return recover_folder(folder, make_recipe(**fields), masks, progress)

@@ -15,6 +15,8 @@ PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--compensate": ("compensation", str, "compensation parts after selection, comma-separated, options as "
                                           "NAME:OPTION=VALUE (obs: OBS reconstruction after any mask; dsnot: DSnoT "
                                           "mask refinement; bias: FLAP, structured)"),
+    "--recover": ("recovery", str, "recovery parts after pruning, comma-separated, options as NAME:OPTION=VALUE "
+                                   "(lora: mask-preserving LoRA; distill: from the dense model)"),
     "--structure": ("structure", str, "unstructured | N:M (N zeros in every M weights, e.g. 2:4) | channels | heads | "
                                       "width (channels and heads) | sublayers | blocks: structured, a smaller model"),
     "--width-multiple": ("width_multiple", int, "structured: MLP widths change in multiples of this (default 8)"),
@@ -82,6 +84,11 @@ def _recipe_from_args(args, **extra):
         fields["completions"] = False
     if isinstance(fields.get("compensation"), str):
         fields["compensation"] = [c for c in fields["compensation"].split(",") if c.strip()]
+    if isinstance(fields.get("recovery"), str):
+        fields["recovery"] = _recovery_entries(fields["recovery"], args)
+    elif any(getattr(args, f"recover_{k}", None) is not None for k in ("data", "tokens", "lr")):
+        raise PrunewiseError("--recover-data/--recover-tokens/--recover-lr set a recovery part's options; "
+                             "name the part with --recover lora or --recover distill")
     for flag in ("overwrite", "rowwise", "bias_compensation"):
         if getattr(args, flag, None):
             fields[flag] = True
@@ -250,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="YAML recipe; flags given on the command line override it")
     for flag, (field, typ, text) in PRUNE_FLAGS.items():
         p.add_argument(flag, dest=field, type=typ, default=None, help=_flag_help(field, text))
+    p.add_argument("--recover-data", dest="recover_data", default=None,
+                   help="recovery data: corpus, mixture SOURCE:WEIGHT,... or prompt/completion .jsonl (default: calibration)")
+    p.add_argument("--recover-tokens", dest="recover_tokens", type=int, default=None, help="recovery training tokens")
+    p.add_argument("--recover-lr", dest="recover_lr", type=float, default=None, help="recovery peak learning rate")
     p.add_argument("--eval", nargs="*", default=None, help="evaluation data (default wiki-test); none to skip")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     p.add_argument("--rowwise", action="store_true", default=None,
@@ -303,6 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("parts", help="every part per axis (score, structure, allocation, compensation, recovery)")
     pt.set_defaults(func=_cmd_parts)
 
+    rc = sub.add_parser("recover", help="recover a model pruned earlier: train it keeping its saved masks")
+    rc.add_argument("--model", required=True, help="a folder written by prunewise prune (weights, recipe, masks)")
+    rc.add_argument("--masks", default=None, help="the mask set to keep (default: the folder's masks.safetensors)")
+    rc.add_argument("--recover", required=True, help=PRUNE_FLAGS["--recover"][2])
+    rc.add_argument("--recover-data", dest="recover_data", default=None, help="recovery data (default: calibration)")
+    rc.add_argument("--recover-tokens", dest="recover_tokens", type=int, default=None, help="training tokens")
+    rc.add_argument("--recover-lr", dest="recover_lr", type=float, default=None, help="peak learning rate")
+    rc.add_argument("--eval", nargs="*", default=None, help="perplexity data before and after (default: the recipe's)")
+    rc.add_argument("--eval-tokens", type=int, default=None)
+    rc.add_argument("--output", required=True, help="folder for the recovered model")
+    rc.add_argument("--overwrite", action="store_true")
+    rc.add_argument("--no-progress", action="store_true")
+    rc.set_defaults(func=_cmd_recover)
+
     am = sub.add_parser("apply-masks", help="re-apply a saved mask set (masks.safetensors) to a model and save it")
     am.add_argument("--model", required=True, help="the model to mask (named, folder, id or .gguf)")
     am.add_argument("--masks", required=True, help="a pruned folder or its masks.safetensors")
@@ -323,6 +348,31 @@ def _cmd_parts(args) -> int:
     from .recipe import Recipe  # noqa: F401  (registers every part)
 
     print(listing())
+    return 0
+
+
+def _recovery_entries(text: str, args) -> list:
+    entries = [c for c in text.split(",") if c.strip()]
+    shared = {k: getattr(args, f"recover_{k}", None) for k in ("data", "tokens", "lr")}
+    if any(v is not None for v in shared.values()):
+        from .recipe import _choice
+
+        entries = [{**_choice(e, "recovery"), **{k: v for k, v in shared.items() if v is not None}} for e in entries]
+    return entries
+
+
+def _cmd_recover(args) -> int:
+    from .api import recover
+
+    report = recover(args.model, _recovery_entries(args.recover, args), args.output, args.masks, args.eval,
+                     args.eval_tokens, args.overwrite, progress=not args.no_progress)
+    for name, row in report["perplexity"].items():
+        print(f"{name}: one-shot {row['one_shot']:.2f} -> recovered {row['pruned']:.2f}")
+    for part in report["recovery"]["parts"]:
+        val = [h["val_loss"] for h in part["history"] if "val_loss" in h]
+        print(f"recovery {part['part']}: {part['tokens']:,} tokens, held-out loss {part['val_loss_before']:.3f} -> "
+              f"{val[-1]:.3f}, {part['seconds']:.0f} s")
+    print(f"saved: {args.output}")
     return 0
 
 

@@ -83,3 +83,65 @@ class LowRankSet:
         cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
         return {f"{folder}/adapter_config.json": json.dumps(cfg, indent=1, default=str),
                 f"{folder}/adapter_model.safetensors": weights}
+
+
+class MaskedLoRA:
+    """Trainable low-rank updates that keep a mask: ``y = W x + s ((B A) * keep) x`` (PERP's MaskLoRA).
+
+    ``keep`` is the linear's kept entries (all of them for a linear without a mask), so merging
+    (``W += s (B A) * keep``) leaves every pruned weight exactly zero. ``A`` starts as PEFT's
+    (Kaiming-uniform), ``B`` at zero: the model starts exactly where pruning left it.
+    """
+
+    def __init__(self, rank: int, alpha: float, seed: int = 0) -> None:
+        self.rank, self.scale, self.seed = rank, alpha / rank, seed
+        self.modules: dict[str, tuple[nn.Linear, torch.Tensor | None]] = {}
+        self.A: dict[str, nn.Parameter] = {}
+        self.B: dict[str, nn.Parameter] = {}
+        self._handles: list = []
+
+    def add(self, name: str, linear: nn.Linear, keep: torch.Tensor | None) -> None:
+        import math
+
+        gen = torch.Generator().manual_seed(self.seed + len(self.A))
+        bound = 1 / math.sqrt(linear.in_features)  # kaiming_uniform_(a=sqrt(5)) on (rank, in)
+        A = (torch.rand(self.rank, linear.in_features, generator=gen) * 2 - 1) * bound
+        self.A[name] = nn.Parameter(A.to(linear.weight.dtype))
+        self.B[name] = nn.Parameter(torch.zeros(linear.out_features, self.rank, dtype=linear.weight.dtype))
+        self.modules[name] = (linear, None if keep is None else keep.to(linear.weight.device))
+        A_, B_, s = self.A[name], self.B[name], self.scale
+
+        def hook(module, args, output, _keep=self.modules[name][1]):
+            delta = B_ @ A_
+            if _keep is not None:
+                delta = delta * _keep
+            return output + s * (args[0] @ delta.t().to(args[0].dtype)).to(output.dtype)
+
+        self._handles.append(linear.register_forward_hook(hook))
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        out = {f"{n}.lora_A": p for n, p in self.A.items()}
+        out.update({f"{n}.lora_B": p for n, p in self.B.items()})
+        return out
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the updates into the weights (pruned entries stay exactly zero) and remove the hooks."""
+        self.detach()
+        for name, (linear, keep) in self.modules.items():
+            delta = self.scale * (self.B[name] @ self.A[name]).to(linear.weight.dtype)
+            if keep is not None:
+                delta = delta * keep
+            linear.weight.add_(delta)
+
+    def as_lowrank(self) -> LowRankSet:
+        """The updates as a plain adapter (no mask: ``B A`` is dense), to save in PEFT's format unmerged."""
+        out = LowRankSet()
+        for name in self.modules:
+            out.factors[name] = (self.A[name].detach().clone(), (self.scale * self.B[name]).detach().clone())
+        return out

@@ -147,10 +147,21 @@ def _run(recipe, progress: bool) -> dict:
                      expected_bytes=int(stored_bytes(model) * 1.05) + (16 << 20))
     dense = evaluate_dense(model, tokenizer, recipe, tasks, progress)
     result = prune(recipe, model, tokenizer, progress)
+    one_shot = None
+    if recipe.recovery:  # perplexity of the one-shot prune, then recovery on the recovery data
+        from .recover import adapter_files, recover
+
+        one_shot = evaluate_pruned(result, recipe, [], progress)["perplexity"]
+        section = recover(result, recipe, progress)
+        result.files.update(adapter_files(section, next(result.model.parameters()).dtype))  # LoRA kept unmerged
+        result.report["recovery"] = section
     pruned = evaluate_pruned(result, recipe, tasks, progress)
     report = result.report
     report["perplexity"] = {n: {"dense": dense["perplexity"][n], "pruned": pruned["perplexity"][n]}
                             for n in recipe.evaluation}
+    if one_shot is not None:
+        for n in recipe.evaluation:
+            report["perplexity"][n]["one_shot"] = one_shot[n]
     if tasks:
         report["tasks"] = {"dense": dense["tasks"], "pruned": pruned["tasks"]}
     if recipe.completions:

@@ -1,2 +1,7 @@
-"""Recovery: training after pruning that keeps the masks (LoRA, distillation). The axis exists; its parts are
-issue 15's work, and ``prunewise parts`` lists it as empty until then."""
+"""Recovery: training after pruning that keeps the masks (mask-preserving LoRA, biases + norms, distillation).
+One file per part, registered here."""
+
+from . import distill, lora  # noqa: F401  (registration)
+from .base import Recovery, RecoveryConfig
+
+__all__ = ["Recovery", "RecoveryConfig"]

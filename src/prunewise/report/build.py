@@ -36,6 +36,20 @@ def run_sections(report: dict, plan: AllocationPlan | None) -> tuple[str, str, l
             f"{report['target_sparsity']:.4f}, achieved {report['achieved_sparsity']:.4f} "
             f"(of all parameters {report['sparsity_of_all_parameters']:.4f})")
     sections = []
+    if report.get("recovery"):
+        parts = report["recovery"]["parts"]
+        rows = [[n, f"{r['dense']:.2f}", f"{r['one_shot']:.2f}", f"{r['pruned']:.2f}",
+                 _fmt((r["one_shot"] - r["pruned"]) / (r["one_shot"] - r["dense"]) if r["one_shot"] != r["dense"]
+                      else None, ".0%")]
+                for n, r in report.get("perplexity", {}).items() if "one_shot" in r]
+        sections.append(("Recovery", [
+            ("text", "; ".join(f"{p['part']}: {p['tokens']:,} tokens in {p['steps']} steps, {p['trained_parameters']:,} "
+                               f"parameters trained, held-out loss {p['val_loss_before']:.3f} -> "
+                               f"{[h['val_loss'] for h in p['history'] if 'val_loss' in h][-1]:.3f}, "
+                               f"{p['seconds']:.0f} s" for p in parts) + ". Every pruned weight stayed zero."),
+            ("table", ["data", "dense", "one-shot", "recovered", "gap closed"], rows),
+            ("figure", "recovery_loss", figures.loss_curves(parts), "recovery: training and held-out loss per step"),
+        ]))
     if report.get("perplexity"):
         ppl = report["perplexity"]
         sections.append(("Perplexity", [

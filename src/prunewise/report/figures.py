@@ -244,3 +244,24 @@ def plans_heatmap(plans: list[tuple[str, dict]]) -> bytes:
         return buffer.getvalue()
     finally:
         plt.close(fig)
+
+
+def loss_curves(parts: list[dict]) -> bytes:
+    """Training loss per step and held-out loss at each evaluation, one colour per recovery part."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 3.0))
+    try:
+        for i, part in enumerate(parts):
+            color = _color(i, part["part"])
+            steps = [h["step"] for h in part["history"] if "loss" in h]
+            ax.plot(steps, [h["loss"] for h in part["history"] if "loss" in h], color=color, alpha=0.5, lw=1,
+                    label=f"{part['part']} train")
+            val = [(0, part["val_loss_before"])] + [(h["step"], h["val_loss"]) for h in part["history"] if "val_loss" in h]
+            ax.plot([s for s, _ in val], [v for _, v in val], "o-", color=color, lw=2, ms=3, label=f"{part['part']} held out")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+        ax.set_title("recovery: training and held-out loss", fontsize=9)
+        return figure_png(fig)
+    finally:
+        plt.close(fig)

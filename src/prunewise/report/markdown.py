@@ -65,9 +65,17 @@ def format_prune_report(report: dict, recipe) -> str:
     lines = [f"prunewise: {recipe.model} | {report['score']} + {report['allocation']} | {report['structure']} | "
              f"target {report['target_sparsity']:.4f}, achieved {report['achieved_sparsity']:.4f}"]
     if report.get("perplexity"):
-        lines.append(f"{'perplexity':<14}{'dense':>10}{'pruned':>10}{'ratio':>8}")
+        recovered = any("one_shot" in row for row in report["perplexity"].values())
+        lines.append(f"{'perplexity':<14}{'dense':>10}" + (f"{'one-shot':>10}{'recovered':>11}" if recovered else
+                                                            f"{'pruned':>10}") + f"{'ratio':>8}")
         for name, row in report["perplexity"].items():
-            lines.append(f"{name:<14}{row['dense']:>10.2f}{row['pruned']:>10.2f}{row['pruned'] / row['dense']:>7.2f}x")
+            mid = f"{row['one_shot']:>10.2f}{row['pruned']:>11.2f}" if recovered else f"{row['pruned']:>10.2f}"
+            lines.append(f"{name:<14}{row['dense']:>10.2f}{mid}{row['pruned'] / row['dense']:>7.2f}x")
+    for part in (report.get("recovery") or {}).get("parts", []):
+        val = [h["val_loss"] for h in part["history"] if "val_loss" in h]
+        lines.append(f"recovery {part['part']}: {part['tokens']:,} tokens, {part['steps']} steps, held-out loss "
+                     f"{part['val_loss_before']:.3f} -> {val[-1]:.3f}, {part['seconds']:.0f} s"
+                     + (f", adapter in {part['adapter']['folder']}/" if part.get("adapter") else ", merged"))
     t = report["timings"]
     lines.append(f"allocation {t.get('allocation_s', 0):.1f} s, pruning {t.get('prune_s', 0):.1f} s, "
                  f"peak RSS {report['peak_rss_mb']:.0f} MB")
