@@ -211,12 +211,19 @@ def run_cell(args, cell: str) -> dict:
             "module_sparsity": sorted({round(m["sparsity"], 6) for m in report["modules"].values()}), **saved}
 
 
+def _read_back(row: dict) -> str:
+    if "shards_opened" not in row:
+        return "-"
+    return (f"{row['shards_opened']}/{row['shards']} opened, {'complete' if row['index_complete'] else 'INCOMPLETE'}, "
+            f"{row['saved_modules']} modules at {', '.join(str(s) for s in row['saved_sparsity'])}")
+
+
 def write_table(results: dict, path: Path) -> str:
     lines = ["Random-weight Llama-shaped bf16 checkpoints, Wanda 50% on 4 x 128 wiki tokens, CPU (float32 compute). "
              "Random weights measure memory and time, not quality.", "",
              "| size | mode | checkpoint GB | peak RSS MB | baseline MB | (peak - baseline) / block | s / block | "
-             "read GB | written GB | output GB | sparsity per module |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "read GB | written GB | output GB | sparsity per module | read back: shards, index, saved sparsity |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     exact = [r for r in results["cells"].values() if "cell" in r]
     for row in results["cells"].values():
         if "cell" in row:
@@ -225,7 +232,7 @@ def write_table(results: dict, path: Path) -> str:
         lines.append(f"| {row['size']} | {row['mode']} | {gb(row['checkpoint_bytes'])} | {row['peak_rss_mb']:.0f} | "
                      f"{row['baseline_rss_mb']:.0f} | {row['peak_over_block']:.2f} | {row['s_per_block']:.2f} | "
                      f"{gb(row['bytes_read'])} | {gb(row['bytes_written'])} | {gb(row['output_bytes'])} | "
-                     f"{', '.join(str(s) for s in row['module_sparsity'])} |")
+                     f"{', '.join(str(s) for s in row['module_sparsity'])} | {_read_back(row)} |")
     if exact:
         lines += ["", "qwen2.5-coder-0.5b (float32), 4 x 128 wiki tokens: in memory vs streamed from disk.", "",
                   "| cell | tensors | bit-identical | in memory s | streamed s | note |", "|---|---|---|---|---|---|"]
