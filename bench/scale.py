@@ -221,7 +221,7 @@ def _read_back(row: dict) -> str:
 def write_table(results: dict, path: Path) -> str:
     lines = ["Random-weight Llama-shaped bf16 checkpoints, Wanda 50% on 4 x 128 wiki tokens, CPU (float32 compute). "
              "Random weights measure memory and time, not quality.", "",
-             "| size | mode | checkpoint GB | peak RSS MB | baseline MB | (peak - baseline) / block | s / block | "
+             "| size | mode | checkpoint GB | peak RSS MiB | baseline MiB | (peak - baseline) / block | s / block | "
              "read GB | written GB | output GB | sparsity per module | read back: shards, index, saved sparsity |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     exact = [r for r in results["cells"].values() if "cell" in r]
