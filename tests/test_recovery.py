@@ -213,3 +213,14 @@ def test_recover_command_trains_a_folder_pruned_earlier_and_refuses_a_mask_set_t
                 masks=str(tmp_path / "p24" / "masks.safetensors"), progress=False)
     assert "does not match" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_sweep_cell_with_recovery_reports_one_shot_and_recovered(tiny_folder, tmp_path):
+    from prunewise import sweep
+
+    base = make_recipe(**{**_base(tiny_folder, None), "output": None}, recovery=[f"lora:{REC}"])
+    summary = sweep.run_sweep(base, ["wanda"], [0.5], ["uniform"], tmp_path / "sweep", progress=False)
+    cell = summary["cells"][0]
+    assert cell["recovery"]["parts"][0]["steps"] == 16
+    name = tiny_folder["eval"]
+    assert cell["perplexity"][name] < cell["one_shot"][name]

@@ -107,6 +107,13 @@ def _run_cell(recipe: Recipe, progress: bool, model_dir: Path | None) -> dict:
             "achieved_sparsity": result.report["achieved_sparsity"], "timings": result.report["timings"],
             "peak_rss_mb": result.report["peak_rss_mb"], "plan": json.loads(result.plan.model_dump_json())}
     tasks = load_tasks(recipe.tasks, recipe.task_limit) if recipe.tasks else []
+    if recipe.recovery:  # the one-shot perplexity, then the recovery the recipe asks for
+        from .pipeline.recover import adapter_files, recover
+
+        cell["one_shot"] = evaluate_pruned(result, recipe, [], progress)["perplexity"]
+        section = recover(result, recipe, progress)
+        result.files.update(adapter_files(section, next(result.model.parameters()).dtype))
+        cell["recovery"] = section
     cell.update(evaluate_pruned(result, recipe, tasks, progress))
     if model_dir is not None:
         save_pruned(result.model, result.tokenizer, model_dir, {"recipe.yaml": recipe.to_yaml(), **result.files},
