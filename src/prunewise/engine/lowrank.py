@@ -10,8 +10,6 @@ saved sparse model.
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -64,7 +62,7 @@ class LowRankSet:
     def peft_files(self, folder: str, dtype: torch.dtype, base: str = "") -> dict[str, bytes | str]:
         """``{folder}/adapter_config.json`` and ``{folder}/adapter_model.safetensors`` of a PEFT LoRA adapter."""
         from peft import LoraConfig
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         ranks = {A.shape[0] for A, _ in self.factors.values()}
         r = max(ranks)
@@ -76,9 +74,7 @@ class LowRankSet:
         for name, (A, B) in self.factors.items():
             tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(dtype).contiguous()
             tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(dtype).contiguous()
-        with tempfile.TemporaryDirectory() as tmp:
-            save_file(tensors, str(Path(tmp) / "adapter_model.safetensors"), metadata={"format": "pt"})
-            weights = (Path(tmp) / "adapter_model.safetensors").read_bytes()
+        weights = save(tensors, metadata={"format": "pt"})
         cfg = config.to_dict()
         cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
         return {f"{folder}/adapter_config.json": json.dumps(cfg, indent=1, default=str),

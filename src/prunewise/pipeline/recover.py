@@ -25,7 +25,7 @@ def checkpoint_folder(output: str | None) -> Path | None:
     return out.parent / f".{out.name}.recovery"
 
 
-def _pruned_linears(model, recipe, masks) -> tuple[dict, dict]:
+def _pruned_linears(model, masks) -> tuple[dict, dict]:
     """The linears recovery trains (those the prune targeted, as they are now) and their masks."""
     from ..models.adapters import prunable_weights
 
@@ -51,7 +51,7 @@ def recover(result, recipe, progress: bool = True) -> dict:
     if not parts:
         return {}
     model, tok = result.model, result.tokenizer
-    linears, mask_of = _pruned_linears(model, recipe, result.masks)
+    linears, mask_of = _pruned_linears(model, result.masks)
     for name, mask in mask_of.items():
         if bool(linears[name].weight.detach()[mask.to(linears[name].weight.device)].ne(0).any()):
             raise PrunewiseError(f"{name} has non-zero weights where its mask says pruned; the mask set does not "
