@@ -30,6 +30,8 @@ PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
                                         "search (evolutionary, KL to the dense model on the calibration data)"),
     "--search-generations": ("search_generations", int, "search allocation: generations (default 150)"),
     "--search-time-limit": ("search_time_limit", float, "search allocation: seconds for the generation loop (default 900)"),
+    "--search-actors": ("search_actors", int, "search allocation with --ray: Ray actors scoring offspring "
+                                              "(default: as many as the cluster's CPUs hold, at most the offspring)"),
     "--plan": ("plan", str, "reuse an allocation plan (plan.json) instead of allocating"),
     "--owl-m": ("owl_m", float, "OWL outlier threshold M (times the mean score)"),
     "--owl-lambda": ("owl_lambda", float, "OWL spread lambda around the target"),
@@ -48,6 +50,8 @@ PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
                                   "model in memory | auto (disk when it would not fit, default) | none"),
     "--dtype": ("dtype", str, "storage dtype, loaded and saved: auto (the checkpoint's; named models float32) | "
                               "float32 | bfloat16 | float16 (on a CPU, blocks compute in float32)"),
+    "--num-cpus": ("num_cpus", float, "with --ray: CPUs per sweep cell or search actor (default 1)"),
+    "--num-gpus": ("num_gpus", float, "with --ray: GPUs per sweep cell or search actor (default 0)"),
     "--targets": ("targets", str, "regex of module names to prune"),
     "--ignore": ("ignore", str, "regex of module names never pruned"),
     "--eval-tokens": ("eval_tokens", int, "evaluation tokens per corpus"),
@@ -89,6 +93,8 @@ def _recipe_from_args(args, **extra):
     elif any(getattr(args, f"recover_{k}", None) is not None for k in ("data", "tokens", "lr")):
         raise PrunewiseError("--recover-data/--recover-tokens/--recover-lr set a recovery part's options; "
                              "name the part with --recover lora or --recover distill")
+    if getattr(args, "ray", None):
+        fields["ray"] = args.ray
     for flag in ("overwrite", "rowwise", "bias_compensation"):
         if getattr(args, flag, None):
             fields[flag] = True
@@ -127,6 +133,10 @@ def _cmd_sweep(args) -> int:
                         progress=not args.no_progress,
                         on_cell=lambda name, status: print(f"sweep: {name}: {status}", flush=True))
     print(f"sweep: {len(summary['cells'])}/{summary['grid_size']} cells; report: {args.output}/report.html")
+    if summary.get("failed"):
+        print(f"prunewise: {len(summary['failed'])} cell(s) failed (errors in {args.output}/cells/*.failed.json); "
+              "rerun the same command to retry them", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -268,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-compensation", action="store_true", default=None,
                    help="structured: fold the removed units' mean contribution into output biases (FLAP)")
     p.add_argument("--no-progress", action="store_true")
+    _ray_flag(p, "allocation search scores each generation's offspring on Ray actors")
     _task_flags(p)
     p.set_defaults(func=_cmd_prune)
 
@@ -283,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_flag_help("allocation", "allocations of the grid"))
     w.add_argument("--eval", nargs="*", default=None, help="perplexity data (default wiki-test)")
     w.add_argument("--save-models", action="store_true", help="also save every pruned model under OUTPUT/models/")
+    _ray_flag(w, "every cell a Ray task, retried if its worker dies")
     w.add_argument("--rowwise", action="store_true", default=None)
     w.add_argument("--no-progress", action="store_true")
     _task_flags(w)
@@ -391,6 +403,13 @@ def _cmd_apply_masks(args) -> int:
     print(f"saved: {args.output} ({masks.removed():,} masked weights" +
           (f", {len(masks.units)} blocks sliced" if masks.units else "") + ")")
     return 0
+
+
+def _ray_flag(parser, what: str) -> None:
+    parser.add_argument("--ray", nargs="?", const="default", default=None, metavar="ADDRESS",
+                        help=f"run on Ray ({what}): alone, the cluster RAY_ADDRESS names or else a local instance on "
+                             "this machine's cores; local (always a new local instance), auto (the cluster `ray start` "
+                             "runs here) or an address (ray://HEAD:10001); needs pip install 'prunewise[ray]'")
 
 
 def _interrupt(signum, frame):

@@ -35,6 +35,7 @@ LEGACY_FIELDS = {
     "search_generations": ("allocation", "generations"), "search_offspring": ("allocation", "offspring"),
     "search_time_limit": ("allocation", "time_limit"), "search_nsamples": ("allocation", "search_nsamples"),
     "search_seqlen": ("allocation", "search_seqlen"), "search_cache_mb": ("allocation", "cache_mb"),
+    "search_actors": ("allocation", "actors"),
     "rowwise": ("allocation", "rowwise"), "damp": ("score+obs", "damp"), "blocksize": ("obs", "blocksize"),
     "bias_compensation": ("bias", None),
 }
@@ -170,6 +171,12 @@ class Recipe(BaseModel):
                             "shards; auto: disk when the model would not fit in the available memory; none: in memory")
     dtype: str = Field("auto", description="dtype the model is loaded, stored and saved in: auto (the checkpoint's own; "
                                            "the named offline models float32) | float32 | bfloat16 | float16")
+    ray: str | None = Field(None, description="run on Ray: local (a Ray instance on this machine's cores), auto (the "
+                                              "cluster RAY_ADDRESS names or that `ray start` runs here) or an address "
+                                              "such as ray://head:10001; sweeps run cells as tasks, search scores "
+                                              "offspring on actors")
+    num_cpus: float = Field(1.0, gt=0, description="Ray: CPUs reserved per sweep cell or search actor (its torch threads)")
+    num_gpus: float = Field(0.0, ge=0, description="Ray: GPUs reserved per sweep cell or search actor")
     targets: str = Field(r".*", description="regex a module name must match to be pruned")
     ignore: str | None = Field(None, description="regex of module names never pruned")
     evaluation: list[str] = Field(default_factory=lambda: ["wiki-test"])

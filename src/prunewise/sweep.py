@@ -21,6 +21,7 @@ import os
 import time
 from pathlib import Path
 
+from .core.cluster import MAX_RETRIES, connect, error_line
 from .errors import PrunewiseError
 from .recipe import Recipe, make_recipe
 
@@ -52,8 +53,8 @@ def cell_name(score: str, allocation: str, sparsity: float) -> str:
 
 def _fingerprint(recipe: Recipe) -> str:
     fields = recipe.model_dump()
-    fields.pop("output", None)
-    fields.pop("overwrite", None)
+    for name in ("output", "overwrite", "ray", "num_cpus", "num_gpus"):  # where a cell runs does not change it
+        fields.pop(name, None)
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -62,7 +63,10 @@ def grid_recipes(base: Recipe, scores: list[str], sparsities: list[float], alloc
     if not scores or not sparsities or not allocations:
         raise PrunewiseError("a sweep needs at least one score, one sparsity and one allocation")
     fields = base.model_dump()
-    fields.update(output=None, overwrite=False, plan=None)
+    fields.update(output=None, overwrite=False, plan=None, ray=None)
+    implied = make_recipe(score=base.score).compensation  # what the base's score brings by itself (obs for sparsegpt)
+    if [c["name"] for c in base.compensation] == [c["name"] for c in implied]:
+        fields.pop("compensation")  # each cell's score brings its own (wanda none, sparsegpt obs)
     cells = {}
     for score in scores:
         for allocation in allocations:
@@ -72,25 +76,61 @@ def grid_recipes(base: Recipe, scores: list[str], sparsities: list[float], alloc
     return cells
 
 
-def _dense(base: Recipe, out: Path, progress: bool) -> dict:
-    """The dense model's evaluation, once per sweep folder (and its task scores cached across folders)."""
+def _dense_key(base: Recipe) -> dict:
+    return {"model": base.model, "dtype": base.dtype, "evaluation": base.evaluation, "eval_tokens": base.eval_tokens,
+            "eval_seqlen": base.eval_seqlen, "tasks": base.tasks, "task_limit": base.task_limit,
+            "completions": base.completions}
+
+
+def _dense_data(base: Recipe, progress: bool) -> dict:
+    """The dense model's evaluation (in this process, or a Ray worker's)."""
     from .models.loading import load_model
     from .pipeline.run import evaluate_dense
     from .tasks.suite import load_tasks
 
-    path = out / "dense.json"
-    key = {"model": base.model, "dtype": base.dtype, "evaluation": base.evaluation, "eval_tokens": base.eval_tokens,
-           "eval_seqlen": base.eval_seqlen, "tasks": base.tasks, "task_limit": base.task_limit,
-           "completions": base.completions}
-    if path.exists():
-        data = json.loads(path.read_text())
-        if data.get("key") == key:
-            return data
     model, tokenizer = load_model(base.model, base.dtype)
     tasks = load_tasks(base.tasks, base.task_limit) if base.tasks else []
-    data = {"key": key, **evaluate_dense(model, tokenizer, base, tasks, progress)}
-    _write_json(path, data)
-    return data
+    return {"key": _dense_key(base), **evaluate_dense(model, tokenizer, base, tasks, progress)}
+
+
+def _dense(base: Recipe, out: Path, progress: bool, ray=None):
+    """The dense model's evaluation, once per sweep folder (and its task scores cached across folders). On Ray
+    it is a task: returns a callable that waits for it, so the cells start meanwhile."""
+    path = out / "dense.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        if data.get("key") == _dense_key(base):
+            return data
+    if ray is None:
+        data = _dense_data(base, progress)
+        _write_json(path, data)
+        return data
+    task = ray.remote(_dense_task).options(num_cpus=base.num_cpus, num_gpus=base.num_gpus, name="sweep_dense",
+                                           max_retries=MAX_RETRIES, retry_exceptions=False)
+    ref = task.remote(base)
+
+    def wait() -> dict:
+        try:
+            data = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            raise PrunewiseError(f"the dense evaluation failed on Ray: {error_line(exc)}") from None
+        _write_json(path, data)
+        return data
+
+    return wait
+
+
+def _threads(recipe: Recipe) -> None:
+    """On a Ray worker: torch threads as the task's reserved CPUs."""
+    import torch
+
+    torch.set_num_threads(max(1, int(recipe.num_cpus)))
+
+
+def _dense_task(base: Recipe) -> dict:
+    """A Ray task: the dense evaluation."""
+    _threads(base)
+    return _dense_data(base, False)
 
 
 def _run_cell(recipe: Recipe, progress: bool, model_dir: Path | None) -> dict:
@@ -131,7 +171,11 @@ def write_sweep_report(out: Path, sweep: dict) -> None:
 
 def run_sweep(base: Recipe, scores: list[str], sparsities: list[float], allocations: list[str], output: str | Path,
               save_models: bool = False, progress: bool = True, on_cell=None) -> dict:
-    """Run (or finish) the grid into ``output``; returns the sweep summary. ``on_cell(name, status)`` reports."""
+    """Run (or finish) the grid into ``output``; returns the sweep summary. ``on_cell(name, status)`` reports.
+
+    With ``base.ray`` every missing cell is a Ray task (``base.num_cpus``/``num_gpus`` each), retried when its
+    worker dies; this process writes each cell as it comes back, so workers need no shared filesystem.
+    """
     from .pipeline.run import check_data
 
     out = Path(output).expanduser()
@@ -139,9 +183,12 @@ def run_sweep(base: Recipe, scores: list[str], sparsities: list[float], allocati
     check_data(base)  # refuse overlapping data before any work
     if out.exists() and not out.is_dir():
         raise PrunewiseError(f"sweep output {out} is not a folder; choose another --output")
+    ray = connect(base.ray) if base.ray else None
     out.mkdir(parents=True, exist_ok=True)
-    dense = _dense(base, out, progress)
-    done = {}
+    dense = _dense(base, out, progress, ray)
+    done: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    todo: dict[str, Recipe] = {}
     for name, recipe in cells.items():
         path = out / "cells" / f"{name}.json"
         if path.exists():
@@ -152,26 +199,114 @@ def run_sweep(base: Recipe, scores: list[str], sparsities: list[float], allocati
                     on_cell(name, "done before")
                 continue
             logger.warning("cell %s was computed with another recipe; recomputing it", name)
-        if on_cell:
-            on_cell(name, "running")
-        cell = _run_cell(recipe, progress, out / "models" / name if save_models else None)
-        _write_json(path, cell)
+        todo[name] = recipe
+
+    def summary() -> dict:
+        return _summary(base, scores, sparsities, allocations, dense, [done[n] for n in cells if n in done], failed)
+
+    def finished(name: str, cell: dict, files: dict | None = None) -> None:
+        if files:
+            _write_model(out / "models" / name, files)
+        _write_json(out / "cells" / f"{name}.json", cell)
+        (out / "cells" / f"{name}.failed.json").unlink(missing_ok=True)
         done[name] = cell
-        summary = _summary(base, scores, sparsities, allocations, dense, done)
-        write_sweep_report(out, summary)  # a partial report after every cell
+        write_sweep_report(out, summary())  # a partial report after every cell
         if on_cell:
             on_cell(name, f"finished in {cell['seconds']:.0f} s")
-    summary = _summary(base, scores, sparsities, allocations, dense, done)
-    _write_json(out / "sweep.json", {k: v for k, v in summary.items() if k != "cells"} |
-                {"cells": [{k: v for k, v in c.items() if k != "plan"} for c in summary["cells"]]})
-    write_sweep_report(out, summary)
-    return summary
+
+    def fail(name: str, error: str) -> None:
+        failed[name] = error
+        _write_json(out / "cells" / f"{name}.failed.json", {"cell": name, "error": error})
+        if on_cell:
+            on_cell(name, f"failed: {error}")
+
+    if ray is not None:
+        pending = _submit(ray, todo, save_models, on_cell)
+        if callable(dense):  # the dense evaluation ran beside the first cells
+            dense = dense()
+        _collect(ray, pending, progress, finished, fail)
+    else:
+        for name, recipe in todo.items():
+            if on_cell:
+                on_cell(name, "running")
+            cell = _run_cell(recipe, progress, out / "models" / name if save_models else None)
+            finished(name, cell)
+    result = summary()
+    _write_json(out / "sweep.json", {k: v for k, v in result.items() if k != "cells"} |
+                {"cells": [{k: v for k, v in c.items() if k != "plan"} for c in result["cells"]]})
+    write_sweep_report(out, result)
+    return result
 
 
-def _summary(base, scores, sparsities, allocations, dense, done) -> dict:
+def sweep_cell(recipe: Recipe, save_models: bool) -> dict:
+    """A Ray task: one cell, and the saved model's files as bytes (the driver writes them)."""
+    import tempfile
+
+    _threads(recipe)
+    with tempfile.TemporaryDirectory(prefix="prunewise-cell-") as tmp:
+        folder = Path(tmp) / "model" if save_models else None
+        cell = _run_cell(recipe, False, folder)
+        files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} \
+            if folder is not None else {}
+    return {"cell": cell, "files": files}
+
+
+def _submit(ray, todo: dict[str, Recipe], save_models: bool, on_cell) -> dict:
+    """Every missing cell a Ray task (its recipe's num_cpus/num_gpus), run again if its worker dies."""
+    task = ray.remote(sweep_cell)
+    pending = {}
+    for name, recipe in todo.items():
+        ref = task.options(num_cpus=recipe.num_cpus, num_gpus=recipe.num_gpus, max_retries=MAX_RETRIES,
+                           retry_exceptions=False, name=f"sweep_cell:{name}").remote(recipe, save_models)
+        pending[ref] = name
+        if on_cell:
+            on_cell(name, "submitted")
+    return pending
+
+
+def _collect(ray, pending: dict, progress: bool, finished, fail) -> None:
+    """Write each cell as it returns; Ctrl-C cancels the running ones (finished cells stay)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(pending), desc="sweep on ray", unit="cell", disable=not progress)
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                name = pending[ref]
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as exc:  # the cell raised, or its worker died more than MAX_RETRIES times
+                    del pending[ref]
+                    fail(name, error_line(exc))
+                else:
+                    del pending[ref]
+                    finished(name, result["cell"], result["files"])
+                bar.update(1)
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        bar.close()
+
+
+def _write_model(folder: Path, files: dict[str, bytes]) -> None:
+    """A cell's saved model, written beside and renamed into place (never a half-written folder)."""
+    import shutil
+
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _write_files(tmp, files)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def _summary(base, scores, sparsities, allocations, dense, cells: list[dict], failed: dict[str, str]) -> dict:
     calibration = base.calibration if isinstance(base.calibration, str) else \
         ",".join(f"{m.source}:{m.weight:g}" for m in base.calibration)
     return {"model": base.model, "structure": base.structure_obj.name, "calibration": calibration,
             "grid": {"score": list(scores), "sparsity": list(sparsities), "allocation": list(allocations)},
             "grid_size": len(scores) * len(sparsities) * len(allocations),
-            "dense": dense, "cells": list(done.values())}
+            "dense": dense, "cells": cells, **({"failed": dict(failed)} if failed else {})}

@@ -37,6 +37,7 @@ class AllocationContext:
     draw: Callable[[int, int, int], torch.Tensor] | None = None  # (nsamples, seqlen, seed) -> windows of its own
     engine: Callable | None = None                  # (windows, desc, sequential) -> a SequentialEngine
     fingerprint: Callable[[], str | None] | None = None  # the model weights' fingerprint (cache key)
+    remote: dict | None = None  # Ray: {address, num_cpus, num_gpus, build: () -> (dense model, pruner, structure)}
 
     def own_windows(self, n: int, length: int, seed_offset: int = 0, what: str = "allocation") -> torch.Tensor:
         """Windows an allocation measures on: drawn apart (mixtures are concatenated by source), else the first

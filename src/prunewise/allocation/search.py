@@ -174,6 +174,82 @@ class ConfigEvaluator:
         return parent_fit, out
 
 
+class SearchReplica:
+    """A Ray actor of the search: its own dense model (loaded as the driver loaded it, checked by fingerprint),
+    dense pass, variant cache and evaluator. It scores what the driver sends; the driver keeps the selection."""
+
+    def __init__(self, build, windows: torch.Tensor, modules: list[str], numels: dict[str, int], cache_mb: float,
+                 threads: int, fingerprint: str | None) -> None:
+        from .profile import weights_fingerprint
+
+        torch.set_num_threads(max(1, threads))
+        model, score, structure = build()
+        if fingerprint is not None and weights_fingerprint(model) != fingerprint:
+            raise PrunewiseError("a Ray search actor loaded other weights than the driver's model; the recipe's model "
+                                 "must name the same checkpoint on every node (same path or hub revision)")
+        profiler = Profiler(model, windows, score, structure, {m: [m] for m in modules}, progress=False,
+                            max_dense_mb=float("inf"))
+        profiler.prepare()
+        dense = {m: profiler.linears[m].weight.data.clone() for m in modules}
+        self.cache = VariantCache(score, structure, dense, profiler.stats, numels, cache_mb)
+        self.evaluator = ConfigEvaluator(profiler, modules, self.cache)
+
+    def score(self, parent: tuple[int, ...], candidates: list[tuple[int, ...]], idx: list[int]) -> list[float]:
+        return self.evaluator.score(parent, candidates, idx)[1]
+
+    def counters(self) -> dict:
+        return {"forwards": self.evaluator.forwards, "tokens": self.evaluator.tokens,
+                "variants_pruned": self.cache.pruned, "pruning_s": self.cache.seconds}
+
+
+class ReplicaPool:
+    """Search replicas on Ray: each stage's candidates split in contiguous shares, one per actor, fitness in order."""
+
+    def __init__(self, remote: dict, windows: torch.Tensor, modules: list[str], numels: dict[str, int],
+                 cache_mb: float, actors: int | None, offspring: int, fingerprint: str | None) -> None:
+        from ..core.cluster import MAX_RETRIES, cluster_cpus, connect, error_line
+
+        self.ray = ray = connect(remote["address"])
+        self.error_line = error_line
+        if not actors:
+            actors = max(1, min(offspring, int(cluster_cpus() // max(remote["num_cpus"], 1e-9))))
+        cls = ray.remote(SearchReplica).options(num_cpus=remote["num_cpus"], num_gpus=remote["num_gpus"],
+                                                max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
+        self.actors = [cls.remote(remote["build"], windows, modules, numels, cache_mb, int(remote["num_cpus"]),
+                                  fingerprint) for _ in range(actors)]
+        self._get([a.counters.remote() for a in self.actors])  # construction errors surface here, before the loop
+        log.info("search: %d Ray actors ready", actors)
+
+    def _get(self, refs):
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayError as exc:
+            self.close()
+            raise PrunewiseError(f"a Ray search actor failed: {self.error_line(exc)}") from None
+
+    def score(self, parent: tuple[int, ...], candidates: list[tuple[int, ...]], idx: list[int]) -> list[float]:
+        k = min(len(self.actors), len(candidates))
+        share, extra = divmod(len(candidates), k)
+        refs, start = [], 0
+        for j in range(k):
+            end = start + share + (j < extra)
+            refs.append(self.actors[j].score.remote(parent, candidates[start:end], idx))
+            start = end
+        return [f for part in self._get(refs) for f in part]
+
+    def counters(self) -> dict:
+        totals: dict = {}
+        for c in self._get([a.counters.remote() for a in self.actors]):
+            for k, v in c.items():
+                totals[k] = totals.get(k, 0) + v
+        return totals
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors = []
+
+
 def _mutate(parent: tuple[int, ...], lo: list[int], hi: list[int], rng: random.Random) -> tuple[int, ...]:
     child = list(parent)
     flips = min(rng.randint(1, 3), rng.randint(1, 3))  # biased to few flips, as EvoPress
@@ -194,7 +270,7 @@ def _mutate(parent: tuple[int, ...], lo: list[int], hi: list[int], rng: random.R
 @torch.no_grad()
 def search_allocation(model: nn.Module, windows: torch.Tensor, score, structure, numels: dict[str, int],
                       starts: dict[str, AllocationPlan], config: SearchConfig | None = None,
-                      progress: bool = True) -> AllocationPlan:
+                      progress: bool = True, replicas: ReplicaPool | None = None) -> AllocationPlan:
     """Evolutionary search for per-module sparsities meeting the starts' (shared, exact) budget.
 
     ``starts`` are plans over the same modules with the same total removed weights (uniform, OWL,
@@ -279,7 +355,10 @@ def search_allocation(model: nn.Module, windows: torch.Tensor, score, structure,
                 if stage == n_stages - 1 and parent not in pool:  # elitist: the parent competes in the last stage
                     pool = pool + [parent]
                 idx = rng.sample(range(n_windows), n_win)
-                _, fits = evaluator.score(to_counts(parent), [to_counts(c) for c in pool], idx)
+                if replicas is not None:
+                    fits = replicas.score(to_counts(parent), [to_counts(c) for c in pool], idx)
+                else:
+                    _, fits = evaluator.score(to_counts(parent), [to_counts(c) for c in pool], idx)
                 order = sorted(range(len(pool)), key=lambda j: fits[j])[:keep]
                 pool, fits = [pool[j] for j in order], [fits[j] for j in order]
             parent, fitness = pool[0], fits[0]
@@ -295,6 +374,7 @@ def search_allocation(model: nn.Module, windows: torch.Tensor, score, structure,
         for m in modules:
             profiler.linears[m].weight.data.copy_(dense[m])
     counts = to_counts(parent)
+    remote = replicas.counters() if replicas is not None else {}
     seconds = time.perf_counter() - t_start
     log.info("search: %d generations, tracking KL %.5f -> %.5f, %.0f s, %d variants pruned (%.0f s)",
              history[-1]["generation"], start_fit[best], final_track, seconds, cache.pruned, cache.seconds)
@@ -307,7 +387,10 @@ def search_allocation(model: nn.Module, windows: torch.Tensor, score, structure,
         layer_stats={"start": best, "start_fitness": start_fit, "final_tracking_fitness": final_track,
                      "history": history, "levels": dict(zip(modules, parent)),
                      "seconds": {"prepare": t_prep, "total": seconds, "pruning_variants": cache.seconds},
-                     "variants_pruned": cache.pruned, "forwards": evaluator.forwards, "tokens_scored": evaluator.tokens})
+                     "variants_pruned": cache.pruned + remote.get("variants_pruned", 0),
+                     "forwards": evaluator.forwards + remote.get("forwards", 0),
+                     "tokens_scored": evaluator.tokens + remote.get("tokens", 0),
+                     "ray_actors": len(replicas.actors) if replicas is not None else 0})
     return plan
 
 
@@ -320,6 +403,8 @@ class SearchOptions(ProfileConfig):
     cache_mb: float = Field(3072.0, gt=0, description="bound on cached pruned module variants")
     owl_m: float = Field(5.0, gt=0, description="the OWL starting plan's M")
     owl_lambda: float = Field(0.08, ge=0, lt=0.5, description="the OWL starting plan's lambda")
+    actors: int | None = Field(None, ge=1, description="with ray: actors scoring offspring (default: as many as the "
+                                                       "cluster's CPUs hold at num_cpus each, at most the offspring)")
 
 
 @register("allocation")
@@ -345,5 +430,13 @@ class Search(Profile):
                   "profile": profiled}
         config = SearchConfig(generations=c.generations, offspring=c.offspring, time_limit_s=c.time_limit,
                               cache_mb=c.cache_mb, seed=ctx.seed)
-        return search_allocation(ctx.model, search_windows, ctx.pruner, ctx.structure, ctx.numels, starts, config,
-                                 ctx.progress)
+        replicas = None
+        if ctx.remote is not None:
+            replicas = ReplicaPool(ctx.remote, search_windows, list(ctx.numels), ctx.numels, c.cache_mb, c.actors,
+                                   c.offspring, ctx.fingerprint() if ctx.fingerprint else None)
+        try:
+            return search_allocation(ctx.model, search_windows, ctx.pruner, ctx.structure, ctx.numels, starts, config,
+                                     ctx.progress, replicas)
+        finally:
+            if replicas is not None:
+                replicas.close()

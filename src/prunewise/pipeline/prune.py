@@ -8,6 +8,7 @@ a :class:`PruneResult` whose ``masks`` say exactly what was removed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import resource
@@ -88,10 +89,21 @@ def allocation_context(model, recipe, parts, numels, windows, progress: bool, to
         return SequentialEngine(model, adapter, win, recipe.chunk_size, progress, desc=desc, sequential=sequential,
                                 placement=placement, stream=stream)
 
+    remote = None
+    if recipe.ray:
+        remote = {"address": recipe.ray, "num_cpus": recipe.num_cpus, "num_gpus": recipe.num_gpus,
+                  "build": functools.partial(search_replica, recipe.model_copy(update={"ray": None}))}
     return AllocationContext(model=model, adapter=adapter, pruner=parts.pruner(adapter), structure=parts.structure,
                              numels=numels, target=float(recipe.sparsity), exact=bool(recipe.budget),
                              windows=windows, progress=progress, seed=recipe.seed, chunk_size=recipe.chunk_size,
-                             draw=draw, engine=engine, fingerprint=lambda: weights_fingerprint(model))
+                             draw=draw, engine=engine, fingerprint=lambda: weights_fingerprint(model), remote=remote)
+
+
+def search_replica(recipe):
+    """What a Ray search actor holds: the dense model loaded as the driver loads it, the pruner and the structure."""
+    model, _ = load_model(recipe.model, recipe.dtype)
+    parts = recipe.parts()
+    return model, parts.pruner(get_adapter(model)), parts.structure
 
 
 def build_plan(model, recipe, numels, windows, progress: bool, files: dict | None = None,
@@ -115,6 +127,10 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
     With ``stream`` (``pipeline/streamed.py``) the model is on the meta device: every walk reads blocks
     from the checkpoint and the pruning walk writes them to the stream's output shards.
     """
+    if recipe.ray and (recipe.plan or recipe.allocation["name"] != "search"):
+        raise PrunewiseError(f"--ray distributes sweeps (prunewise sweep --ray) and the allocation search; this prune "
+                             f"(allocation {recipe.allocation['name']}{', a saved plan' if recipe.plan else ''}) has "
+                             "nothing to distribute: drop --ray, or use --allocation search")
     if model is None:
         if recipe.offload == "disk" and stream is None:
             raise PrunewiseError("--offload disk writes the pruned model as it goes: use run() (prunewise prune "

@@ -99,6 +99,8 @@ def sweep_sections(sweep: dict) -> tuple[str, str, list]:
     lead = (f"{len(cells)} of {sweep['grid_size']} cells: scores {', '.join(sweep['grid']['score'])}; sparsities "
             f"{', '.join(f'{s:g}' for s in sweep['grid']['sparsity'])}; allocations {', '.join(sweep['grid']['allocation'])}"
             f"; structure {sweep['structure']}; calibration {sweep['calibration']}.")
+    if sweep.get("failed"):
+        lead += " Failed (rerun the sweep to retry them): " + "; ".join(f"{k}: {v}" for k, v in sweep["failed"].items())
     header = ["method", "sparsity"] + [f"ppl {c}" for c in corpora]
     dense_row = ["dense", "0"] + [f"{dense['perplexity'][c]:.2f}" for c in corpora]
     if tasks:
