@@ -63,7 +63,7 @@ def test_a_sweep_on_ray_matches_the_single_process_sweep_and_survives_a_killed_w
         single = run_sweep(_base(tiny_folder), *grid, tmp_path / "single", progress=False)
     finally:
         torch.set_num_threads(threads)
-    (tmp_path / "ray").mkdir()  # the dense evaluation is keyed by its settings and reused (its Ray task: bench/ray.py)
+    (tmp_path / "ray").mkdir()  # the dense evaluation is keyed by its settings and reused (its Ray task: bench/cluster.py)
     (tmp_path / "ray" / "dense.json").write_bytes((tmp_path / "single" / "dense.json").read_bytes())
     killed: list = []
     stop = threading.Event()

@@ -9,8 +9,10 @@ sweep  8 cells (wanda and sparsegpt x 30/50/60/70%; calibration 8 x 256 wiki win
 search ``--allocation search`` for a few generations in one process and on 2 Ray actors: the same plan for the
        same seed? The search's wall-clock time beside each other.
 
-    python bench/ray.py                 # both parts; JSON and a table in bench/results/ray.{json,md}
-    python bench/ray.py --part search
+(Named cluster.py, not ray.py: a script named ray.py shadows the ray package in its own child processes.)
+
+    python bench/cluster.py                 # both parts; JSON and a table in bench/results/ray.{json,md}
+    python bench/cluster.py --part search
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def sweep_part(work: Path) -> dict:
 
 
 SEARCH = dict(model="smollm2-135m", calibration="wiki", nsamples=8, seqlen=256, allocation="search", sparsity=0.6,
-              search_generations=12, search_nsamples=16, search_seqlen=256, profile_nsamples=8, profile_seqlen=256)
+              search_generations=6, search_nsamples=16, search_seqlen=256, profile_nsamples=8, profile_seqlen=256)
 
 
 def _search_once(ray: str | None) -> None:
@@ -202,7 +204,7 @@ def main() -> None:
         return
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    results["command"] = "python bench/ray.py" + (f" --part {args.part}" if args.part != "both" else "")
+    results["command"] = "python bench/cluster.py" + (f" --part {args.part}" if args.part != "both" else "")
     if args.part in ("sweep", "both"):
         results["sweep"] = sweep_part(Path(args.work))
         out.write_text(json.dumps(results, indent=1))
