@@ -24,6 +24,7 @@ from _cells import window_bench_main  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EVAL = ["wiki-test", "code"]
+MIX = "code:0.5,wiki:0.5"
 BASES = {
     "wanda-50": {"score": "wanda", "sparsity": 0.5},
     "wanda-60": {"score": "wanda", "sparsity": 0.6},
@@ -36,6 +37,8 @@ BASES = {
                 "compensation": ["bias"]},
     "flap-50": {"score": "fluctuation", "structure": "width", "sparsity": 0.5, "allocation": "global",
                 "compensation": ["bias"]},
+    # the mixture point: calibrated on 50/50 code/wiki, recovered on the same mixture (the ``-mix`` recovery steps)
+    "sparsegpt-60-owl-mix": {"score": "sparsegpt", "sparsity": 0.6, "allocation": "owl", "calibration": MIX},
 }
 STEPS = {
     "none": [],
@@ -49,6 +52,8 @@ RECOVERY = {  # recovery steps: 65,536 tokens (128 x 512) of wiki, disjoint from
     "lora": [{"name": "lora", "data": "wiki", "tokens": 65536}],
     "distill": [{"name": "distill", "data": "wiki", "tokens": 65536}],
     "bias_norm": [{"name": "lora", "data": "wiki", "tokens": 65536, "params": "bias_norm"}],
+    "lora-mix": [{"name": "lora", "data": MIX, "tokens": 65536}],
+    "distill-mix": [{"name": "distill", "data": MIX, "tokens": 65536}],
 }
 DEFAULT = ["wanda-60/none", "wanda-60/dsnot", "wanda-70/none", "wanda-70/dsnot", "sparsegpt-60/none",
            "sparsegpt-60/dsnot", "wanda-60/dsnot-sign", "wanda-60/dsnot-mlp", "wanda-2of4/none", "wanda-2of4/dsnot",
@@ -79,7 +84,8 @@ def run_cell(args, cell: str) -> dict:
     if cell == "dense":
         return {"perplexity": evaluate(model, tok, EVAL, args.eval_tokens, 512, progress=False)}
     fields = recipe_fields(cell)
-    recipe = make_recipe(model="smollm2-135m", calibration="wiki", nsamples=args.nsamples, seqlen=args.seqlen,
+    calibration = fields.pop("calibration", "wiki")
+    recipe = make_recipe(model="smollm2-135m", calibration=calibration, nsamples=args.nsamples, seqlen=args.seqlen,
                          evaluation=EVAL, eval_tokens=args.eval_tokens, **fields)
     t0 = time.perf_counter()
     result = prune(recipe.model_copy(update={"recovery": []}), model, tok, progress=False)
