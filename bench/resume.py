@@ -50,9 +50,9 @@ def main() -> None:
     t0 = time.perf_counter()
     proc = subprocess.Popen(command(b), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     state = work / f".{b.name}.recovery"
-    while proc.poll() is None and not list(state.rglob("state.pt")):
+    while proc.poll() is None and not any(state.rglob("state.pt")):
         time.sleep(0.2)
-    checkpoint_seen = bool(list(state.rglob("state.pt")))
+    checkpoint_seen = proc.poll() is None  # it stopped waiting on the checkpoint, not on the run ending
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(5)
