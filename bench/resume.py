@@ -52,7 +52,7 @@ def main() -> None:
     state = work / f".{b.name}.recovery"
     while proc.poll() is None and not any(state.rglob("state.pt")):
         time.sleep(0.2)
-    checkpoint_seen = proc.poll() is None  # it stopped waiting on the checkpoint, not on the run ending
+    checkpoint_seen = any(state.rglob("state.pt"))
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(5)
