@@ -169,10 +169,45 @@ def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
-def test_load_model_dtype(tmp_path: Path) -> None:
-    _save_tiny_folder(tmp_path / "src", "qwen2")
-    model, _ = load_model(str(tmp_path / "src"), dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_load_model_dtype(tmp_path: Path, family: str) -> None:
+    """A float32 folder loaded as bf16 is read part by part (load_narrowed), with from_pretrained's exact tensors."""
+    from transformers import AutoModelForCausalLM
+
+    from prunewise.models import lazy
+
+    _save_tiny_folder(tmp_path / "src", family)
+    calls = []
+    original = lazy.load_narrowed
+    lazy.load_narrowed = lambda *a: calls.append(1) or original(*a)
+    try:
+        model, _ = load_model(str(tmp_path / "src"), dtype=torch.bfloat16)
+    finally:
+        lazy.load_narrowed = original
+    assert calls == [1]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and not model.training
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16)
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours)
+    tied = reference.get_output_embeddings().weight is reference.get_input_embeddings().weight
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_load_narrowed_declines_a_checkpoint_whose_names_differ(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from prunewise.models.lazy import load_narrowed
+
+    _save_tiny_folder(tmp_path / "src", "llama")
+    weights = tmp_path / "src" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.extra.weight"] = torch.zeros(2)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert load_narrowed(tmp_path / "src", torch.bfloat16) is None
 
 
 def test_folder_fingerprint_is_stable_and_tracks_content(tmp_path: Path) -> None:

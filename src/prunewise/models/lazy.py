@@ -130,3 +130,48 @@ def release(module: nn.Module) -> None:
 
 def parameter_names(module: nn.Module, prefix: str) -> list[str]:
     return [".".join(x for x in (prefix, n) if x) for n, _ in module.named_parameters(remove_duplicate=False)]
+
+
+def load_narrowed(folder: str | Path, dtype: torch.dtype) -> nn.Module | None:
+    """The checkpoint's CausalLM stored in ``dtype``, read one top-level part at a time (each block, the shell).
+
+    For a checkpoint wider than ``dtype`` (float32 weights loaded as bfloat16): ``from_pretrained``
+    maps whole files and keeps every page it has read resident until the end, so its peak holds the
+    wide checkpoint beside the narrow model (a float32 135M model loaded as bf16 peaks at about 1.6x
+    the fp32 model's size above the baseline). Here the peak is the narrow model plus one part read wide.
+    The values are the same: each tensor is cast once with ``Tensor.to``. Returns None (the caller uses
+    ``from_pretrained``) when the checkpoint's names are not exactly the model's, ties aside.
+    """
+    tensors = CheckpointTensors(folder)
+    model = empty_model(folder, dtype)
+    names = tensor_names(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False) and head is not None
+    wanted = {}
+    for full, p in model.named_parameters(remove_duplicate=False):
+        if tied and head is not None and full == f"{names[id(head)]}.weight" and full not in tensors:
+            continue  # tied to the input embedding: tied again below
+        wanted[full] = p
+    if set(wanted) != set(tensors.files):
+        return None
+    units: dict[str, list[str]] = {}  # a block (``model.layers.3``) or a module of the shell, read at once
+    for full in wanted:
+        parts = full.split(".")
+        cut = next((i + 1 for i, x in enumerate(parts[:-1]) if x.isdigit()), len(parts) - 1)
+        units.setdefault(".".join(parts[:cut]), []).append(full)
+    for group in units.values():
+        data = tensors.read(group)
+        for full in group:
+            owner_name, leaf = full.rsplit(".", 1)
+            owner = model.get_submodule(owner_name)
+            t = data.pop(full)
+            if tuple(t.shape) != tuple(owner._parameters[leaf].shape):
+                return None
+            owner._parameters[leaf] = nn.Parameter(t.to(dtype) if t.is_floating_point() else t,
+                                                   requires_grad=t.is_floating_point())
+            del t
+    if tied:
+        model.tie_weights()
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return None
+    return model.eval()

@@ -404,6 +404,11 @@ def checkpoint_dtype(folder: Path) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(text), torch.float32)
 
 
+def _narrows(stored: torch.dtype, wanted: torch.dtype) -> bool:
+    """Whether loading a checkpoint stored in ``stored`` as ``wanted`` halves (or more) its size."""
+    return torch.finfo(wanted).bits < torch.finfo(stored).bits
+
+
 def load_model(
     spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -418,9 +423,15 @@ def load_model(
     pickled = _refuse_pickle_only(folder)
     start = time.perf_counter()
     try:
-        # Remote code never runs unless the user's own folder ships it and they load it themselves.
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False,
-                                                     use_safetensors=not pickled)
+        model = None
+        if not pickled and _narrows(checkpoint_dtype(folder), dtype):
+            from .lazy import load_narrowed
+
+            model = load_narrowed(folder, dtype)  # None when its names are not the model's: from_pretrained below
+        if model is None:
+            # Remote code never runs unless the user's own folder ships it and they load it themselves.
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False,
+                                                         use_safetensors=not pickled)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:
         raise PrunewiseError(
