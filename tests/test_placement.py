@@ -46,6 +46,20 @@ def test_bf16_block_onloads_in_float32_and_offloads_what_was_computed():
     assert q.weight.abs().sum() > 0
 
 
+def test_embedding_table_stays_stored_and_only_its_rows_are_cast():
+    model = tiny_model().to(torch.bfloat16)
+    placement = Placement.of(model)
+    embed = model.model.embed_tokens
+    stored = embed.weight.data
+    saved = placement.onload(embed)
+    assert embed.weight.dtype == torch.bfloat16 and embed.weight.data_ptr() == stored.data_ptr()  # no float32 copy
+    ids = torch.randint(0, 256, (2, 8))
+    out = embed(ids)
+    assert out.dtype == torch.float32 and torch.equal(out, torch.nn.functional.embedding(ids, stored.float()))
+    placement.offload(embed, saved, write_back=False)
+    assert embed(ids).dtype == torch.bfloat16  # the cast is gone with the onload
+
+
 def test_capture_runs_no_block():
     model = tiny_model()
     adapter = get_adapter(model)

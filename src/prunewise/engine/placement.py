@@ -112,11 +112,18 @@ class Placement:
             return None
         saved = {}
         for sub in module.modules():
+            # A plain embedding table stays in its storage dtype: the rows it looks up are cast on the way out,
+            # which gives the same values as casting the whole table (a gather commutes with an elementwise cast)
+            # without a compute-dtype copy of the vocabulary (the largest tensor of a small model).
+            gather = type(sub) is nn.Embedding and sub.weight.is_floating_point() and sub.weight.dtype != self.compute
+            if gather:
+                saved[(id(sub), "h", "cast")] = sub.register_forward_hook(self._cast_output)
             for name, p in list(sub._parameters.items()):
                 if p is None:
                     continue
                 saved[(id(sub), "p", name)] = p.data if keep_stored else (p.dtype, p.device)
-                p.data = p.data.to(self.device, self.compute if p.is_floating_point() else p.dtype)
+                keep_dtype = gather or not p.is_floating_point()
+                p.data = p.data.to(self.device, p.dtype if keep_dtype else self.compute)
             for name, b in list(sub._buffers.items()):
                 if b is None or b.device == self.device:
                     continue
@@ -124,11 +131,17 @@ class Placement:
                 sub._buffers[name] = b.to(self.device)
         return saved
 
+    def _cast_output(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        return output.to(self.compute)
+
     def offload(self, module: nn.Module, saved: dict | None, write_back: bool) -> None:
         """Back to storage: the computed weights cast to the storage dtype (``write_back``), else the stored ones."""
         if saved is None:
             return
         for sub in module.modules():
+            hook = saved.get((id(sub), "h", "cast"))
+            if hook is not None:
+                hook.remove()
             for name, p in list(sub._parameters.items()):
                 key = (id(sub), "p", name)
                 if p is None or key not in saved:
