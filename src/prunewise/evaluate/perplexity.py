@@ -20,14 +20,15 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int | None =
     """exp(mean NLL) over all predicted tokens of ``windows`` (n, L)."""
     n, length = windows.shape
     vocab = model.config.get_text_config().vocab_size
-    if batch_size is None:  # keep the logits of one batch under ~400 MB
-        batch_size = max(1, int(1e8 // (length * vocab)))
+    if batch_size is None:  # keep the float32 logits of one batch under ~100 MB (a window at least)
+        batch_size = max(1, int(2.5e7 // (length * vocab)))
     nll, count = 0.0, 0
     for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
         ids = windows[start:start + batch_size]
         logits = model(input_ids=ids, use_cache=False).logits
-        targets = ids[:, 1:].reshape(-1).to(logits.device)  # logits come back from the compute device
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, reduction="sum")
-        nll += float(loss)
+        targets = ids[:, 1:].to(logits.device)  # logits come back from the compute device
+        for row in range(ids.shape[0]):  # a window's logits are a contiguous view: no copy of the batch's
+            nll += float(F.cross_entropy(logits[row, :-1].float(), targets[row], reduction="sum"))
         count += ids[:, 1:].numel()
+        del logits
     return math.exp(nll / count)
