@@ -42,6 +42,9 @@ def start(args, run_cell, settings_keys: tuple[str, ...]) -> dict | None:
 
     torch.manual_seed(0)
     if args._cell:
+        from prunewise.engine.streaming import return_freed_memory
+
+        return_freed_memory()  # as the command line does
         print(json.dumps(run_cell(args, args._cell)))
         return None
     settings = {k: getattr(args, k) for k in settings_keys}

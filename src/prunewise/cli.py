@@ -425,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, _interrupt)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
+    if argv is None:  # this process is ours: freed block-sized tensors go back to the system (no creeping peak)
+        from .engine.streaming import return_freed_memory
+
+        return_freed_memory()
     try:
         return args.func(args)
     except PrunewiseError as exc:

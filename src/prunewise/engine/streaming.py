@@ -29,7 +29,9 @@ def return_freed_memory() -> bool:
     A streamed run allocates and frees block-sized tensors from two threads; with glibc's default
     (a dynamic mmap threshold up to 32 MB, per-thread arenas) freed blocks stay in the heap and the
     resident size creeps up with every block (measured: 1.69 GB -> 1.08 GB peak on 8 blocks of a
-    1.5B-shaped model). Process-wide; a no-op where glibc is absent.
+    1.5B-shaped model; in memory, Wanda 50% on smollm2-135m stored in bf16 with 8 x 512 windows:
+    994 -> 619 MB above the baseline, evaluation included). Process-wide, so the command line sets it
+    (the process is its own), not the library; a no-op where glibc is absent.
     """
     import ctypes
     import ctypes.util
