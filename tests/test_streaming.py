@@ -106,3 +106,20 @@ def test_streaming_to_a_disk_too_small_fails_before_any_work(sharded, monkeypatc
     with pytest.raises(PrunewiseError, match="MB free"):
         run(_recipe(sharded, "disk", str(out), score="wanda"), progress=False)
     assert not out.exists() and not list(sharded["root"].glob(".out-small.*"))
+
+
+def test_shards_are_written_without_a_copy_and_read_back_exactly(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from prunewise.engine.streaming import write_safetensors
+
+    tensors = {"w": torch.randn(6, 10).to(torch.bfloat16), "b": torch.randn(7), "ids": torch.arange(5),
+               "mask": torch.rand(3, 4) > 0.5, "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
+               "strided": torch.randn(4, 4).half()[:, :2]}
+    write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "pt"})
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys()
+    assert all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype for k in tensors)
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}

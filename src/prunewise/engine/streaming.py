@@ -43,6 +43,44 @@ def return_freed_memory() -> bool:
         return False
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                       torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` as one safetensors file, each tensor's bytes straight from its memory.
+
+    ``safetensors.torch.save_file`` first copies every tensor into a ``bytes`` object, so writing a
+    block costs the block twice; here the file gets the header, then each tensor's buffer (little-endian
+    machines, as torch's CPU tensors are). The file is the format's: ``safe_open`` and ``from_pretrained`` read it.
+    """
+    import struct
+    import sys
+
+    if sys.byteorder != "little":
+        from safetensors.torch import save_file
+
+        save_file({n: t.detach().contiguous() for n, t in tensors.items()}, str(path), metadata=metadata)
+        return
+    header: dict = {"__metadata__": metadata}
+    flat, offset = [], 0
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        flat.append(t)
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for t in flat:
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 class ShardWriter:
     """Writes modules' tensors as safetensors shards (one per call) and, at the end, their index."""
 
@@ -53,12 +91,10 @@ class ShardWriter:
         self.total_size = 0
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
         if not tensors:
             return
         path = self.folder / f"part-{len(self.parts):05d}.safetensors"
-        save_file({n: t.detach().contiguous() for n, t in tensors.items()}, str(path), metadata={"format": "pt"})
+        write_safetensors(path, tensors, {"format": "pt"})
         self.parts.append((path, list(tensors)))
         self.total_size += sum(t.numel() * t.element_size() for t in tensors.values())
 
