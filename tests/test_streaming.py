@@ -123,3 +123,16 @@ def test_shards_are_written_without_a_copy_and_read_back_exactly(tmp_path):
     assert all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype for k in tensors)
     with safe_open(tmp_path / "x.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
+
+
+def test_checkpoint_reads_are_plain_reads_of_exact_tensors_and_a_truncated_shard_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.randn(5, 3).to(torch.bfloat16), "b": torch.arange(6, dtype=torch.int32), "c": torch.randn(4)}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    back = CheckpointTensors(tmp_path).read(["c", "a", "b"])
+    assert all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype for k in tensors)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-8])
+    with pytest.raises(PrunewiseError, match="truncated"):
+        CheckpointTensors(tmp_path).read(["c", "a", "b"])
