@@ -79,16 +79,18 @@ def run_missing(results: dict, out: Path, cells: list[str], script: str, args, k
 
 
 def window_bench_main(script: str, doc: str, default_out: Path, cells: list[str], run_cell, write_table, describe,
-                      nsamples: int = 64) -> None:
+                      nsamples: int = 64, extra_settings=None) -> None:
     """``main()`` of a perplexity benchmark: --cells (default ``cells``, after ``dense``), the window settings, one
-    process per missing cell, then the table."""
+    process per missing cell, then the table. ``extra_settings(ap)`` adds arguments and returns their keys (settings
+    too: results measured with other values are not kept)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cell_args(ap, default_out, f"cells to run (default dense and: {' '.join(cells)})")
     add_window_args(ap, nsamples=nsamples)
+    extra = tuple(extra_settings(ap)) if extra_settings else ()
     args = ap.parse_args()
-    keys = ("nsamples", "seqlen", "eval_tokens")
+    keys = ("nsamples", "seqlen", "eval_tokens") + extra
     results = start(args, run_cell, keys)
     if results is None:
         return

@@ -10,6 +10,7 @@ weights, the prune time and the time the compensation itself took. Results go to
 cell (a run resumes) and to a markdown table.
 
     python bench/recovery.py --cells wanda-60/none wanda-60/dsnot
+    python bench/recovery.py --out bench/results/recovery_mc.json --mc-limit 24 --cells wanda-50/lora flap-50/lora-wide
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ RECOVERY = {  # recovery steps: 65,536 tokens (128 x 512) of wiki, disjoint from
     "lora": [{"name": "lora", "data": "wiki", "tokens": 65536}],
     "distill": [{"name": "distill", "data": "wiki", "tokens": 65536}],
     "bias_norm": [{"name": "lora", "data": "wiki", "tokens": 65536, "params": "bias_norm"}],
+    # more to train for a heavily pruned (structured) model: rank 32, biases and norms too, peak lr 3e-3
+    "lora-wide": [{"name": "lora", "data": "wiki", "tokens": 65536, "params": "lora+bias_norm", "rank": 32, "lr": 3e-3}],
     "lora-mix": [{"name": "lora", "data": MIX, "tokens": 65536}],
     "distill-mix": [{"name": "distill", "data": MIX, "tokens": 65536}],
 }
@@ -75,6 +78,26 @@ def recipe_fields(cell: str) -> dict:
     return fields
 
 
+def mc(args, model, tok) -> dict:
+    """The default multiple-choice suite, each task cut to its first ``--mc-limit`` items (nothing when 0)."""
+    if not args.mc_limit:
+        return {}
+    from prunewise.tasks.suite import evaluate_tasks, load_tasks
+
+    results = evaluate_tasks(model, tok, load_tasks(None, args.mc_limit), progress=False)
+    return {"mc": {name: {k: r[k] for k in ("acc", "acc_norm", "chance", "n")} for name, r in results.items()}}
+
+
+def mc_retention(dense: dict | None, pruned: dict | None) -> tuple[float, float] | None:
+    """Mean accuracy over the suite's tasks, and the share of the dense model's mean above chance it keeps."""
+    if not dense or not pruned:
+        return None
+    chance = sum(d["chance"] for d in dense.values()) / len(dense)
+    acc_d = sum(d["acc"] for d in dense.values()) / len(dense)
+    acc_p = sum(pruned[n]["acc"] for n in dense) / len(dense)
+    return acc_p, (acc_p - chance) / (acc_d - chance)
+
+
 def run_cell(args, cell: str) -> dict:
     from prunewise.api import evaluate, prune
     from prunewise.models.loading import load_model
@@ -82,7 +105,7 @@ def run_cell(args, cell: str) -> dict:
 
     model, tok = load_model("smollm2-135m")
     if cell == "dense":
-        return {"perplexity": evaluate(model, tok, EVAL, args.eval_tokens, 512, progress=False)}
+        return {"perplexity": evaluate(model, tok, EVAL, args.eval_tokens, 512, progress=False), **mc(args, model, tok)}
     fields = recipe_fields(cell)
     calibration = fields.pop("calibration", "wiki")
     recipe = make_recipe(model="smollm2-135m", calibration=calibration, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -99,11 +122,13 @@ def run_cell(args, cell: str) -> dict:
         from prunewise.pipeline.recover import recover
 
         extra["one_shot"] = evaluate(result.model, tok, EVAL, args.eval_tokens, 512, progress=False)
+        extra["one_shot_mc"] = mc(args, result.model, tok).get("mc")
         section = recover(result, recipe, progress=False)
         for part in section["parts"]:
             part.pop("adapter", None)
         extra["recovery"] = section
     ppl = evaluate(result.model, tok, EVAL, args.eval_tokens, 512, progress=False)
+    extra.update(mc(args, result.model, tok))
     extra["zeros"] = measure_sparsity(result.model, names)["zeros"] if weight_level else None
     modules = result.report["modules"].values()
     return {"perplexity": ppl, "achieved_sparsity": result.report["achieved_sparsity"], "prune_s": seconds, **extra,
@@ -112,13 +137,24 @@ def run_cell(args, cell: str) -> dict:
             "timings": result.report["timings"], "recipe": json.loads(recipe.model_dump_json())}
 
 
+def _mc_columns(dense_mc: dict | None, row: dict) -> str:
+    after, before = mc_retention(dense_mc, row.get("mc")), mc_retention(dense_mc, row.get("one_shot_mc"))
+    if after is None:
+        return " - | - |"
+    accs = (f"{before[0]:.3f} ({before[1]:.0%}) -> " if before else "") + f"{after[0]:.3f}"
+    return f" {accs} | {after[1]:.0%} |"
+
+
 def write_table(results: dict, path: Path) -> str:
     s = results["settings"]
     dense = results["cells"].get("dense", {}).get("perplexity", {})
     lines = [f"smollm2-135m; calibration {s['nsamples']} x {s['seqlen']} wiki windows; perplexity on "
              f"{s['eval_tokens']} tokens of each corpus; dense " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()),
              "", "| cell | wiki-test | code | gap to dense closed (wiki-test) | sparsity | prune s | "
-             "compensation s | swaps | recovery s | zeros unchanged |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "compensation s | swaps | recovery s | zeros unchanged |" + (" MC acc (one-shot -> after) | MC retention |"
+                                                                       if s.get("mc_limit") else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if s.get("mc_limit") else "")]
+    dense_mc = results["cells"].get("dense", {}).get("mc")
     for name, row in results["cells"].items():
         if name == "dense":
             continue
@@ -133,15 +169,20 @@ def write_table(results: dict, path: Path) -> str:
         kept = "-" if row.get("zeros") is None else ("yes" if row["zeros"] == row["zeros_one_shot"] else "NO")
         lines.append(f"| {name} | {row['perplexity']['wiki-test']:.2f} | {row['perplexity']['code']:.2f} | {closed} | "
                      f"{row['achieved_sparsity']:.4f} | {row['prune_s']:.0f} | {comp} | {row.get('dsnot_swaps') or '-'} | "
-                     f"{rec_s} | {kept} |")
+                     f"{rec_s} | {kept} |" + (_mc_columns(dense_mc, row) if s.get("mc_limit") else ""))
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
 
 
 def main() -> None:
+    def mc_setting(ap):
+        ap.add_argument("--mc-limit", type=int, default=0,
+                        help="also the default multiple-choice suite, this many items per task (0: not run)")
+        return ("mc_limit",)
+
     window_bench_main(__file__, __doc__, HERE / "results" / "recovery.json", DEFAULT, run_cell, write_table,
-                      lambda row: f"ppl {row['perplexity']}", nsamples=32)
+                      lambda row: f"ppl {row['perplexity']}", nsamples=32, extra_settings=mc_setting)
 
 
 if __name__ == "__main__":
