@@ -256,3 +256,16 @@ def test_unknown_architecture_is_refused_with_the_supported_list():
         model_type = "bert"
     with pytest.raises(PrunewiseError, match="no architecture adapter for model_type 'bert'; supported: llama"):
         get_adapter(Cfg())
+
+
+def test_row_masks_in_bands_equal_one_sort_of_the_whole_matrix():
+    from prunewise.structures.masks import smallest_per_row
+
+    torch.manual_seed(0)
+    importance = torch.randn(4100, 1024)  # more than one band of rows
+    importance[:, :3] = 0.0  # ties: the stable order decides
+    counts = torch.randint(0, 1025, (4100,))
+    order = torch.argsort(importance, dim=1, stable=True)
+    expected = torch.zeros_like(importance, dtype=torch.bool).scatter_(
+        1, order, torch.arange(1024).expand(4100, 1024) < counts.unsqueeze(1))
+    assert torch.equal(smallest_per_row(importance, counts), expected)

@@ -39,10 +39,19 @@ def row_counts(rows: int, cols: int, sparsity: float | torch.Tensor) -> torch.Te
 def smallest_per_row(importance: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Mask of the ``counts[r]`` least important entries of each row ``r``."""
     rows, cols = importance.shape
-    order = torch.argsort(importance, dim=1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(cols, device=order.device).expand(rows, cols))
-    return rank < counts.unsqueeze(1).to(rank.device)
+    counts = counts.to(importance.device)
+    mask = torch.empty(rows, cols, dtype=torch.bool, device=importance.device)
+    positions = torch.arange(cols, device=importance.device)
+    # a band of rows at a time: the sort's int64 indices and ranks of a whole MLP matrix would be 4x its
+    # float32 scores (1.1 GB for a 13B model's), more than the block the engine holds
+    step = max(1, (1 << 21) // max(cols, 1))
+    for start in range(0, rows, step):
+        band = importance[start:start + step]
+        order = torch.argsort(band, dim=1, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, positions.expand(band.shape[0], cols))
+        mask[start:start + step] = rank < counts[start:start + step].unsqueeze(1)
+    return mask
 
 
 def smallest_overall(importance: torch.Tensor, count: int) -> torch.Tensor:
