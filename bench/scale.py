@@ -229,7 +229,8 @@ def write_table(results: dict, path: Path) -> str:
         if "cell" in row:
             continue
         gb = lambda b: f"{b / 1e9:.2f}" if b else "-"  # noqa: E731
-        lines.append(f"| {row['size']} | {row['mode']} | {gb(row['checkpoint_bytes'])} | {row['peak_rss_mb']:.0f} | "
+        size = row["size"] + (f" (code of {row['measured_at']})" if row.get("measured_at") else "")
+        lines.append(f"| {size} | {row['mode']} | {gb(row['checkpoint_bytes'])} | {row['peak_rss_mb']:.0f} | "
                      f"{row['baseline_rss_mb']:.0f} | {row['peak_over_block']:.2f} | {row['s_per_block']:.2f} | "
                      f"{gb(row['bytes_read'])} | {gb(row['bytes_written'])} | {gb(row['output_bytes'])} | "
                      f"{', '.join(str(s) for s in row['module_sparsity'])} | {_read_back(row)} |")
