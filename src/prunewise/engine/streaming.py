@@ -20,7 +20,16 @@ import torch
 from torch import nn
 
 from ..errors import PrunewiseError
-from ..models.lazy import INDEX, CheckpointTensors, checkpoint_name, materialize, parameter_names, release, tensor_names
+from ..models.lazy import (
+    INDEX,
+    SAFETENSORS_DTYPES,
+    CheckpointTensors,
+    checkpoint_name,
+    materialize,
+    parameter_names,
+    release,
+    tensor_names,
+)
 
 
 def return_freed_memory() -> bool:
@@ -43,9 +52,7 @@ def return_freed_memory() -> bool:
         return False
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                       torch.bool: "BOOL"}
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -16,12 +16,13 @@ from tqdm.auto import tqdm
 
 @torch.inference_mode()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int | None = None, progress: bool = True,
-               desc: str = "perplexity") -> float:
-    """exp(mean NLL) over all predicted tokens of ``windows`` (n, L)."""
+               desc: str = "perplexity", logit_budget: float = 2.5e7) -> float:
+    """exp(mean NLL) over all predicted tokens of ``windows`` (n, L); by default batches hold at most
+    ``logit_budget`` logits (float32: ~100 MB), one window at least."""
     n, length = windows.shape
     vocab = model.config.get_text_config().vocab_size
-    if batch_size is None:  # keep the float32 logits of one batch under ~100 MB (a window at least)
-        batch_size = max(1, int(2.5e7 // (length * vocab)))
+    if batch_size is None:
+        batch_size = max(1, int(logit_budget // (length * vocab)))
     nll, count = 0.0, 0
     for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
         ids = windows[start:start + batch_size]

@@ -73,7 +73,7 @@ class CheckpointTensors:
         return out
 
 
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64, "I64": torch.int64,
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64, "I64": torch.int64,
            "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
@@ -93,7 +93,7 @@ def _safetensors_header(f, path: Path) -> tuple[dict, int]:
 def _read_tensor(f, start: int, entry: dict, path: Path, name: str) -> torch.Tensor:
     import sys
 
-    dtype = _DTYPES.get(entry["dtype"])
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
     if dtype is None or sys.byteorder != "little":
         from safetensors import safe_open
 
@@ -184,11 +184,10 @@ def load_narrowed(folder: str | Path, dtype: torch.dtype) -> nn.Module | None:
     names = tensor_names(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False) and head is not None
-    wanted = {}
-    for full, p in model.named_parameters(remove_duplicate=False):
-        if tied and head is not None and full == f"{names[id(head)]}.weight" and full not in tensors:
-            continue  # tied to the input embedding: tied again below
-        wanted[full] = p
+    tied_head = f"{names[id(head)]}.weight" if tied else None
+    # every parameter but a tied head the checkpoint leaves out (tied again below)
+    wanted = [full for full, _ in model.named_parameters(remove_duplicate=False)
+              if not (full == tied_head and full not in tensors)]
     if set(wanted) != set(tensors.files):
         return None
     units: dict[str, list[str]] = {}  # a block (``model.layers.3``) or a module of the shell, read at once
@@ -206,7 +205,6 @@ def load_narrowed(folder: str | Path, dtype: torch.dtype) -> nn.Module | None:
                 return None
             owner._parameters[leaf] = nn.Parameter(t.to(dtype) if t.is_floating_point() else t,
                                                    requires_grad=t.is_floating_point())
-            del t
     if tied:
         model.tie_weights()
     if any(p.device.type == "meta" for p in model.parameters()):

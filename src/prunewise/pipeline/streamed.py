@@ -89,8 +89,8 @@ def streamed_perplexity(model, adapter, tensors: CheckpointTensors, dtype, recip
                 check_calibration_overlap(recipe.calibration, corpus)
                 windows = evaluation_windows(tokenizer, corpus, recipe.eval_seqlen, recipe.eval_tokens)
                 # every batch reads the whole model from disk: batches of ~400 MB of logits, not one window
-                batch = max(1, int(1e8 // (windows.shape[1] * model.config.get_text_config().vocab_size)))
-                out[name] = perplexity(model, windows, batch, progress=progress, desc=f"ppl {name} (streamed)")
+                out[name] = perplexity(model, windows, progress=progress, desc=f"ppl {name} (streamed)",
+                                       logit_budget=1e8)
     finally:
         stream.close()
     return out
