@@ -217,6 +217,30 @@ def test_saved_masks_reapplied_to_the_dense_model_reproduce_the_pruned_model(tin
         assert masks.removed() == sum(int((w == 0).sum()) for w in want.values())
 
 
+@pytest.mark.parametrize("spill", [False, True])
+def test_packed_and_spilled_masks_read_back_as_the_boolean_masks(tmp_path, spill):
+    from prunewise.api import MaskSet
+
+    g = torch.Generator().manual_seed(0)
+    want = {"a": torch.rand(7, 13, generator=g) < 0.5, "b": torch.rand(3, 5, generator=g) < 0.3,
+            "c": torch.rand(9, 8, generator=g) < 0.7}
+    masks = MaskSet(spill=tmp_path / "spill" if spill else None)
+    masks.weights.update({k: want[k] for k in ("a", "b")})
+    masks.pack()  # a block's masks packed (or spilled), the next one still in memory
+    masks.weights["c"] = want["c"]
+    assert masks.has_weight_masks and sorted(masks.weight_names()) == ["a", "b", "c"]
+    assert not MaskSet().has_weight_masks
+    got = dict(masks.weight_masks())
+    assert got.keys() == want.keys()
+    for name, mask in want.items():
+        assert got[name].dtype == torch.bool and torch.equal(got[name], mask), name
+    masks.write(tmp_path / "m.safetensors")
+    loaded = MaskSet.load(tmp_path / "m.safetensors")
+    assert all(torch.equal(loaded.weights[n], want[n]) for n in want)
+    if not spill:
+        assert masks.removed() == sum(int(m.sum()) for m in want.values())
+
+
 def test_apply_masks_cli_refuses_another_model(tiny_folder, tmp_path, capsys):
     from prunewise.api import run
     from prunewise.cli import main

@@ -9,6 +9,7 @@ masks bit-packed (8 per byte, with their shapes in the metadata), kept units as 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,12 @@ from ..errors import PrunewiseError
 
 MASKS_FILE = "masks.safetensors"
 FORMAT = "prunewise-masks-v1"
+
+
+def unpack_mask(bits: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """A boolean mask of ``shape`` from its bits packed 8 per byte (little bit order)."""
+    flat = np.unpackbits(bits.numpy(), bitorder="little", count=int(np.prod(shape)))
+    return torch.from_numpy(flat.view(bool)).view(*shape)
 
 
 @dataclass
@@ -44,6 +51,27 @@ class MaskSet:
     # with ``spill``, packed masks go to files there instead (name -> (file, shape)): memory stays flat out of core
     spill: Path | None = None
     spilled: dict[str, tuple[Path, list[int]]] = field(default_factory=dict)
+
+    @property
+    def has_weight_masks(self) -> bool:
+        """Whether the set holds weight-level masks (in memory, bit-packed or spilled)."""
+        return bool(self.weights or self.packed or self.spilled)
+
+    def weight_names(self) -> list[str]:
+        return [*self.weights, *self.packed, *self.spilled]
+
+    def weight_masks(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every weight mask as a boolean tensor (True = removed), unpacking packed and spilled ones one at a time."""
+        yield from self.weights.items()
+        for name, (bits, shape) in self.packed.items():
+            yield name, unpack_mask(bits, shape)
+        if self.spilled:
+            from safetensors import safe_open
+
+            for file in sorted({f for f, _ in self.spilled.values()}):
+                with safe_open(str(file), framework="pt") as handle:
+                    for name in handle.keys():
+                        yield name, unpack_mask(handle.get_tensor(name), self.spilled[name][1])
 
     def removed(self) -> int:
         """Weights masked (spilled masks are not counted: read them back with ``load``)."""
@@ -162,9 +190,7 @@ class MaskSet:
                     kind, rest = key.split("/", 1)
                     t = f.get_tensor(key)
                     if kind == "weight":
-                        shape = shapes[rest]
-                        bits = np.unpackbits(t.numpy(), bitorder="little", count=int(np.prod(shape)))
-                        out.weights[rest] = torch.from_numpy(bits.astype(bool)).view(*shape)
+                        out.weights[rest] = unpack_mask(t, shapes[rest])
                     else:
                         block, unit = rest.split("/")
                         out.units.setdefault(int(block), {})[unit] = t

@@ -174,8 +174,7 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
     plan = build_plan(model, recipe, numels, windows, progress, files, tokenizer, stream)
     timings["allocation_s"] = time.perf_counter() - t0
 
-    visitor = PruneVisitor(pruner, structure, plan, adapter.block_prefix(model), rowwise=rowwise,
-                           pack_masks=stream is not None)
+    visitor = PruneVisitor(pruner, structure, plan, adapter.block_prefix(model), rowwise=rowwise)
     if stream is not None:  # out of core: each block's masks packed into a file, not kept in memory
         visitor.masks.spill = stream.mask_spill
     t0 = time.perf_counter()

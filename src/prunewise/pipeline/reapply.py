@@ -20,13 +20,13 @@ from ..structures.shrink import finalize_config, remove_blocks, shrink_block
 def apply_masks(model: nn.Module, masks: MaskSet) -> nn.Module:
     """Zero the masked weights (or slice to the kept units) of ``model`` in place; returns it."""
     adapter = get_adapter(model)
-    if masks.weights:
+    if masks.has_weight_masks:
         weights = prunable_weights(model)
-        missing = sorted(set(masks.weights) - set(weights))
+        missing = sorted(set(masks.weight_names()) - set(weights))
         if missing:
             raise PrunewiseError(f"the mask set names {len(missing)} modules this model lacks (e.g. {missing[0]}); "
                                  "apply it to the model it was made for")
-        for name, mask in masks.weights.items():
+        for name, mask in masks.weight_masks():
             w = weights[name]
             if tuple(mask.shape) != tuple(w.shape):
                 raise PrunewiseError(f"mask of {name} has shape {tuple(mask.shape)}, the weight {tuple(w.shape)}; "

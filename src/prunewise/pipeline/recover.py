@@ -31,12 +31,12 @@ def _pruned_linears(model, masks) -> tuple[dict, dict]:
 
     weights = prunable_weights(model)
     linears = {n: m for n, m in model.named_modules() if n in weights}
-    if masks is not None and masks.weights:
-        keep = {n: m for n, m in masks.weights.items() if n in linears}
-        missing = [n for n in masks.weights if n not in linears]
+    if masks is not None and masks.has_weight_masks:
+        missing = [n for n in masks.weight_names() if n not in linears]
         if missing:
             raise PrunewiseError(f"the mask set names {missing[0]}, which this model does not have; use the mask set "
                                  "saved with this pruned model")
+        keep = dict(masks.weight_masks())
         for name, mask in keep.items():
             if tuple(mask.shape) != tuple(linears[name].weight.shape):
                 raise PrunewiseError(f"the mask of {name} is {tuple(mask.shape)} but the weight is "

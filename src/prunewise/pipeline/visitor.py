@@ -26,9 +26,9 @@ class PruneVisitor:
     modifies_weights = True
 
     def __init__(self, pruner, structure, plan: AllocationPlan, prefix: str, rowwise: bool = False,
-                 pack_masks: bool = False) -> None:
+                 pack_masks: bool = True) -> None:
         self.score, self.structure, self.plan, self.prefix = pruner, structure, plan, prefix
-        self.pack_masks = pack_masks  # bit-pack each block's masks when it is done (out-of-core runs)
+        self.pack_masks = pack_masks  # bit-pack each block's masks when it is done: 1 bit per weight held
         self.rowwise = rowwise
         self.records: dict[str, dict] = {}
         self.masks = MaskSet(structure=structure.name)
