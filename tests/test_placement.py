@@ -60,6 +60,26 @@ def test_embedding_table_stays_stored_and_only_its_rows_are_cast():
     assert embed(ids).dtype == torch.bfloat16  # the cast is gone with the onload
 
 
+def test_head_computes_in_bands_from_its_stored_weight():
+    model = tiny_model().to(torch.bfloat16)
+    placement = Placement.of(model)
+    head = model.lm_head
+    stored = head.weight.data
+    x = torch.randn(2, 5, head.in_features, generator=torch.Generator().manual_seed(1))
+    seen = []
+    handle = head.register_forward_pre_hook(lambda m, a: seen.append((m.weight.dtype, m.weight.data_ptr())))
+    with placed(model, get_adapter(model), placement):
+        assert "forward" in vars(head)
+        out = model(input_ids=torch.randint(0, 256, (1, 6))).logits
+    handle.remove()
+    assert seen == [(torch.bfloat16, stored.data_ptr())] and out.dtype == torch.float32  # no float32 copy of the head
+    assert "forward" not in vars(head) and head(x.bfloat16()).dtype == torch.bfloat16  # the override is gone
+    whole = torch.nn.functional.linear(x, stored.float())
+    assert torch.equal(placement._banded_linear(head, x), whole)
+    assert torch.allclose(placement._banded_linear(head, x, band_elements=3 * head.in_features), whole,
+                          rtol=1e-6, atol=1e-6)  # many small bands: every output row computed once, in place
+
+
 def test_capture_runs_no_block():
     model = tiny_model()
     adapter = get_adapter(model)
@@ -109,13 +129,13 @@ def test_bf16_prune_keeps_bf16_and_agrees_with_float32(bf16_folder, score):
         model, tok = load_model(recipe.model, recipe.dtype)
         result = prune(recipe, model, tok, progress=False)
         assert {p.dtype for p in result.model.parameters()} == {getattr(torch, dtype)}
-        for name, mask in result.masks.weights.items():
+        for name, mask in result.masks.weight_masks():
             weight = dict(result.model.named_parameters())[f"{name}.weight"]
             assert (weight[mask] == 0).all()  # every masked weight exactly zero in the stored dtype
             if score == "wanda":  # 50% per row (SparseGPT chooses within column blocks)
                 assert (mask.sum(1) == mask.shape[1] // 2).all()
         assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
-        masks[dtype] = result.masks.weights
+        masks[dtype] = dict(result.masks.weight_masks())
     differ = sum(int((masks["float32"][n] != masks["bfloat16"][n]).sum()) for n in masks["float32"])
     total = sum(m.numel() for m in masks["float32"].values())
     assert differ / total < 0.02  # the same weights are 2-byte rounded: a few ties flip, no more

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.dtypes import parse_dtype, torch_dtype  # noqa: F401  (re-exported for the fronts)
@@ -101,17 +102,27 @@ class Placement:
             return {k: self.to_compute(v) for k, v in t.items()}
         return t
 
-    def onload(self, module: nn.Module, keep_stored: bool = True) -> dict | None:
+    def onload(self, module: nn.Module, keep_stored: bool = True, banded: bool = False) -> dict | None:
         """Move ``module``'s parameters to the device in the compute dtype (buffers: the device only).
 
         Returns what :meth:`offload` needs to put the stored tensors back (None when trivial). Without
         ``keep_stored`` (a streamed block, released after) the stored copies are dropped at once and
         offloading casts back (exact for unchanged weights: bf16/fp16 -> fp32 -> back is lossless).
+        With ``banded`` (evaluation, which never rewrites weights) a plain linear whose weight would be cast
+        stays in its storage dtype: :func:`placed` has it compute a band of output rows at a time, each band
+        cast on the way (the head: no compute-dtype copy of a vocabulary-sized matrix).
         """
         if self.trivial:
             return None
         saved = {}
         for sub in module.modules():
+            if (banded and type(sub) is nn.Linear and sub.weight.is_floating_point()
+                    and sub.weight.dtype != self.compute):
+                for name, p in list(sub._parameters.items()):
+                    if p is not None and p.device != self.device:
+                        saved[(id(sub), "p", name)] = p.data if keep_stored else (p.dtype, p.device)
+                        p.data = p.data.to(self.device)
+                continue
             # A plain embedding table stays in its storage dtype: the rows it looks up are cast on the way out,
             # which gives the same values as casting the whole table (a gather commutes with an elementwise cast)
             # without a compute-dtype copy of the vocabulary (the largest tensor of a small model).
@@ -133,6 +144,18 @@ class Placement:
 
     def _cast_output(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         return output.to(self.compute)
+
+    def _banded_linear(self, module: nn.Linear, x: torch.Tensor, band_elements: int = 1 << 22) -> torch.Tensor:
+        """``module(x)`` in the compute dtype from a weight kept in storage: ~4M weights cast at a time."""
+        weight, bias = module.weight, module.bias
+        if weight.dtype == self.compute:
+            return F.linear(x, weight, bias)
+        rows = max(1, band_elements // max(1, weight.shape[1]))
+        out = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=self.compute)
+        for r in range(0, weight.shape[0], rows):
+            b = None if bias is None else bias[r:r + rows].to(self.compute)
+            out[..., r:r + rows] = F.linear(x.to(self.compute), weight[r:r + rows].to(self.compute), b)
+        return out
 
     def offload(self, module: nn.Module, saved: dict | None, write_back: bool) -> None:
         """Back to storage: the computed weights cast to the storage dtype (``write_back``), else the stored ones."""
@@ -178,12 +201,13 @@ def placed(model: nn.Module, adapter, placement: Placement, stream=None) -> Iter
     shell = [m for m in decoder.children() if m is not blocks]
     shell += [m for m in model.children() if m is not decoder and not _contains(m, decoder)]
     units += [m for m in shell if any(True for _ in m.parameters()) or any(True for _ in m.buffers())]
+    around = {id(m) for m in shell}  # the head among them: computed in bands, never cast whole
     state: dict[int, dict | None] = {}
 
     def pre(module, args, kwargs):
         if stream is not None:  # out of core: read from the shards as it is called
             stream.load(module)
-        state[id(module)] = placement.onload(module, keep_stored=stream is None)
+        state[id(module)] = placement.onload(module, keep_stored=stream is None, banded=id(module) in around)
         return placement.to_compute(args), placement.to_compute(kwargs)
 
     def post(module, args, kwargs, output):
@@ -192,9 +216,15 @@ def placed(model: nn.Module, adapter, placement: Placement, stream=None) -> Iter
             stream.done(module, write=False)
         return output
 
+    # The forward of a shell linear is replaced for the whole context: a pre-hook is too late for it (a module's
+    # call has picked its forward before its pre-hooks run).
+    banded = [m for m in shell for m in m.modules() if type(m) is nn.Linear and m.weight.is_floating_point()
+              and m.weight.dtype != placement.compute]
     handles = []
     model._prunewise_placed = True
     try:
+        for m in banded:
+            m.forward = lambda x, _m=m: placement._banded_linear(_m, x)
         for m in units:
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(m.register_forward_hook(post, with_kwargs=True))
@@ -202,6 +232,8 @@ def placed(model: nn.Module, adapter, placement: Placement, stream=None) -> Iter
     finally:
         for h in handles:
             h.remove()
+        for m in banded:
+            del m.forward
         del model._prunewise_placed
 
 

@@ -28,8 +28,11 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int | None =
         ids = windows[start:start + batch_size]
         logits = model(input_ids=ids, use_cache=False).logits
         targets = ids[:, 1:].to(logits.device)  # logits come back from the compute device
+        step = max(1, (1 << 22) // vocab)  # ~4M logits per loss call: its log-softmax is a slice, not a window
         for row in range(ids.shape[0]):  # a window's logits are a contiguous view: no copy of the batch's
-            nll += float(F.cross_entropy(logits[row, :-1].float(), targets[row], reduction="sum"))
+            for t in range(0, length - 1, step):
+                end = min(t + step, length - 1)
+                nll += float(F.cross_entropy(logits[row, t:end].float(), targets[row, t:end], reduction="sum"))
         count += ids[:, 1:].numel()
         del logits
     return math.exp(nll / count)
