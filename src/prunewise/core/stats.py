@@ -142,7 +142,13 @@ def wanda_metric(weight: torch.Tensor, stats: LinearStats) -> torch.Tensor:
     return weight.abs().float() * stats.sq_norm.sqrt().float().unsqueeze(0)
 
 
+def all_finite(t: torch.Tensor, band: int = 1 << 22) -> bool:
+    """``torch.isfinite(t).all()`` a band of ~4M elements at a time: no temporaries the size of a vocabulary."""
+    flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + band]).all()) for i in range(0, flat.numel(), band))
+
+
 def check_weight(module: str, weight: torch.Tensor) -> None:
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise PrunewiseError(f"weights of {module} contain NaN or infinite values; the source checkpoint is "
                              "corrupt: re-download or re-convert it")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.memory import trim_heap
 from ..core.stats import LinearStats, Needs
 from ..models.adapters import ArchitectureAdapter
 from .placement import Placement
@@ -134,7 +135,7 @@ class SequentialEngine:
                 self.placement.offload(m, sv, write_back=False)
             if self.stream is not None:
                 self.stream.release_shell()
-        return Captured(torch.cat(hidden_parts), kwargs)
+        return Captured(hidden_parts[0] if len(hidden_parts) == 1 else torch.cat(hidden_parts), kwargs)
 
     gradients: dict | None = None  # (block, linear) -> gradient, from compute_gradients, given to the visitors
 
@@ -207,6 +208,7 @@ class SequentialEngine:
             finally:  # the rewritten weights go back in the storage dtype (an interrupted block: as they are)
                 self.placement.offload(blocks[i], saved, write_back=visitor.modifies_weights)
             self._leave(blocks[i], visitor.modifies_weights)
+            trim_heap()  # the block's temporaries are free: the next block's peak does not sit on their holes
         return Recording(inputs, hidden, cap.kwargs) if record else None
 
     def _gradient_kind(self, visitor) -> str | None:
@@ -333,4 +335,4 @@ class SequentialEngine:
                 del pending[name]
         stale = bool(stale_in_pass) and visitor.modifies_weights
         assert skip is None or stale, "outputs of a pass that skipped a linear must not be used"
-        return torch.cat(outs), stale
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), stale  # one chunk: no copy of the outputs

@@ -32,6 +32,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTra
 
 from ..cache import cache_dir, fetch_distribution, locked, sha256_file
 from ..core.dtypes import torch_dtype
+from ..core.memory import trim_heap
+from ..core.stats import all_finite
 from ..errors import PrunewiseError
 from .registry import DEFAULT_MODEL, NAMED_MODELS, NamedModel, get_named_model
 
@@ -387,7 +389,7 @@ def _refuse_pickle_only(folder: Path) -> bool:
 def check_finite(model: torch.nn.Module, spec: str) -> None:
     """Refuse a model any of whose tensors (embeddings, norms, head, linears) holds NaN or infinite values."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not all_finite(tensor):
             raise PrunewiseError(
                 f"tensor {name} of model '{spec}' contains NaN or infinite values; the checkpoint is corrupt: "
                 "re-download or re-convert it"
@@ -440,6 +442,7 @@ def load_model(
         ) from exc
     model.eval()
     check_finite(model, spec)
+    trim_heap()  # the read buffers of the load are free: their pages go back before the work starts
     logger.info("Loaded %s (%s) from %s in %.1f s", spec, type(model).__name__, folder, time.perf_counter() - start)
     return model, tokenizer
 
