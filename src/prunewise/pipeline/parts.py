@@ -121,6 +121,9 @@ def default_compensation(score) -> list[str]:
 
 def make_pruner(score: str, structure=None, compensation: list[str] | None = None, **options) -> Pruner:
     """A pruner from names: ``make_pruner("sparsegpt", damp=0.01)`` (obs added), ``make_pruner("wanda", compensation=["obs"])``."""
+    import prunewise.compensation as _compensations  # noqa: F401  (parts registered, whatever was imported first)
+    import prunewise.scores as _scores  # noqa: F401
+
     from ..core.registry import REGISTRIES
     from ..structures import Unstructured
 
