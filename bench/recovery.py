@@ -11,6 +11,7 @@ cell (a run resumes) and to a markdown table.
 
     python bench/recovery.py --cells wanda-60/none wanda-60/dsnot
     python bench/recovery.py --out bench/results/recovery_mc.json --mc-limit 24 --cells wanda-50/lora flap-50/lora-wide
+    python bench/recovery.py --model qwen2.5-coder-0.5b --out bench/results/recovery_qwen.json --cells wanda-60/none wanda-60/dsnot
 """
 
 from __future__ import annotations
@@ -107,12 +108,12 @@ def run_cell(args, cell: str) -> dict:
     from prunewise.models.loading import load_model
     from prunewise.recipe import make_recipe
 
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(args.model)
     if cell == "dense":
         return {"perplexity": evaluate(model, tok, EVAL, args.eval_tokens, 512, progress=False), **mc(args, model, tok)}
     fields = recipe_fields(cell)
     calibration = fields.pop("calibration", "wiki")
-    recipe = make_recipe(model="smollm2-135m", calibration=calibration, nsamples=args.nsamples, seqlen=args.seqlen,
+    recipe = make_recipe(model=args.model, calibration=calibration, nsamples=args.nsamples, seqlen=args.seqlen,
                          evaluation=EVAL, eval_tokens=args.eval_tokens, **fields)
     t0 = time.perf_counter()
     result = prune(recipe.model_copy(update={"recovery": []}), model, tok, progress=False)
@@ -152,7 +153,7 @@ def _mc_columns(dense_mc: dict | None, row: dict) -> str:
 def write_table(results: dict, path: Path) -> str:
     s = results["settings"]
     dense = results["cells"].get("dense", {}).get("perplexity", {})
-    lines = [f"smollm2-135m; calibration {s['nsamples']} x {s['seqlen']} wiki windows; perplexity on "
+    lines = [f"{s.get('model', 'smollm2-135m')}; calibration {s['nsamples']} x {s['seqlen']} wiki windows; perplexity on "
              f"{s['eval_tokens']} tokens of each corpus; dense " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()),
              "", "| cell | wiki-test | code | gap to dense closed (wiki-test) | sparsity | prune s | "
              "compensation s | swaps | recovery s | zeros unchanged |" + (" MC acc (one-shot -> after) | MC retention |"
@@ -183,7 +184,9 @@ def main() -> None:
     def mc_setting(ap):
         ap.add_argument("--mc-limit", type=int, default=0,
                         help="also the default multiple-choice suite, this many items per task (0: not run)")
-        return ("mc_limit",)
+        ap.add_argument("--model", default="smollm2-135m",
+                        help="the model every cell prunes (default smollm2-135m; e.g. qwen2.5-coder-0.5b)")
+        return ("mc_limit", "model")
 
     window_bench_main(__file__, __doc__, HERE / "results" / "recovery.json", DEFAULT, run_cell, write_table,
                       lambda row: f"ppl {row['perplexity']}", nsamples=32, extra_settings=mc_setting)
