@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -275,7 +276,9 @@ class SequentialEngine:
         owner: dict[str, str] = {}             # linear -> the linear whose input feeds its shared stats
         collecting: dict[str, bool] = {}      # decided on chunk 0: stats of this linear are clean
         stale_in_pass: set[str] = set()        # linears that computed with weights not yet final
-        seen_inputs: list[tuple[torch.Tensor, str]] = []  # inputs read in this chunk (kept alive: no address reuse)
+        # inputs read in this chunk, by weak reference: a sibling is found by identity (a dead input cannot be the
+        # live one) without keeping every linear's input alive to the end of the block
+        seen_inputs: list[tuple[weakref.ref, str]] = []
         called: list[str] = []                 # linears called so far in this chunk, in order
         state = {"chunk": 0}
 
@@ -285,7 +288,7 @@ class SequentialEngine:
             chunk = state["chunk"]
             if name in pending:
                 if chunk == 0:
-                    sibling = next((n for t, n in seen_inputs if t is x), None)
+                    sibling = next((n for t, n in seen_inputs if t() is x), None)
                     if sibling is not None and sibling in collecting:
                         collecting[name] = collecting[sibling]   # same input: same cleanliness
                     else:
@@ -305,7 +308,7 @@ class SequentialEngine:
                         del pending[name]
             if name in pending and visitor.modifies_weights:
                 stale_in_pass.add(name)
-            seen_inputs.append((x, name))
+            seen_inputs.append((weakref.ref(x), name))
             called.append(name)
 
         handles = [m.register_forward_pre_hook(pre_hook) for m in linears.values()]
