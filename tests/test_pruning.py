@@ -131,6 +131,25 @@ def test_chunked_multi_pass_equals_single_chunk(score):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_windows_whose_one_chunk_pass_would_not_fit_the_budget_go_in_chunks(monkeypatch):
+    import prunewise.engine.sequential as seq
+
+    windows = torch.randint(0, 256, (20, 16), generator=torch.Generator().manual_seed(1))
+    chunks, default = {}, seq.ONE_CHUNK_BUDGET
+    for budget in (default, 1000):
+        monkeypatch.setattr(seq, "ONE_CHUNK_BUDGET", budget)
+        model = tiny_model("llama")
+        adapter = get_adapter(model)
+        numels = {n: w.numel() for n, w in prunable_weights(model).items()}
+        visitor = PruneVisitor(get_score("wanda"), Unstructured("row"), allocate_uniform(numels, 0.5, Unstructured("row")),
+                               adapter.block_prefix(model))
+        engine = SequentialEngine(model, adapter, windows, None, progress=False)
+        engine.run(visitor)
+        chunks[budget] = engine.chunk_size
+        assert all(float((w == 0).float().mean()) == 0.5 for w in prunable_weights(model).values())
+    assert chunks == {default: 20, 1000: 8}  # 20 x 16 tokens x 4 x 4 bytes x width > 1000
+
+
 def test_sequential_and_parallel_within_block_differ_after_the_first_linear():
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
     out = {}

@@ -72,6 +72,9 @@ def block_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+ONE_CHUNK_BUDGET = 2 << 30  # bytes of block temporaries a one-chunk sequential pass may take (else chunks of 8)
+
+
 class SequentialEngine:
     """Walks the blocks of a causal LM in order over calibration windows."""
 
@@ -189,8 +192,9 @@ class SequentialEngine:
             return None
         n = self.windows.shape[0]
         # Sequential pruning in one chunk takes one pass; otherwise the number of passes does not depend
-        # on the chunk size, and small chunks run faster (the block's activations stay in cache).
-        one_pass = self.sequential and visitor.modifies_weights
+        # on the chunk size, and small chunks run faster (the block's activations stay in cache). One chunk
+        # only while its temporaries fit the budget: 128 x 2048 windows through a 7B block would take ~46 GB.
+        one_pass = self.sequential and visitor.modifies_weights and self._one_chunk_fits()
         self.chunk_size = min(self.requested_chunk or (n if one_pass else 8), n)
         cap = self.capture()
         self.captured = cap
@@ -211,6 +215,14 @@ class SequentialEngine:
             self._leave(blocks[i], visitor.modifies_weights)
             trim_heap()  # the block's temporaries are free: the next block's peak does not sit on their holes
         return Recording(inputs, hidden, cap.kwargs) if record else None
+
+    def _one_chunk_fits(self) -> bool:
+        """Whether every calibration window through a block at once stays within ``ONE_CHUNK_BUDGET`` bytes of
+        temporaries (about four MLP-wide activations per token in the compute dtype)."""
+        config = self.model.config.get_text_config()
+        width = max(getattr(config, "intermediate_size", 0) or 0, config.hidden_size)
+        item = torch.empty((), dtype=self.placement.compute).element_size()
+        return self.windows.numel() * width * item * 4 <= ONE_CHUNK_BUDGET
 
     def _gradient_kind(self, visitor) -> str | None:
         for i, block in enumerate(self.adapter.blocks(self.model)):
