@@ -218,8 +218,8 @@ def placed(model: nn.Module, adapter, placement: Placement, stream=None) -> Iter
 
     # The forward of a shell linear is replaced for the whole context: a pre-hook is too late for it (a module's
     # call has picked its forward before its pre-hooks run).
-    banded = [m for m in shell for m in m.modules() if type(m) is nn.Linear and m.weight.is_floating_point()
-              and m.weight.dtype != placement.compute]
+    banded = [lin for unit in shell for lin in unit.modules() if type(lin) is nn.Linear
+              and lin.weight.is_floating_point() and lin.weight.dtype != placement.compute]
     handles = []
     model._prunewise_placed = True
     try:
