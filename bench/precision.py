@@ -1,4 +1,4 @@
-"""Storage precision: smollm2-135m pruned stored in bfloat16 vs float32 (Wanda 50%, SparseGPT 50%).
+"""Storage precision: smollm2-135m (or ``--model``) pruned stored in bfloat16 vs float32 (Wanda 50%, SparseGPT 50%).
 
 Each cell runs in its own process (its peak RSS is its own): load in the cell's dtype, prune with
 ``nsamples`` x ``seqlen`` windows of ``wiki``, measure wiki-test perplexity (computed in float32 on
@@ -8,6 +8,7 @@ and above the process's baseline once torch and transformers are imported (the p
 storage can change). Results go to JSON after every cell and to a markdown table.
 
     python bench/precision.py
+    python bench/precision.py --model qwen2.5-coder-0.5b --nsamples 8 --eval-tokens 4096 --out /tmp/precision_qwen.json
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cells import add_cell_args, add_window_args, run_missing, start  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = ("nsamples", "seqlen", "eval_tokens")
+SETTINGS = ("nsamples", "seqlen", "eval_tokens", "model")
 CELLS = {f"{score}-50-{dtype}": {"score": score, "dtype": dtype}
          for score in ("wanda", "sparsegpt") for dtype in ("float32", "bfloat16")}
 
@@ -42,7 +43,7 @@ def run_cell(args, cell: str) -> dict:
 
     baseline = _rss_mb()
     spec = CELLS[cell]
-    recipe = make_recipe(model="smollm2-135m", calibration="wiki", nsamples=args.nsamples, seqlen=args.seqlen,
+    recipe = make_recipe(model=args.model, calibration="wiki", nsamples=args.nsamples, seqlen=args.seqlen,
                          evaluation=[], score=spec["score"], sparsity=0.5, dtype=spec["dtype"], device="cpu")
     model, tok = load_model(recipe.model, recipe.dtype)
     t0 = time.perf_counter()
@@ -50,7 +51,7 @@ def run_cell(args, cell: str) -> dict:
     seconds = time.perf_counter() - t0
     peak_prune = _rss_mb()
     ppl = evaluate(result.model, tok, ["wiki-test"], args.eval_tokens, 512, progress=False, device="cpu")["wiki-test"]
-    masks = HERE / "results" / "precision_masks" / f"{cell}.safetensors"
+    masks = HERE / "results" / "precision_masks" / args.model / f"{cell}.safetensors"
     masks.parent.mkdir(parents=True, exist_ok=True)
     result.masks.save(masks)
     return {"perplexity": ppl, "achieved_sparsity": result.report["achieved_sparsity"], "prune_s": seconds,
@@ -67,7 +68,7 @@ def mask_difference(a: str, b: str) -> float:
 
 def write_table(results: dict, path: Path) -> str:
     s = results["settings"]
-    lines = [f"smollm2-135m, calibration {s['nsamples']} x {s['seqlen']} wiki windows, wiki-test perplexity on "
+    lines = [f"{s.get('model', 'smollm2-135m')}, calibration {s['nsamples']} x {s['seqlen']} wiki windows, wiki-test perplexity on "
              f"{s['eval_tokens']} tokens; CPU (blocks compute in float32 whatever the storage dtype). Peak RSS "
              "above baseline = peak minus the RSS once torch and transformers are imported.", "",
              "| score | fp32 ppl | bf16 ppl | ppl change | masks differing | fp32 peak RSS MB | bf16 peak RSS MB | "
@@ -93,6 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cell_args(ap, HERE / "results" / "precision.json", f"cells to run (default all: {', '.join(CELLS)})")
     add_window_args(ap)
+    ap.add_argument("--model", default="smollm2-135m", help="the model every cell prunes (default smollm2-135m)")
     args = ap.parse_args()
     results = start(args, run_cell, SETTINGS)
     if results is None:
