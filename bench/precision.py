@@ -30,7 +30,14 @@ CELLS = {f"{score}-50-{dtype}": {"score": score, "dtype": dtype}
 
 
 def _rss_mb() -> float:
+    """Peak RSS so far (MB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_now_mb() -> float:
+    """Resident set now (MB; Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def run_cell(args, cell: str) -> dict:
@@ -46,6 +53,7 @@ def run_cell(args, cell: str) -> dict:
     recipe = make_recipe(model=args.model, calibration="wiki", nsamples=args.nsamples, seqlen=args.seqlen,
                          evaluation=[], score=spec["score"], sparsity=0.5, dtype=spec["dtype"], device="cpu")
     model, tok = load_model(recipe.model, recipe.dtype)
+    loaded, peak_load = _rss_now_mb(), _rss_mb()  # the stored model resident, before any calibration work
     t0 = time.perf_counter()
     result = prune(recipe, model, tok, progress=False)
     seconds = time.perf_counter() - t0
@@ -56,6 +64,7 @@ def run_cell(args, cell: str) -> dict:
     result.masks.save(masks)
     return {"perplexity": ppl, "achieved_sparsity": result.report["achieved_sparsity"], "prune_s": seconds,
             "dtype": str(next(result.model.parameters()).dtype), "baseline_rss_mb": baseline,
+            "rss_after_load_mb": loaded, "peak_rss_load_mb": peak_load,
             "peak_rss_prune_mb": peak_prune, "peak_rss_mb": _rss_mb(), "masks": str(masks)}
 
 
@@ -70,10 +79,13 @@ def write_table(results: dict, path: Path) -> str:
     s = results["settings"]
     lines = [f"{s.get('model', 'smollm2-135m')}, calibration {s['nsamples']} x {s['seqlen']} wiki windows, wiki-test perplexity on "
              f"{s['eval_tokens']} tokens; CPU (blocks compute in float32 whatever the storage dtype). Peak RSS "
-             "above baseline = peak minus the RSS once torch and transformers are imported.", "",
+             "above baseline = peak minus the RSS once torch and transformers are imported; loaded = the RSS above that "
+             "baseline once the model is loaded (the stored model); work = peak minus loaded (calibration, block "
+             "passes, evaluation: float32 in both runs on a CPU).", "",
              "| score | fp32 ppl | bf16 ppl | ppl change | masks differing | fp32 peak RSS MB | bf16 peak RSS MB | "
-             "ratio | above baseline fp32 / bf16 MB | ratio | fp32 prune s | bf16 prune s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ratio | above baseline fp32 / bf16 MB | ratio | loaded fp32 / bf16 MB | work fp32 / bf16 MB | "
+             "fp32 prune s | bf16 prune s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cells = results["cells"]
     for score in ("wanda", "sparsegpt"):
         a, b = cells.get(f"{score}-50-float32"), cells.get(f"{score}-50-bfloat16")
@@ -81,10 +93,17 @@ def write_table(results: dict, path: Path) -> str:
             continue
         above_a = a["peak_rss_mb"] - a["baseline_rss_mb"]
         above_b = b["peak_rss_mb"] - b["baseline_rss_mb"]
+        if "rss_after_load_mb" in a and "rss_after_load_mb" in b:
+            loaded = (a["rss_after_load_mb"] - a["baseline_rss_mb"], b["rss_after_load_mb"] - b["baseline_rss_mb"])
+            split = (f"{loaded[0]:.0f} / {loaded[1]:.0f} | {a['peak_rss_mb'] - a['rss_after_load_mb']:.0f} / "
+                     f"{b['peak_rss_mb'] - b['rss_after_load_mb']:.0f}")
+        else:
+            split = "- | -"
         lines.append(f"| {score} 50% | {a['perplexity']:.3f} | {b['perplexity']:.3f} | "
                      f"{(b['perplexity'] - a['perplexity']) / a['perplexity']:+.2%} | {b['mask_difference']:.4%} | "
                      f"{a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} | {b['peak_rss_mb'] / a['peak_rss_mb']:.2f} | "
-                     f"{above_a:.0f} / {above_b:.0f} | {above_b / above_a:.2f} | {a['prune_s']:.0f} | {b['prune_s']:.0f} |")
+                     f"{above_a:.0f} / {above_b:.0f} | {above_b / above_a:.2f} | {split} | {a['prune_s']:.0f} | "
+                     f"{b['prune_s']:.0f} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
