@@ -136,3 +136,35 @@ def test_checkpoint_reads_are_plain_reads_of_exact_tensors_and_a_truncated_shard
     (tmp_path / "model.safetensors").write_bytes(data[:-8])
     with pytest.raises(PrunewiseError, match="truncated"):
         CheckpointTensors(tmp_path).read(["c", "a", "b"])
+
+
+@pytest.mark.parametrize("narrow", [torch.bfloat16, torch.float16])
+def test_a_wide_tensor_narrowed_while_read_equals_its_cast_and_a_truncated_one_is_one_line(tmp_path, monkeypatch, narrow):
+    """Read in bands of 64 bytes (16 float32 values; 101 x 7 leaves a partial last band) and cast as read: the
+    same values as reading it whole then ``Tensor.to``; a narrower, an integer and a small tensor are read as
+    they are stored."""
+    from safetensors.torch import save_file
+
+    from prunewise.models import lazy
+
+    monkeypatch.setattr(lazy, "READ_BAND", 64)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"wide": torch.randn(101, 7, generator=g) * 1e3, "f64": torch.randn(9, 5, dtype=torch.float64, generator=g),
+               "half": torch.randn(40, 3, generator=g).to(torch.bfloat16), "ids": torch.arange(50, dtype=torch.int64),
+               "small": torch.randn(3)}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    back = CheckpointTensors(tmp_path).read(list(tensors), narrow=narrow)
+    for k in ("wide", "f64"):
+        assert back[k].dtype == narrow and torch.equal(back[k], tensors[k].to(narrow)), k
+    for k in ("half", "ids"):
+        assert back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k]), k
+    assert back["small"].dtype == torch.float32  # 12 bytes: not worth a band, cast by the caller
+    data = (tmp_path / "model.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    import json
+
+    end_of_wide = header_end + json.loads(data[8:header_end])["wide"]["data_offsets"][1]
+    (tmp_path / "model.safetensors").write_bytes(data[:end_of_wide - 100])
+    with pytest.raises(PrunewiseError, match="truncated") as err:
+        CheckpointTensors(tmp_path).read(["wide"], narrow=narrow)
+    assert "\n" not in str(err.value)
