@@ -44,15 +44,16 @@ BASES = {
 }
 STEPS = {
     "none": [],
-    "dsnot": [{"name": "dsnot"}],
-    "dsnot-sign": [{"name": "dsnot", "same_sign": True}],
+    # every linear (skip none), as these cells have always run; the default skips the MLP as the reference does
+    "dsnot": [{"name": "dsnot", "skip": "none"}],
+    "dsnot-sign": [{"name": "dsnot", "same_sign": True, "skip": "none"}],
     "dsnot-mlp": [{"name": "dsnot", "skip": "mlp"}],
     # the reference's cycle limit (50) is for 4,096-wide rows: 50 swaps on a 576-wide smollm2 row replace up to 22%
     # of its kept weights, on LLaMA-7B 3%; the same share of the width is 7 cycles here
-    "dsnot-c7": [{"name": "dsnot", "max_cycle_time": 7}],
+    "dsnot-c7": [{"name": "dsnot", "max_cycle_time": 7, "skip": "none"}],
     "dsnot-c7-mlp": [{"name": "dsnot", "max_cycle_time": 7, "skip": "mlp"}],
     "eora16": [{"name": "eora", "rank": 16}],
-    "dsnot+eora16": [{"name": "dsnot"}, {"name": "eora", "rank": 16}],
+    "dsnot+eora16": [{"name": "dsnot", "skip": "none"}, {"name": "eora", "rank": 16}],
 }
 RECOVERY = {  # recovery steps: 65,536 tokens (128 x 512) of wiki, disjoint from the calibration windows
     "lora": [{"name": "lora", "data": "wiki", "tokens": 65536}],

@@ -130,12 +130,13 @@ def test_dsnot_in_a_run_keeps_counts_and_skip_leaves_a_sublayer_to_the_selection
     model, tok = load_model(tiny_folder["model"])
     plain = prune(make_recipe(**base), model, tok, progress=False)
     results = {}
-    for skip in ("none", "mlp"):
+    for skip in ("none", "mlp", None):  # None: the default, the reference's (mlp)
         model, tok = load_model(tiny_folder["model"])
-        results[skip] = prune(make_recipe(**base, compensation=[{"name": "dsnot", "skip": skip,
-                                                                 "update_threshold": 0.0}]),
-                              model, tok, progress=False)
-    a, full, skipped = (dict(r.masks.weight_masks()) for r in (plain, results["none"], results["mlp"]))
+        step = {"name": "dsnot", "update_threshold": 0.0, **({"skip": skip} if skip else {})}
+        results[skip] = prune(make_recipe(**base, compensation=[step]), model, tok, progress=False)
+    a, full, skipped, default = (dict(r.masks.weight_masks()) for r in (plain, results["none"], results["mlp"],
+                                                                        results[None]))
+    assert default.keys() == skipped.keys() and all(torch.equal(default[n], skipped[n]) for n in default)
     for name in a:
         assert torch.equal(full[name].sum(1), a[name].sum(1)), name
         if ".mlp." in name and name.startswith("model.layers.0."):  # later blocks see inputs that DSnoT changed
