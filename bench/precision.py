@@ -29,11 +29,6 @@ CELLS = {f"{score}-50-{dtype}": {"score": score, "dtype": dtype}
          for score in ("wanda", "sparsegpt") for dtype in ("float32", "bfloat16")}
 
 
-def _rss_mb() -> float:
-    """Peak RSS so far (MB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _rss_now_mb() -> float:
     """Resident set now (MB; Linux)."""
     with open("/proc/self/statm") as f:
@@ -46,18 +41,19 @@ def run_cell(args, cell: str) -> dict:
 
     from prunewise.api import evaluate, prune
     from prunewise.models.loading import load_model
+    from prunewise.pipeline.prune import peak_rss_mb
     from prunewise.recipe import make_recipe
 
-    baseline = _rss_mb()
+    baseline = peak_rss_mb()
     spec = CELLS[cell]
     recipe = make_recipe(model=args.model, calibration="wiki", nsamples=args.nsamples, seqlen=args.seqlen,
                          evaluation=[], score=spec["score"], sparsity=0.5, dtype=spec["dtype"], device="cpu")
     model, tok = load_model(recipe.model, recipe.dtype)
-    loaded, peak_load = _rss_now_mb(), _rss_mb()  # the stored model resident, before any calibration work
+    loaded, peak_load = _rss_now_mb(), peak_rss_mb()  # the stored model resident, before any calibration work
     t0 = time.perf_counter()
     result = prune(recipe, model, tok, progress=False)
     seconds = time.perf_counter() - t0
-    peak_prune = _rss_mb()
+    peak_prune = peak_rss_mb()
     ppl = evaluate(result.model, tok, ["wiki-test"], args.eval_tokens, 512, progress=False, device="cpu")["wiki-test"]
     masks = HERE / "results" / "precision_masks" / args.model / f"{cell}.safetensors"
     masks.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +61,7 @@ def run_cell(args, cell: str) -> dict:
     return {"perplexity": ppl, "achieved_sparsity": result.report["achieved_sparsity"], "prune_s": seconds,
             "dtype": str(next(result.model.parameters()).dtype), "baseline_rss_mb": baseline,
             "rss_after_load_mb": loaded, "peak_rss_load_mb": peak_load,
-            "peak_rss_prune_mb": peak_prune, "peak_rss_mb": _rss_mb(), "masks": str(masks)}
+            "peak_rss_prune_mb": peak_prune, "peak_rss_mb": peak_rss_mb(), "masks": str(masks)}
 
 
 def mask_difference(a: str, b: str) -> float:

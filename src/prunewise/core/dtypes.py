@@ -21,6 +21,12 @@ def parse_dtype(spec: str) -> str:
     return str(DTYPES[text]).removeprefix("torch.")
 
 
+def narrows(stored: torch.dtype, wanted: torch.dtype) -> bool:
+    """Whether a floating tensor stored in ``stored`` becomes smaller as ``wanted`` (float32 read as bfloat16)."""
+    return (stored.is_floating_point and wanted.is_floating_point
+            and torch.finfo(wanted).bits < torch.finfo(stored).bits)
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a concrete name (not ``auto``)."""
     canonical = parse_dtype(name)

@@ -221,8 +221,7 @@ class SequentialEngine:
         temporaries (about four MLP-wide activations per token in the compute dtype)."""
         config = self.model.config.get_text_config()
         width = max(getattr(config, "intermediate_size", 0) or 0, config.hidden_size)
-        item = torch.empty((), dtype=self.placement.compute).element_size()
-        return self.windows.numel() * width * item * 4 <= ONE_CHUNK_BUDGET
+        return self.windows.numel() * width * self.placement.compute.itemsize * 4 <= ONE_CHUNK_BUDGET
 
     def _gradient_kind(self, visitor) -> str | None:
         for i, block in enumerate(self.adapter.blocks(self.model)):

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.dtypes import narrows
 from ..errors import PrunewiseError
 
 INDEX = "model.safetensors.index.json"
@@ -56,9 +57,10 @@ class CheckpointTensors:
 
         Plain reads, not a memory map: pages a map has touched count in the process's resident size
         until it is closed, and ``get_tensor`` then ``clone`` held each tensor three times (map, tensor,
-        clone: an 88 MB embedding cost 264 MB). With ``narrow`` (a floating dtype), a floating tensor
-        stored wider is cast while it is read, ~16 MB at a time, so the wide copy never exists whole (the
-        float32 vocabulary matrix of a 152k-token model is 545 MB); the values are those of ``Tensor.to``.
+        clone: an 88 MB embedding cost 264 MB). With ``narrow`` (a floating dtype), every floating tensor
+        stored wider comes back in ``narrow``, cast while it is read ``READ_BAND`` bytes at a time, so the
+        wide copy never exists whole (the float32 vocabulary matrix of a 152k-token model is 545 MB); the
+        values are those of ``Tensor.to``.
         """
         by_file: dict[Path, list[str]] = {}
         for name in names:
@@ -95,6 +97,10 @@ def _safetensors_header(f, path: Path) -> tuple[dict, int]:
 READ_BAND = 1 << 24  # bytes of a wide tensor read at a time when it is narrowed while read
 
 
+def _truncated(path: Path, name: str) -> PrunewiseError:
+    return PrunewiseError(f"{path} ends inside tensor {name}; the file is truncated: re-download or re-save it")
+
+
 def _read_tensor(f, start: int, entry: dict, path: Path, name: str, narrow: torch.dtype | None = None) -> torch.Tensor:
     import sys
 
@@ -106,22 +112,28 @@ def _read_tensor(f, start: int, entry: dict, path: Path, name: str, narrow: torc
             return handle.get_tensor(name).clone()
     begin, end = entry["data_offsets"]
     f.seek(start + begin)
-    truncated = PrunewiseError(f"{path} ends inside tensor {name}; the file is truncated: re-download or re-save it")
-    if (narrow is not None and dtype.is_floating_point and narrow.is_floating_point
-            and torch.finfo(narrow).bits < torch.finfo(dtype).bits and end - begin > READ_BAND):
-        item = dtype.itemsize
-        out = torch.empty(entry["shape"], dtype=narrow).reshape(-1)
-        band = torch.empty(READ_BAND // item * item, dtype=torch.uint8)
-        for at in range(0, (end - begin) // item, READ_BAND // item):
-            n = min(READ_BAND // item, (end - begin) // item - at)
-            if f.readinto(memoryview(band[:n * item].numpy())) != n * item:
-                raise truncated
-            out[at:at + n].copy_(band[:n * item].view(dtype))  # the cast Tensor.to does, element by element
-        return out.reshape(entry["shape"])
+    if narrow is not None and narrows(dtype, narrow):
+        return _read_narrowed(f, end - begin, dtype, narrow, entry["shape"], path, name)
     t = torch.empty(end - begin, dtype=torch.uint8)
     if end > begin and f.readinto(memoryview(t.numpy())) != end - begin:
-        raise truncated
+        raise _truncated(path, name)
     return t.view(dtype).reshape(entry["shape"])
+
+
+def _read_narrowed(f, nbytes: int, stored: torch.dtype, narrow: torch.dtype, shape, path: Path, name: str) -> torch.Tensor:
+    """``nbytes`` of ``stored`` values from ``f``, read ``READ_BAND`` bytes at a time into one buffer and each band
+    cast into the ``narrow`` result (the cast ``Tensor.to`` does, element by element)."""
+    item = stored.itemsize
+    numel = nbytes // item
+    per_band = max(1, min(READ_BAND // item, numel))
+    out = torch.empty(numel, dtype=narrow)
+    band = torch.empty(per_band * item, dtype=torch.uint8)
+    for at in range(0, numel, per_band):
+        n = min(per_band, numel - at)
+        if f.readinto(memoryview(band[:n * item].numpy())) != n * item:
+            raise _truncated(path, name)
+        out[at:at + n].copy_(band[:n * item].view(stored))
+    return out.reshape(shape)
 
 
 def empty_model(folder: str | Path, dtype: torch.dtype) -> nn.Module:
@@ -192,8 +204,8 @@ def load_narrowed(folder: str | Path, dtype: torch.dtype) -> nn.Module | None:
     For a checkpoint wider than ``dtype`` (float32 weights loaded as bfloat16): ``from_pretrained``
     maps whole files and keeps every page it has read resident until the end, so its peak holds the
     wide checkpoint beside the narrow model (a float32 135M model loaded as bf16 peaks at about 1.6x
-    the fp32 model's size above the baseline). Here the peak is the narrow model plus one part read wide,
-    a tensor over 16 MB cast band by band as it is read (a float32 vocabulary matrix is never whole in memory).
+    the fp32 model's size above the baseline). Here the peak is the narrow model plus one band read wide:
+    each tensor is cast band by band as it is read (a float32 vocabulary matrix is never whole in memory).
     The values are the same: each element is cast once, as ``Tensor.to`` casts it. Returns None (the caller uses
     ``from_pretrained``) when the checkpoint's names are not exactly the model's, ties aside.
     """

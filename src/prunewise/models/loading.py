@@ -31,7 +31,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..cache import cache_dir, fetch_distribution, locked, sha256_file
-from ..core.dtypes import torch_dtype
+from ..core.dtypes import narrows, torch_dtype
 from ..core.memory import trim_heap
 from ..core.stats import all_finite
 from ..errors import PrunewiseError
@@ -406,11 +406,6 @@ def checkpoint_dtype(folder: Path) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(text), torch.float32)
 
 
-def _narrows(stored: torch.dtype, wanted: torch.dtype) -> bool:
-    """Whether loading a checkpoint stored in ``stored`` as ``wanted`` halves (or more) its size."""
-    return torch.finfo(wanted).bits < torch.finfo(stored).bits
-
-
 def load_model(
     spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -426,7 +421,7 @@ def load_model(
     start = time.perf_counter()
     try:
         model = None
-        if not pickled and _narrows(checkpoint_dtype(folder), dtype):
+        if not pickled and narrows(checkpoint_dtype(folder), dtype):
             from .lazy import load_narrowed
 
             model = load_narrowed(folder, dtype)  # None when its names are not the model's: from_pretrained below
