@@ -3,7 +3,8 @@
 Cells are ``BASE/STEP``: BASE a one-shot setting (Wanda 50/60/70%, SparseGPT 50/60%, Wanda 2:4,
 SparseGPT 70% OWL, FLAP 25/50% global widths + bias), STEP ``none`` or a compensation chain
 (``dsnot`` as the reference defines it; ``dsnot-sign`` with its sign check; ``dsnot-mlp`` skipping the
-MLP linears as the reference's default ``--skip_layer mlp`` does; ``eora16``: EoRA at rank 16). Every cell runs in its own process
+MLP linears as the reference's default ``--skip_layer mlp`` does; ``dsnot-init``: on a SparseGPT base, the
+reference's SparseGPT initialisation, no OBS update; ``eora16``: EoRA at rank 16). Every cell runs in its own process
 with the same calibration (``nsamples`` x ``seqlen`` windows of ``wiki``) and reports wiki-test and
 code perplexity beside the dense model measured in the same run, the sparsity counted in the pruned
 weights, the prune time and the time the compensation itself took. Results go to JSON after every
@@ -53,6 +54,10 @@ STEPS = {
     "dsnot-c7": [{"name": "dsnot", "max_cycle_time": 7, "skip": "none"}],
     "dsnot-c7-mlp": [{"name": "dsnot", "max_cycle_time": 7, "skip": "mlp"}],
     "eora16": [{"name": "eora", "rank": 16}],
+    # SparseGPT bases only: the reference's ``--initial_method sparsegpt`` (per-row mask from w^2/U_jj^2 on the dense
+    # weights, DSnoT, no OBS update), with its default skip (mlp) and on every linear
+    "dsnot-init": [{"name": "dsnot"}],
+    "dsnot-init-all": [{"name": "dsnot", "skip": "none"}],
     "dsnot+eora16": [{"name": "dsnot", "skip": "none"}, {"name": "eora", "rank": 16}],
 }
 RECOVERY = {  # recovery steps: 65,536 tokens (128 x 512) of wiki, disjoint from the calibration windows
@@ -75,6 +80,9 @@ def recipe_fields(cell: str) -> dict:
     chain = list(fields.pop("compensation", []))
     if step in RECOVERY:
         fields["recovery"] = RECOVERY[step]
+    elif step.startswith("dsnot-init"):  # no obs: the score's saliency picks the mask outside any sweep
+        fields["score"] = {"name": fields["score"], "saliency": "sweep"}
+        chain += STEPS[step]
     else:
         if fields["score"] == "sparsegpt" and STEPS[step]:
             chain.append("obs")

@@ -165,3 +165,41 @@ def test_sparsegpt_with_dsnot_reconstructs_for_the_refined_mask():
     fixed = make_pruner("wanda", compensation=["obs"]).reconstruct[0].compensate(
         w, stats, Unstructured("row"), 0.5, mask=both.mask)
     assert torch.equal(both.weight, fixed.weight)  # OBS ran again with the refined mask fixed
+
+
+def test_sparsegpt_initialised_dsnot_ranks_rows_by_the_references_metric_and_keeps_dense_values():
+    """``sparsegpt`` + ``dsnot`` without ``obs`` is the reference's ``--initial_method sparsegpt``: per row, the
+    weights of smallest ``w^2 / U_jj^2`` (U the upper Cholesky factor of the dampened H^-1) pruned, no OBS update."""
+    from prunewise.core.stats import LinearStats, Needs
+    from prunewise.pipeline.parts import make_pruner
+    from prunewise.structures import Unstructured
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 64, 48, generator=g) * torch.linspace(0.3, 3.0, 48) + torch.randn(48, generator=g)
+    w = torch.randn(16, 48, generator=g)
+    stats = LinearStats.for_needs(48, Needs(sq_norm=True, hessian=True, mean=True, window_variance=True))
+    stats.add(x)
+    flat = x.reshape(-1, 48)  # the reference's metric, written out (its H is a mean; the dampening is relative)
+    H = flat.t() @ flat
+    H += 0.01 * H.diagonal().mean() * torch.eye(48)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    metric = w ** 2 / U.diagonal().unsqueeze(0) ** 2
+    expected = torch.zeros_like(w, dtype=torch.bool)
+    expected.scatter_(1, torch.sort(metric, dim=1, stable=True).indices[:, :24], True)
+    plain = make_pruner("sparsegpt", compensation=["dsnot"], saliency="sweep", max_cycle_time=0, skip="none").prune(
+        w, stats, Unstructured("row"), 0.5)
+    assert torch.equal(plain.mask, expected)
+    other = make_pruner("sparsegpt", compensation=["dsnot"], max_cycle_time=0, skip="none").prune(
+        w, stats, Unstructured("row"), 0.5)
+    assert not torch.equal(other.mask, expected)  # saliency=obs ranks by [H^-1]_jj, not U_jj^2
+    refined = make_pruner("sparsegpt", compensation=["dsnot"], saliency="sweep", update_threshold=0.0,
+                          skip="none").prune(w, stats, Unstructured("row"), 0.5)
+    assert not torch.equal(refined.mask, expected) and torch.equal(refined.mask.sum(1), expected.sum(1))
+    assert torch.equal(refined.weight, w.masked_fill(refined.mask, 0.0))  # kept weights keep their dense values
+
+
+def test_a_sparsegpt_recipe_with_dsnot_alone_ranks_per_row_and_runs_without_obs():
+    parts = make_recipe(model="x", sparsity=0.5, score="sparsegpt", compensation=["dsnot"]).parts()
+    assert parts.structure.group == "row" and not parts.pruner().reconstruct
+    with_obs = make_recipe(model="x", sparsity=0.5, score="sparsegpt", compensation=["obs", "dsnot"]).parts()
+    assert with_obs.structure.group == "layer" and with_obs.pruner().reconstruct

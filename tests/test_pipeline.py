@@ -38,7 +38,7 @@ def test_every_axis_has_its_parts_and_the_listing_names_them():
 
 @pytest.mark.parametrize("fields, reason", [
     ({"score": "fluctuation"}, "score fluctuation works with structure channels, heads, width, not unstructured"),
-    ({"score": "sparsegpt", "compensation": []}, "score sparsegpt needs compensation obs"),
+    ({"score": "sparsegpt", "compensation": []}, "score sparsegpt needs compensation obs or dsnot"),
     ({"structure": "blocks", "allocation": "owl"}, "structure blocks works with allocation uniform, not owl"),
     ({"structure": "width", "compensation": ["obs"]}, "compensation obs works with structure unstructured, n:m, not width"),
     ({"structure": "2:4", "allocation": "global"}, "allocation global works with structure unstructured, channels, heads, "
@@ -61,7 +61,7 @@ def test_flat_recipes_of_the_previous_version_load_into_the_per_axis_entries():
                       compensation=[{"name": "obs", "damp": 0.02, "blocksize": 64}], sparsity=0.6, nsamples=32,
                       seqlen=256, calibration="code:0.7,wiki:0.3", evaluation=["wiki-test", "code"])
     assert old == new
-    assert old.score == {"name": "sparsegpt", "damp": 0.02}
+    assert old.score == {"name": "sparsegpt", "damp": 0.02, "saliency": "obs"}
     assert old.allocation == {"name": "owl", "rowwise": False, "m": 4.0, "lambda": 0.1}
     flap = Recipe.from_yaml(FIXTURES / "recipe-flat-flap-width.yaml")
     assert flap.structure == {"name": "width", "heads_mode": "group", "width_multiple": 16}

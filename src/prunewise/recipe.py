@@ -260,12 +260,14 @@ class Recipe(BaseModel):
         from .pipeline.parts import PartSet
 
         score = _build("score", self.score)
+        compensation = [_build("compensation", c) for c in self.compensation]
         structure = dict(self.structure)
         if structure["name"] == "unstructured" and structure.get("group") is None:
-            structure["group"] = score.default_group
+            # a sweep score without its sweep (SparseGPT under DSnoT alone) ranks per row, as DSnoT's reference does
+            outside_sweep = score.sweep_saliency is not None and not any(c.reconstructs for c in compensation)
+            structure["group"] = "row" if outside_sweep else score.default_group
         return PartSet(score=score, structure=_build("structure", structure),
-                       allocation=_build("allocation", self.allocation),
-                       compensation=[_build("compensation", c) for c in self.compensation],
+                       allocation=_build("allocation", self.allocation), compensation=compensation,
                        recovery=[_build("recovery", r) for r in self.recovery])
 
     @property
