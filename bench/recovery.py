@@ -58,6 +58,7 @@ STEPS = {
     # weights, DSnoT, no OBS update), with its default skip (mlp) and on every linear
     "dsnot-init": [{"name": "dsnot"}],
     "dsnot-init-all": [{"name": "dsnot", "skip": "none"}],
+    "dsnot-init-off": [{"name": "dsnot", "max_cycle_time": 0}],  # the same mask unrefined (the reference's --without_DSnoT)
     "dsnot+eora16": [{"name": "dsnot", "skip": "none"}, {"name": "eora", "rank": 16}],
 }
 RECOVERY = {  # recovery steps: 65,536 tokens (128 x 512) of wiki, disjoint from the calibration windows
