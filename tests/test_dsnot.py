@@ -199,7 +199,9 @@ def test_sparsegpt_initialised_dsnot_ranks_rows_by_the_references_metric_and_kee
 
 
 def test_a_sparsegpt_recipe_with_dsnot_alone_ranks_per_row_and_runs_without_obs():
-    parts = make_recipe(model="x", sparsity=0.5, score="sparsegpt", compensation=["dsnot"]).parts()
+    recipe = make_recipe(model="x", sparsity=0.5, score="sparsegpt:saliency=sweep", compensation=["dsnot"])
+    assert recipe.score == {"name": "sparsegpt", "damp": 0.01, "saliency": "sweep"}  # as the command line writes it
+    parts = recipe.parts()
     assert parts.structure.group == "row" and not parts.pruner().reconstruct
     with_obs = make_recipe(model="x", sparsity=0.5, score="sparsegpt", compensation=["obs", "dsnot"]).parts()
     assert with_obs.structure.group == "layer" and with_obs.pruner().reconstruct

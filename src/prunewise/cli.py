@@ -11,7 +11,7 @@ from .errors import PrunewiseError
 
 PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--model": ("model", str, "named model (see `prunewise models`), HF folder or id, or a .gguf file"),
-    "--score": ("score", str, "how weights (or structured units) are ranked"),
+    "--score": ("score", str, "how weights (or structured units) are ranked, options as NAME:OPTION=VALUE"),
     "--compensate": ("compensation", str, "compensation parts after selection, comma-separated, options as "
                                           "NAME:OPTION=VALUE (obs: OBS reconstruction after any mask; dsnot: DSnoT "
                                           "mask refinement; bias: FLAP, structured)"),

@@ -42,9 +42,9 @@ LEGACY_FIELDS = {
 
 
 def _choice(value, axis: str) -> dict:
-    """An axis entry as a mapping ``{name: ..., option: value, ...}``. A bare name is accepted and, for the chained
-    axes, ``name:option=value:...`` or ``name:VALUE`` for the part's ``shorthand`` option (``eora:16``)."""
-    if isinstance(value, str) and axis in ("compensation", "recovery") and ":" in value:
+    """An axis entry as a mapping ``{name: ..., option: value, ...}``. A bare name is accepted and, for the score and
+    the chained axes, ``name:option=value:...`` or ``name:VALUE`` for the part's ``shorthand`` option (``eora:16``)."""
+    if isinstance(value, str) and axis in ("score", "compensation", "recovery") and ":" in value:
         import yaml
 
         name, *items = (t.strip() for t in value.split(":"))
