@@ -26,14 +26,15 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def block_inputs(model, adapter, windows: torch.Tensor, blocks: list[int]) -> dict[str, torch.Tensor]:
-    """Each chosen block's linears' inputs over the windows (dense model), ``{"B.name": (windows, L, in)}``."""
+def block_inputs(model, adapter, windows: torch.Tensor, blocks: list[int]) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Each chosen block's linears' inputs over the windows (dense model): which input each linear reads,
+    ``{"B.name": key}`` (q/k/v read one, gate/up another), and each input once, ``{key: (windows, L, in)}``."""
     seen: dict[str, list[torch.Tensor]] = {}
     hooks = []
     for b in blocks:
         for name, lin in adapter.linears(adapter.blocks(model)[b]).items():
             def grab(_m, inp, _out, key=f"{b}.{name}"):
-                seen.setdefault(key, []).append(inp[0].detach().float())
+                seen.setdefault(key, []).append(inp[0])
             hooks.append(lin.register_forward_hook(grab))
     try:
         with torch.no_grad():
@@ -42,7 +43,14 @@ def block_inputs(model, adapter, windows: torch.Tensor, blocks: list[int]) -> di
     finally:
         for h in hooks:
             h.remove()
-    return {k: torch.cat(v) for k, v in seen.items()}
+    source: dict[str, str] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    for key, parts in seen.items():
+        same = next((k for k in inputs if all(a is c for a, c in zip(seen[k], parts, strict=True))), None)
+        if same is None:
+            inputs[key], same = torch.cat(parts).float(), key
+        source[key] = same
+    return source, inputs
 
 
 def output_error(W: torch.Tensor, mask: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
@@ -66,17 +74,21 @@ def run(model_name: str, sparsity: float, nsamples: int, seqlen: int, blocks: li
     n = len(adapter.blocks(model))
     blocks = blocks if blocks is not None else sorted({0, n // 2, n - 1})
     windows = calibration_windows(tok, get_corpus("wiki"), nsamples, seqlen)
-    inputs = block_inputs(model, adapter, windows, blocks)
+    source, inputs = block_inputs(model, adapter, windows, blocks)
     kinds = {name: kind for kind in ("attention", "mlp") for name in adapter.coupled(kind)}
     dsnot = REGISTRIES["compensation"].build("dsnot", skip="none")
     structure = Unstructured()
     rows = []
+    shared: dict[str, LinearStats] = {}  # linears reading one input (q/k/v, gate/up) share its statistics
     for b in blocks:
         for name, lin in adapter.linears(adapter.blocks(model)[b]).items():
-            x = inputs.pop(f"{b}.{name}")
-            stats = LinearStats(x.shape[-1], mean=True, window_variance=True)
-            for window in x:
-                stats.add(window.unsqueeze(0))
+            key = source[f"{b}.{name}"]
+            x = inputs[key]
+            stats = shared.get(key)
+            if stats is None:
+                stats = shared[key] = LinearStats(x.shape[-1], mean=True, window_variance=True)
+                for window in x:
+                    stats.add(window.unsqueeze(0))
             W = lin.weight.detach().float()
             before = structure.mask(wanda_metric(W, stats), sparsity)
             t0 = time.perf_counter()

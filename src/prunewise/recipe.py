@@ -257,15 +257,13 @@ class Recipe(BaseModel):
 
     def parts(self):
         """The recipe's parts, built (and validated) from its entries."""
-        from .pipeline.parts import PartSet
+        from .pipeline.parts import PartSet, default_group
 
         score = _build("score", self.score)
         compensation = [_build("compensation", c) for c in self.compensation]
         structure = dict(self.structure)
         if structure["name"] == "unstructured" and structure.get("group") is None:
-            # a sweep score without its sweep (SparseGPT under DSnoT alone) ranks per row, as DSnoT's reference does
-            outside_sweep = score.sweep_saliency is not None and not any(c.reconstructs for c in compensation)
-            structure["group"] = "row" if outside_sweep else score.default_group
+            structure["group"] = default_group(score, compensation)
         return PartSet(score=score, structure=_build("structure", structure),
                        allocation=_build("allocation", self.allocation), compensation=compensation,
                        recovery=[_build("recovery", r) for r in self.recovery])

@@ -85,7 +85,7 @@ class Pruner:
     def _prune(self, weight: torch.Tensor, stats, structure, sparsity, module: str) -> PruneOutcome:
         notes: dict = {}
         importance = None
-        if self.reconstruct and self.score.sweep_saliency is not None:
+        if sweeps(self.score, self.reconstruct):
             outcome = self.reconstruct[0].compensate(weight, stats, structure, sparsity,
                                                      saliency=self.score.sweep_saliency, module=module)
             if not self.refine:
@@ -114,6 +114,18 @@ class Pruner:
         return outcome
 
 
+def sweeps(score, compensation) -> bool:
+    """Whether the score's mask is chosen inside an OBS sweep: a sweep score (SparseGPT) with a reconstructing
+    compensation. Without one (SparseGPT under DSnoT alone) it ranks the weights as they are."""
+    return score.sweep_saliency is not None and any(c.reconstructs for c in compensation)
+
+
+def default_group(score, compensation) -> str:
+    """The comparison group of unstructured pruning when the recipe names none: the score's, except that a sweep
+    score outside its sweep ranks per row, as DSnoT's reference does with SparseGPT's saliency."""
+    return "row" if score.sweep_saliency is not None and not sweeps(score, compensation) else score.default_group
+
+
 def default_compensation(score) -> list[str]:
     """Compensations a score cannot run without (SparseGPT: obs), from the part's declaration."""
     return list(score.requires.get("compensation", ())[:1])
@@ -135,7 +147,7 @@ def make_pruner(score: str, structure=None, compensation: list[str] | None = Non
         ccls = REGISTRIES["compensation"].get(name)
         comps.append(REGISTRIES["compensation"].build(name, **{k: v for k, v in options.items()
                                                                if k in ccls.Config.model_fields}))
-    return Pruner(part, structure or Unstructured(part.default_group), [c for c in comps if c.reconstructs],
+    return Pruner(part, structure or Unstructured(default_group(part, comps)), [c for c in comps if c.reconstructs],
                   [c for c in comps if c.refines_mask], lowrank=[c for c in comps if c.adds_lowrank])
 
 
