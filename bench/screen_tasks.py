@@ -1,7 +1,7 @@
 """Screen every offline multiple-choice task for the default suite (writes JSON and a markdown table).
 
-Stage 1 scores the first items of every multiple-choice task of the bigbench 1.0.0 sdist and the evals 3.0.1.post1
-wheel with the dense model (at most --stage1-items items and --stage1-tokens tokens per task). Tasks whose
+Stage 1 scores the first items of every multiple-choice task of the evals 3.0.1.post1 wheel (and of the legacy
+bigbench 1.0.0 sdist with --package all, where an index or a mirror still serves it) with the dense model (at most --stage1-items items and --stage1-tokens tokens per task). Tasks whose
 stage-1 accuracy is at least --margin above chance, at most --stage2-max of them with the largest z-scores
 ((acc - chance) / standard error of a chance-level guesser), go to stage 2, which scores
 *other* items (after the stage-1 ones, so the screening does not pick its own confirmation sample) up to
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--stage2-items", type=int, default=400)
     ap.add_argument("--stage2-tokens", type=int, default=40000)
     ap.add_argument("--suite-seconds", type=float, default=600)
+    ap.add_argument("--package", choices=["evals", "bigbench", "all"], default="evals",
+                    help="which tasks to screen (bigbench 1.0.0 is no longer served by the package index)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/screen_tasks.json"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -80,7 +82,7 @@ def main() -> None:
     data["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     model, tokenizer = load_model(args.model)
     encoder = PairEncoder(tokenizer)
-    names = sorted(list_tasks())
+    names = sorted(list_tasks(None if args.package == "all" else args.package))
     t0 = time.perf_counter()
     for i, name in enumerate(names, 1):
         if name in data["stage1"]:

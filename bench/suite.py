@@ -2,6 +2,7 @@
 
     python bench/suite.py                      # dense smollm2-135m, every suite item
     python bench/suite.py --model out/demo     # a pruned folder
+    python bench/suite.py --pruned out/w50     # the dense model and a pruned folder side by side, with retention
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from prunewise.tasks.suite import DEFAULT_SUITE, evaluate_tasks, format_task_tab
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--pruned", default=None, help="a pruned folder scored after --model, with retention")
     ap.add_argument("--out", default=str(ROOT / "bench/results/suite.json"))
     args = ap.parse_args()
     model, tokenizer = load_model(args.model)
@@ -32,21 +34,32 @@ def main() -> None:
     loaded = time.perf_counter() - start
     results = evaluate_tasks(model, tokenizer, tasks, progress=True)  # no cache: this run is the measurement
     seconds = time.perf_counter() - start
+    pruned = None
+    if args.pruned:
+        del model
+        pmodel, ptok = load_model(args.pruned)
+        pruned = evaluate_tasks(pmodel, ptok, tasks, progress=True)
     excl = [n for n, r in results.items() if r["acc_ci95"][0] > r["chance"]]
     data = {"model": args.model, "threads": torch.get_num_threads(), "suite": {k: list(v) for k, v in DEFAULT_SUITE.items()},
             "seconds_total": seconds, "seconds_loading_tasks": loaded, "results": results,
-            "tasks_whose_95ci_excludes_chance": excl}
+            "tasks_whose_95ci_excludes_chance": excl, "pruned_model": args.pruned, "pruned_results": pruned}
     out = Path(args.out)
     out.write_text(json.dumps(data, indent=1))
     lines = [f"# Default suite on {args.model}", "",
              f"{len(results)} tasks, {sum(r['n'] for r in results.values())} items, {seconds:.0f} s in all on "
              f"{torch.get_num_threads()} threads ({loaded:.0f} s of it loading the tasks); {len(excl)} tasks have a "
              "95% Wilson interval of accuracy above chance.", "",
-             f"Command: `python bench/suite.py --model {args.model}`", ""] + format_task_table(results)
+             f"Command: `python bench/suite.py --model {args.model}"
+             + (f" --pruned {args.pruned}`" if args.pruned else "`"), ""] + format_task_table(results, pruned)
     lines[-len(results) - 2] += " seconds |"
     lines[-len(results) - 1] += "---|"
     for i, r in enumerate(results.values()):
         lines[-len(results) + i] += f" {r['seconds']:.0f} |"
+    if pruned:
+        from prunewise.report.figures import mean_metric, mean_retention
+
+        lines += ["", f"Mean accuracy: dense {mean_metric(results):.3f}, pruned {mean_metric(pruned):.3f}; mean retention "
+                      f"of above-chance accuracy {(mean_retention(results, pruned) or 0):.0%}."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

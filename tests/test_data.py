@@ -18,7 +18,7 @@ from prunewise.data import (
     list_corpora,
     tokenize_corpus,
 )
-from prunewise.data.corpora import _bigbench_corpus, code_split
+from prunewise.data.corpora import code_split
 from prunewise.errors import PrunewiseError
 
 
@@ -224,19 +224,25 @@ def test_no_false_positive_on_disjoint_text(tmp_path):
     check_no_overlap(ev, cal)
 
 
-# ---------------------------------------------------------------- real corpora (downloads the bigbench sdist once)
+# ---------------------------------------------------------------- real corpora (fetches the evals wheel once)
 
 
 @pytest.mark.integration
-def test_wiki_corpora_load_and_do_not_overlap():
-    wiki = get_corpus("wiki")
-    wiki_test = get_corpus("wiki-test", role="evaluation")
-    for c in (wiki, wiki_test):
-        assert len(c.documents) > 1000 and len(c.text()) > 100_000
-        assert len(set(c.documents)) == len(c.documents)
-        assert c.source.startswith("bigbench==1.0.0 sdist: bigbench/benchmark_tasks/squad_shifts/")
-    assert wiki.documents[0].startswith("The Monastic Brotherhood")
-    assert wiki_test.documents[0].startswith("Super Bowl 50 was an American football game")
-    _bigbench_corpus.cache_clear()
-    assert get_corpus("wiki") == wiki  # the on-disk extraction gives the same corpus
-    check_no_overlap(wiki, wiki_test)
+@pytest.mark.parametrize("domain", ["wiki", "legal"])
+def test_default_corpora_load_pinned_and_do_not_overlap(domain):
+    from prunewise.data.corpora import PINNED, _evals_corpus
+
+    cal = get_corpus(domain)
+    test = get_corpus(domain, role="evaluation")
+    assert test.name == f"{domain}-test"
+    for c in (cal, test):
+        assert c.fingerprint == PINNED[c.name]  # the documents prunewise pins, from whichever source served them
+        assert len(c.text()) > 200_000 and len(set(c.documents)) == len(c.documents)
+        assert c.source.startswith(("mirror", "evals==", "the evals repository online"))
+    if domain == "wiki":
+        assert (len(cal.documents), len(test.documents)) == (600, 400)
+        assert cal.documents[0].startswith("Aubrey Leon Haines was born")
+    assert not set(cal.documents) & set(test.documents)
+    _evals_corpus.cache_clear()
+    assert get_corpus(domain) == cal  # the cached extraction gives the same corpus
+    check_no_overlap(cal, test)

@@ -137,9 +137,10 @@ def test_index_urls_read_pip_settings_without_running_pip(tmp_path, monkeypatch)
 def test_every_package_prunewise_fetches_is_pinned():
     from prunewise.data.corpora import BIGBENCH_VERSION
     from prunewise.models.registry import NAMED_MODELS
+    from prunewise.sources import EVALS_RELEASES
     from prunewise.tasks.items import EVALS_VERSION
 
-    wanted = {("bigbench", BIGBENCH_VERSION), ("evals", EVALS_VERSION)}
+    wanted = {("bigbench", BIGBENCH_VERSION), ("evals", EVALS_VERSION)} | {("evals", v) for v in EVALS_RELEASES}
     for entry in NAMED_MODELS.values():
         wanted |= {(c.package, c.version) for c in entry.chunks}
         if entry.sha256sums is not None:

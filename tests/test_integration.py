@@ -76,17 +76,16 @@ def test_gemma3_prunes_through_its_adapter():
 @pytest.mark.parametrize("n_agree", [(20, 10, 10), pytest.param((40, 40, 40), marks=pytest.mark.slow)],
                          ids=["small", "full"])
 def test_accuracy_agrees_exactly_with_lm_evaluation_harness(tmp_path, n_agree):
-    """Dense smollm2-135m on three offline tasks: the same correct counts (acc and acc_norm) as lm-eval 0.4.13,
+    """Dense smollm2-135m on three tasks of the default suite: the same correct counts (acc and acc_norm) as lm-eval 0.4.13,
     and per-choice log-likelihoods within float noise (prunewise shares contexts; lm-eval runs whole sequences)."""
     pytest.importorskip("lm_eval")
-    from prunewise.tasks import get_task, mc_metrics, score_items
+    from prunewise.tasks import mc_metrics, score_items
     from prunewise.tasks.harness import run_harness
-    from prunewise.tasks.items import prefetch_bigbench
+    from prunewise.tasks.suite import DEFAULT_SUITE, load_tasks
 
     model, tokenizer = load_model("smollm2-135m")
-    names = ("bigbench/strategyqa", "bigbench/emoji_movie", "evals/sandbagging/samples-all")
-    prefetch_bigbench(names)  # one pass over the sdist for both bigbench tasks
-    tasks = [get_task(name).head(n) for name, n in zip(names, n_agree)]
+    names = list(DEFAULT_SUITE)[:3]  # the default suite's first three tasks (its items, then the first n of them)
+    tasks = [task.head(n) for task, n in zip(load_tasks(names), n_agree)]
     theirs = run_harness(model, tokenizer, tmp_path / "harness", tasks)
     for task, n in zip(tasks, n_agree):
         lls = score_items(model, tokenizer, task.items)

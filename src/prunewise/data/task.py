@@ -11,7 +11,8 @@ from typing import NamedTuple
 import torch
 
 from ..errors import PrunewiseError
-from .corpora import _fingerprint, iter_jsonl, read_local_file
+from ..sources import fingerprint
+from .corpora import iter_jsonl, read_local_file
 from .windows import _check_int, _quiet_transformers
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class TaskRecords:
                     f"task data '{name}' record {i} has an empty completion; give every record a non-empty completion"
                 )
         flat = tuple(part for record in records for part in record)
-        return cls(records=records, fingerprint=_fingerprint(flat), source=source, name=name)
+        return cls(records=records, fingerprint=fingerprint(flat), source=source, name=name)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -45,17 +46,19 @@ def _dense_cache_path(model_spec: str, corpus, seqlen: int, max_tokens: int, dty
 
 def evaluate(model: nn.Module, tokenizer, data: list[str], eval_tokens: int = 32768, seqlen: int = 512,
              calibration: CalibrationSpec | None = None, dense_spec: str | None = None,
-             progress: bool = True, device: str = "auto") -> dict[str, float]:
+             progress: bool = True, device: str = "auto", window_nll: dict | None = None) -> dict[str, float]:
     """Perplexity on each evaluation corpus; refuses corpora that overlap the calibration text (every mixture part).
 
     Computed on ``device`` one block at a time (float32 on the CPU whatever the storage dtype). With
-    ``dense_spec`` (the model is the unmodified named/source model) results are cached on disk.
+    ``dense_spec`` (the model is the unmodified named/source model) results are cached on disk. ``window_nll``,
+    when given, receives each corpus's per-window mean NLLs.
     """
     with placed(model, get_adapter(model), Placement.of(model, device)):
-        return _evaluate(model, tokenizer, data, eval_tokens, seqlen, calibration, dense_spec, progress)
+        return _evaluate(model, tokenizer, data, eval_tokens, seqlen, calibration, dense_spec, progress, window_nll)
 
 
-def _evaluate(model, tokenizer, data, eval_tokens, seqlen, calibration, dense_spec, progress) -> dict[str, float]:
+def _evaluate(model, tokenizer, data, eval_tokens, seqlen, calibration, dense_spec, progress,
+              window_nll: dict | None = None) -> dict[str, float]:
     results = {}
     for name in data:
         corpus = get_corpus(name, "evaluation")
@@ -64,12 +67,24 @@ def _evaluate(model, tokenizer, data, eval_tokens, seqlen, calibration, dense_sp
         dtype = next(model.parameters()).dtype
         cache = _dense_cache_path(dense_spec, corpus, seqlen, eval_tokens, dtype) if dense_spec else None
         if cache is not None and cache.exists():
-            results[name] = json.loads(cache.read_text())["perplexity"]
-            continue
+            try:
+                record = json.loads(cache.read_text())
+                if window_nll is None or isinstance(record.get("window_nll"), list):
+                    results[name] = float(record["perplexity"])
+                    if window_nll is not None:
+                        window_nll[name] = record["window_nll"]
+                    continue
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # an unreadable or older cache file: measured again and rewritten
         windows = evaluation_windows(tokenizer, corpus, seqlen, eval_tokens)
-        results[name] = perplexity(model, windows, progress=progress, desc=f"ppl {name}")
+        nll: list[float] = []
+        results[name] = perplexity(model, windows, progress=progress, desc=f"ppl {name}", per_window=nll)
+        if window_nll is not None:
+            window_nll[name] = nll
         if cache is not None:
-            cache.write_text(json.dumps({"perplexity": results[name], "windows": list(windows.shape)}))
+            tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"perplexity": results[name], "windows": list(windows.shape), "window_nll": nll}))
+            os.replace(tmp, cache)
     return results
 
 
@@ -79,13 +94,27 @@ def _measure(model, tokenizer, recipe, tasks: list, progress: bool, dense: bool)
     from ..tasks.suite import evaluate_tasks
 
     key = dense_key(recipe.model, next(model.parameters()).dtype) if dense else None
+    window_nll: dict = {}
     with placed(model, get_adapter(model), Placement.of(model, recipe.device)):
         return {"perplexity": evaluate(model, tokenizer, recipe.evaluation, recipe.eval_tokens, recipe.eval_seqlen,
                                        dense_spec=recipe.model if dense else None, progress=progress,
-                                       device=recipe.device)
+                                       device=recipe.device, window_nll=window_nll)
                 if recipe.evaluation else {},
+                "window_nll": window_nll,
                 "tasks": evaluate_tasks(model, tokenizer, tasks, dense_key=key, progress=progress) if tasks else {},
                 "completions": greedy_completions(model, tokenizer) if recipe.completions else []}
+
+
+def add_intervals(rows: dict, dense_nll: dict, pruned_nll: dict) -> None:
+    """Each row's 95% intervals from the spread between evaluation windows: dense, pruned, and the paired ratio."""
+    from ..evaluate.perplexity import interval95, ratio_interval95
+
+    for name, row in rows.items():
+        d, p = dense_nll.get(name), pruned_nll.get(name)
+        if d and p:
+            row["windows"] = len(p)
+            row["dense_ci95"], row["pruned_ci95"] = interval95(d), interval95(p)
+            row["ratio_ci95"] = ratio_interval95(p, d)
 
 
 def evaluate_dense(model, tokenizer, recipe, tasks: list, progress: bool) -> dict:
@@ -159,6 +188,7 @@ def _run(recipe, progress: bool) -> dict:
     report = result.report
     report["perplexity"] = {n: {"dense": dense["perplexity"][n], "pruned": pruned["perplexity"][n]}
                             for n in recipe.evaluation}
+    add_intervals(report["perplexity"], dense.get("window_nll", {}), pruned.get("window_nll", {}))
     if one_shot is not None:
         for n in recipe.evaluation:
             report["perplexity"][n]["one_shot"] = one_shot[n]

@@ -66,11 +66,26 @@ def format_prune_report(report: dict, recipe) -> str:
              f"target {report['target_sparsity']:.4f}, achieved {report['achieved_sparsity']:.4f}"]
     if report.get("perplexity"):
         recovered = any("one_shot" in row for row in report["perplexity"].values())
+        spread = all(row.get("ratio_ci95") for row in report["perplexity"].values())
         lines.append(f"{'perplexity':<14}{'dense':>10}" + (f"{'one-shot':>10}{'recovered':>11}" if recovered else
-                                                            f"{'pruned':>10}") + f"{'ratio':>8}")
+                                                            f"{'pruned':>10}") + f"{'ratio':>8}"
+                     + (f"{'ratio 95% CI':>18}{'dense ±':>9}{'pruned ±':>10}" if spread else ""))
         for name, row in report["perplexity"].items():
             mid = f"{row['one_shot']:>10.2f}{row['pruned']:>11.2f}" if recovered else f"{row['pruned']:>10.2f}"
-            lines.append(f"{name:<14}{row['dense']:>10.2f}{mid}{row['pruned'] / row['dense']:>7.2f}x")
+            line = f"{name:<14}{row['dense']:>10.2f}{mid}{row['pruned'] / row['dense']:>7.2f}x"
+            if spread:
+                lo, hi = row["ratio_ci95"]
+
+                def half(ci, value):
+                    return f"{100 * (ci[1] - ci[0]) / 2 / value:.1f}%" if ci else "-"
+
+                line += (f"{f'[{lo:.2f}, {hi:.2f}]':>18}{half(row.get('dense_ci95'), row['dense']):>9}"
+                         f"{half(row.get('pruned_ci95'), row['pruned']):>10}")
+            lines.append(line)
+        if spread:
+            windows = sorted({row["windows"] for row in report["perplexity"].values()})
+            lines.append(f"(95% intervals from the spread between the {'/'.join(map(str, windows))} evaluation "
+                         "windows of each set, the ratio's paired window by window; more --eval-tokens narrow them)")
     for part in (report.get("recovery") or {}).get("parts", []):
         val = [h["val_loss"] for h in part["history"] if "val_loss" in h]
         lines.append(f"recovery {part['part']}: {part['tokens']:,} tokens, {part['steps']} steps, held-out loss "

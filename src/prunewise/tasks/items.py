@@ -22,11 +22,14 @@ from pathlib import Path
 
 from ..cache import cache_dir, fetch_distribution, sha256_file
 from ..errors import PrunewiseError
+from ..sources import EVALS_RELEASES, SourceError, evals_sources, first_match, read_mirror_lines
 
 logger = logging.getLogger(__name__)
 
 BIGBENCH_VERSION = "1.0.0"
-EVALS_VERSION = "3.0.1.post1"
+EVALS_VERSION = EVALS_RELEASES[0]
+# The sha256 (MCTask.fingerprint) of each default-suite task's items: any source yielding them is accepted.
+TASK_PINS: dict[str, str] = {}
 _BB_TASKS = "bigbench/benchmark_tasks/"
 _EVALS_DATA = "evals/registry/data/"
 
@@ -268,7 +271,14 @@ def _evals_item(record: dict) -> MCItem | None:
 
 @functools.lru_cache(maxsize=1)
 def _evals_archive() -> Path:
-    return fetch_distribution("evals", EVALS_VERSION)
+    """The first evals release the index (or the mirror) serves, for listing its tasks."""
+    failures = []
+    for version in EVALS_RELEASES:
+        try:
+            return fetch_distribution("evals", version)
+        except PrunewiseError as exc:
+            failures.append(str(exc))
+    raise PrunewiseError("no release of the evals wheel can be fetched to list its tasks: " + "; ".join(failures))
 
 
 @functools.lru_cache(maxsize=1)
@@ -286,30 +296,127 @@ def _evals_index() -> dict[str, dict]:
     return index
 
 
+# A classification task of the evals registry (every answer one of a few short labels) is scored as multiple choice
+# over its label set, as lm-eval scores such tasks: at most this many labels, each at most this many characters, and
+# every label the answer of at least this share of the records (so a label set is the task's, not a typo's).
+_LABELS_MAX = 5
+_LABEL_CHARS = 24
+_LABEL_MIN_SHARE = 0.05
+
+
+def _chat_prompt(record: dict) -> str | None:
+    """The prompt of an evals chat record: its system and user messages joined by blank lines (None if not chat)."""
+    messages = record.get("input")
+    if not isinstance(messages, list) or not messages:
+        return None
+    parts = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user") or "name" in m:
+            return None  # few-shot examples carry names; such records are not one question
+        content = m.get("content")
+        if not isinstance(content, str):
+            return None
+        parts.append(content.strip())
+    text = "\n\n".join(p for p in parts if p)
+    return text or None
+
+
+def _label_items(records: list[dict]) -> list[MCItem]:
+    """A classification task's records as multiple choice over its label set (empty when it is not one)."""
+    rows = []
+    for record in records:
+        prompt = _chat_prompt(record)
+        ideal = record.get("ideal")
+        if isinstance(ideal, list):
+            ideal = ideal[0] if len(ideal) == 1 else None
+        if prompt is None or not isinstance(ideal, str) or not ideal.strip():
+            continue
+        rows.append((prompt, ideal.strip()))
+    if not rows or len(rows) < 0.9 * len(records):
+        return []
+    counts: dict[str, int] = {}
+    for _, label in rows:
+        counts[label] = counts.get(label, 0) + 1
+    labels = sorted(counts)
+    if not 2 <= len(labels) <= _LABELS_MAX or any(len(label) > _LABEL_CHARS for label in labels) \
+            or min(counts.values()) < _LABEL_MIN_SHARE * len(rows):
+        return []
+    items = []
+    for prompt, label in rows:
+        context = prompt + "\nAnswer:"
+        items.append(MCItem(context, _continuations(context, labels), (labels.index(label),)))
+    return items
+
+
 def _evals_items(zf: zipfile.ZipFile, member: str) -> list[MCItem]:
     try:
         lines = zf.read(member).decode("utf-8").splitlines()
     except (UnicodeDecodeError, KeyError):
         return []
-    items, total = [], 0
+    return _evals_records_items(lines)
+
+
+def _evals_records_items(lines: list[str]) -> list[MCItem]:
+    """Items of an evals JSONL: lettered options (MMLU style) when 90% of records have them, else its label set."""
+    items, records = [], []
     for line in lines:
         if not line.strip():
             continue
-        total += 1
         try:
             record = json.loads(line)
         except ValueError:
+            records.append(None)
             continue
+        records.append(record)
         if isinstance(record, dict) and (item := _evals_item(record)) is not None:
             items.append(item)
-    return items if total and len(items) >= 0.9 * total else []
+    if records and len(items) >= 0.9 * len(records):
+        return items
+    dicts = [r for r in records if isinstance(r, dict)]
+    if records and len(dicts) >= 0.9 * len(records):
+        return _label_items(dicts)
+    return []
 
 
+def _mirror_items(name: str) -> list[MCItem]:
+    items = []
+    for record in read_mirror_lines("tasks", name):
+        try:
+            items.append(MCItem(record["context"], tuple(record["choices"]), tuple(record["gold"])))
+        except (KeyError, TypeError) as exc:
+            raise SourceError(f"the mirror's task {name} needs context, choices and gold in every line") from exc
+    return items
+
+
+def _member_items(read) -> list[MCItem]:
+    try:
+        return _evals_records_items(read().decode("utf-8").splitlines())
+    except UnicodeDecodeError as exc:
+        raise SourceError("not UTF-8") from exc
+
+
+def task_attempts(name: str):
+    """(label, thunk) for each source of an evals task: the mirror, each release of the wheel, online."""
+    member = name[len("evals/"):] + ".jsonl"
+    attempts = [("mirror", lambda: MCTask(name, tuple(_mirror_items(name)), "mirror"))]
+    for src in evals_sources(member):
+        attempts.append((src.label, lambda src=src: MCTask(name, _shuffled(_member_items(src.read), name), src.label)))
+    return attempts
+
+
+@functools.cache
 def _evals_task(name: str) -> MCTask:
-    member = _EVALS_DATA + name[len("evals/"):] + ".jsonl"
-    with zipfile.ZipFile(_evals_archive()) as zf:
-        items = _evals_items(zf, member) if member in zf.NameToInfo else []
-    return MCTask(name, _shuffled(items, name), f"evals=={EVALS_VERSION} wheel, {member}")
+    """An evals task from the first source that has it (the mirror, each release, online); pinned ones by hash."""
+    member = name[len("evals/"):] + ".jsonl"
+    attempts = task_attempts(name)
+    try:
+        task, label = first_match("task", name, attempts, lambda t: t.fingerprint, TASK_PINS.get(name))
+    except PrunewiseError as exc:
+        if "the wheel has no" in str(exc):  # a release was read and lacks it: a name that does not exist
+            raise PrunewiseError(f"unknown task '{name}'; see `prunewise tasks list` for the offline tasks, "
+                                 "or give a .jsonl file of multiple-choice items") from exc
+        raise
+    return MCTask(name, task.items, f"{label}, {_EVALS_DATA}{member}")
 
 
 # ---------------------------------------------------------------- the user's own JSONL
@@ -360,8 +467,13 @@ def load_mc_jsonl(path: str | os.PathLike) -> MCTask:
 def list_tasks(package: str | None = None) -> dict[str, dict]:
     """Every offline multiple-choice task: name -> {items, chance}."""
     out = {}
-    if package in (None, "bigbench"):
+    if package == "bigbench":
         out.update({k: {"items": v["items"], "chance": v["chance"]} for k, v in _bigbench_index().items()})
+    elif package is None:  # the legacy sdist is listed where an index or a mirror still serves it
+        try:
+            out.update({k: {"items": v["items"], "chance": v["chance"]} for k, v in _bigbench_index().items()})
+        except PrunewiseError as exc:
+            logger.warning("legacy bigbench tasks not listed: %s", exc)
     if package in (None, "evals"):
         out.update(_evals_index())
     return out
