@@ -370,3 +370,85 @@ def test_two_first_use_fetches_into_one_empty_cache_download_once(faults):
     assert hashlib.sha256((folder / "race_pkg-1.0.tar.gz").read_bytes()).digest() == \
         hashlib.sha256(_Slow.payload).digest()
     assert _Slow.hits.count("/files/race_pkg-1.0.tar.gz") == 1  # one download; the other waited for it
+
+
+# ------------------------------------------------------------------ a disk that fills, files damaged on disk
+
+
+@pytest.mark.parametrize("where", ["masks", "shards"])
+def test_offload_disk_running_out_of_space_is_one_line_naming_the_folder_and_the_space(nested, tmp_path, capsys,
+                                                                                         monkeypatch, where):
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from prunewise.engine import streaming
+
+    if where == "masks":  # core/masks.py pack() spills each block's masks with safetensors' save_file
+        real = safetensors.torch.save_file
+
+        def full(tensors, path, *a, **k):
+            if "-masks" in str(path):
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            return real(tensors, path, *a, **k)
+
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
+    else:
+        def full(path, tensors, metadata):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(streaming, "write_safetensors", full)
+    before = _tree_hash(nested["parent"])
+    assert main(_prune_args(nested, tmp_path / "out", "--offload", "disk", "--eval")) == 2
+    err = _one_error_line(capsys)
+    assert f"cannot write {tmp_path / 'out'}" in err and "No space left on device (it needs about" in err
+    assert "MB free" in err and "free some space or choose another --output" in err
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == [] and not list(tmp_path.glob(".out*"))
+    assert _tree_hash(nested["parent"]) == before
+
+
+def test_a_mask_file_whose_data_was_zeroed_is_refused(nested, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    assert main(_prune_args(nested, pruned)) == 0
+    file = pruned / "masks.safetensors"
+    data = bytearray(file.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    data[8 + n:] = bytes(len(data) - 8 - n)  # the header intact, every mask bit cleared
+    file.write_bytes(bytes(data))
+    args = ["recover", "--model", str(pruned), "--recover", "lora:seqlen=32:tokens=1024:batch=2", "--output",
+            str(tmp_path / "rec"), "--no-progress"]
+    assert main(args) == 2
+    assert f"the mask set {file} is damaged: its data does not match the checksum" in _one_error_line(capsys)
+    assert main(["apply-masks", "--model", nested["model"], "--masks", str(pruned), "--output",
+                 str(tmp_path / "x")]) == 2
+    assert "is damaged" in _one_error_line(capsys)
+    # a file written before the checksum existed: recover still sees that the mask does not mark the folder's zeros
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"].pop("sha256")
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(len(text).to_bytes(8, "little") + text + bytes(data[8 + n:]))
+    assert main(args) == 2
+    assert "zero weights its mask does not mark (the mask removes 0)" in _one_error_line(capsys)
+    assert not (tmp_path / "rec").exists() and not (tmp_path / "x").exists()
+
+
+def test_corrupt_or_truncated_sweep_files_are_recomputed_with_a_warning(nested, tmp_path, capsys, caplog, monkeypatch):
+    from prunewise import sweep
+
+    monkeypatch.setattr(sweep, "write_sweep_report", lambda out, summary: None)  # figures are not the point here
+    out = tmp_path / "sweep"
+    args = _sweep_args(nested, out)
+    assert main(args) == 0
+    cells = out / "cells"
+    (out / "dense.json").write_text((out / "dense.json").read_text()[:40])  # truncated
+    (cells / "magnitude-uniform-0.2.json").write_text("[1, 2]")  # valid JSON, not a cell
+    (cells / "magnitude-uniform-0.4.json").write_text('{"fingerprint": "x", "perplexity": ')  # cut mid-write
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "magnitude-uniform-0.2: finished" in printed and "magnitude-uniform-0.4: finished" in printed
+    assert "the dense result" in caplog.text and "holds a list, not a JSON object" in caplog.text
+    assert "cell magnitude-uniform-0.4" in caplog.text and "cannot be read" in caplog.text
+    assert isinstance(json.loads((out / "dense.json").read_text())["perplexity"], dict)
+    assert all(isinstance(json.loads(f.read_text()).get("fingerprint"), str) for f in cells.glob("*.json"))

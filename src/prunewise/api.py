@@ -23,11 +23,12 @@ def recover(folder: str, recovery: list, output: str, masks: str | None = None, 
 
     from .errors import PrunewiseError
     from .pipeline.recover import recover_folder
-    from .recipe import Recipe, make_recipe
+    from .recipe import make_recipe, read_recipe
 
-    if not (Path(folder) / "recipe.yaml").exists():
+    if not (Path(folder) / "recipe.yaml").is_file():
         raise PrunewiseError(f"{folder} has no recipe.yaml: give a folder written by prunewise prune")
-    fields = {**Recipe.from_yaml(Path(folder) / "recipe.yaml").model_dump(), "recovery": recovery, "output": output,
+    # the plan was followed already (its levels are the folder's zeros): not read again
+    fields = {**read_recipe(Path(folder) / "recipe.yaml"), "recovery": recovery, "output": output,
               "overwrite": overwrite, "plan": None}
     if evaluation is not None:
         fields["evaluation"] = evaluation

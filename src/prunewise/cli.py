@@ -414,12 +414,11 @@ def _cmd_recover(args) -> int:
 
 def _cmd_apply_masks(args) -> int:
     from .api import MaskSet, apply_masks
-    from .export.save import check_output, output_lock, save_pruned
+    from .export.save import claimed_output, save_pruned
     from .models.loading import load_model
 
-    check_output(args.output, args.overwrite, source=args.model)
-    masks = MaskSet.load(args.masks)
-    with output_lock(args.output):
+    with claimed_output(args.output, args.overwrite, source=[args.model, args.masks]):  # neither input replaced
+        masks = MaskSet.load(args.masks)  # checked against its checksum, then against the model before any change
         model, tokenizer = load_model(args.model)
         apply_masks(model, masks)
         save_pruned(model, tokenizer, args.output, {"masks.safetensors": masks.to_bytes()}, overwrite=args.overwrite,

@@ -5,6 +5,7 @@ The CLI and the Python API are thin fronts over it; it round-trips to YAML.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -56,13 +57,65 @@ def _choice(value, axis: str) -> dict:
                 key, text = (cls.shorthand if cls is not None else None), item
                 if key is None:
                     raise ValueError(f"{axis} '{value}': write options as {name}:OPTION=VALUE")
-            entry[key.strip()] = yaml.safe_load(text)
+            key = key.strip()
+            if key in entry:
+                raise ValueError(f"{axis} '{value}' sets {key} twice; give each option once")
+            entry[key] = yaml.safe_load(text)
         return entry
     if isinstance(value, str):
         return {"name": value.strip()}
     if isinstance(value, dict) and isinstance(value.get("name"), str):
         return dict(value)
     raise ValueError(f"{axis} must be a name or a mapping with a name and its options, not {value!r}")
+
+
+def _entries(value, axis: str) -> list:
+    """A chained axis (compensation, recovery) as a list of entries: a list, one name (``obs``), or names separated
+    by commas (``obs,dsnot``, as on the command line)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v for v in value.split(",") if v.strip()]
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ValueError(f"{axis} must be a part name, names separated by commas or a list of parts, not {value!r}; "
+                     f"e.g. {axis}: {'obs' if axis == 'compensation' else 'lora'}")
+
+
+def _duplicates(entries: list[dict], axis: str) -> None:
+    """Refuse a chained axis that names one part twice (only one of them would act, both would be reported)."""
+    seen: set[str] = set()
+    for entry in entries:
+        if entry["name"] in seen:
+            raise ValueError(f"{axis} names {entry['name']} twice; give each part once, with the options you want "
+                             f"(e.g. {entry['name']}:OPTION=VALUE)")
+        seen.add(entry["name"])
+
+
+DATA_SUFFIXES = (".txt", ".jsonl")
+
+
+def absolute_data(spec):
+    """A data spec with every local data file (``.txt``/``.jsonl`` that exists here) as an absolute path, so a recipe
+    saved with it is found again from any folder; corpus names, missing files and mixtures' weights stay as given."""
+    if not isinstance(spec, str):
+        return spec
+
+    def one(source: str) -> str:
+        text = source.strip()
+        if text.lower().endswith(DATA_SUFFIXES) and Path(text).expanduser().is_file():
+            return os.path.abspath(os.path.expanduser(text))
+        return source
+
+    if spec.lower().endswith(DATA_SUFFIXES) or Path(spec).expanduser().exists():
+        return one(spec)
+    parts = []
+    for part in spec.split(","):  # a mixture SOURCE:WEIGHT,...
+        source, sep, weight = part.rpartition(":")
+        parts.append(f"{one(source)}:{weight}" if sep else one(part))
+    return ",".join(parts)
 
 
 def _normalise(data: dict) -> dict:
@@ -83,7 +136,7 @@ def _normalise(data: dict) -> dict:
         structure = {**structure, "name": "n:m", "n": int(n), "m": int(m)}
     compensation = data.get("compensation")
     explicit = compensation is not None
-    compensation = [_choice(c, "compensation") for c in (compensation or [])]
+    compensation = [_choice(c, "compensation") for c in _entries(compensation, "compensation")]
     s_cls = REGISTRIES["structure"].parts.get(structure["name"].lower())
     a_cls = REGISTRIES["allocation"].parts.get(allocation["name"])
     c_obs = {"name": "obs"}
@@ -122,7 +175,7 @@ def _normalise(data: dict) -> dict:
         if c["name"] == "obs":
             c.update({k: v for k, v in c_obs.items() if k in legacy_obs})
     data.update(score=score, structure=structure, allocation=allocation, compensation=compensation,
-                recovery=[_choice(r, "recovery") for r in data.get("recovery") or []])
+                recovery=[_choice(r, "recovery") for r in _entries(data.get("recovery"), "recovery")])
     return data
 
 
@@ -142,7 +195,7 @@ class Recipe(BaseModel):
     before (flat fields such as ``owl_m``, ``damp``, ``bias_compensation``) load into the same entries.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number finite
 
     model: str = "smollm2-135m"
     score: dict = Field(default_factory=lambda: {"name": "wanda"}, description="score part and its options")
@@ -199,13 +252,31 @@ class Recipe(BaseModel):
     def _calibration(cls, v):
         try:
             if isinstance(v, str):
-                return parse_calibration(v)
+                parsed = parse_calibration(v)
+                if isinstance(parsed, str):
+                    return absolute_data(parsed)
+                v = parsed
             if isinstance(v, (list, tuple)):
-                return mixture_items(v)
+                return [MixtureItem(source=absolute_data(i.source), weight=i.weight) for i in mixture_items(v)]
         except PrunewiseError as exc:
             raise ValueError(str(exc)) from None
         raise ValueError(f"must be a corpus spec (e.g. wiki, a .txt file) or a list of {{source, weight}} items, "
                          f"not {v!r}")
+
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, v: str) -> str:
+        """A local model folder or .gguf file as an absolute path (the saved recipe finds it from any folder)."""
+        from .models.registry import NAMED_MODELS
+
+        if isinstance(v, str) and v.strip() and v.strip() not in NAMED_MODELS and Path(v).expanduser().exists():
+            return os.path.abspath(os.path.expanduser(v.strip()))
+        return v
+
+    @field_validator("evaluation", "tasks")
+    @classmethod
+    def _data_files(cls, v: list[str]) -> list[str]:
+        return [absolute_data(x) for x in v]
 
     @field_validator("device", "dtype")
     @classmethod
@@ -234,6 +305,10 @@ class Recipe(BaseModel):
         self.allocation = {"name": parts.allocation.key, **parts.allocation.options()}
         self.compensation = [{"name": c.key, **c.options()} for c in parts.compensation]
         self.recovery = [{"name": r.key, **r.options()} for r in parts.recovery]
+        _duplicates(self.compensation, "compensation")
+        for entry in self.recovery:  # recovery data found again from any folder (recover reads this recipe later)
+            if entry.get("data") is not None:
+                entry["data"] = absolute_data(entry["data"])
         reason = refusal(parts.chosen())
         if reason:
             raise ValueError(reason)
@@ -245,6 +320,8 @@ class Recipe(BaseModel):
                 raise ValueError(f"sparsity {self.sparsity} contradicts {struct.name} (= {struct.sparsity:g}); omit --sparsity with N:M")
         if self.plan and not struct.weight_level and struct.depth:
             raise ValueError(f"{struct.kind} are ranked by how little they change their input; leave --allocation at uniform")
+        if self.plan:
+            self._check_plan(struct)
         if self.budget is not None:
             if struct.fixed_sparsity:
                 raise ValueError("a parameter or byte budget needs unstructured sparsity (N:M fixes the sparsity)")
@@ -254,6 +331,28 @@ class Recipe(BaseModel):
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity {self.sparsity} is outside [0, 1); give the fraction of weights to remove, e.g. 0.5")
         return self
+
+    def _check_plan(self, struct) -> None:
+        """A saved plan decides how much is removed: it must be readable, its levels in [0, 1), and a sparsity given
+        beside it must be the plan's own (within 1e-4; a recipe prunewise saved carries it)."""
+        from .allocation.plan import AllocationPlan
+
+        if Path(self.plan).expanduser().is_file():
+            self.plan = os.path.abspath(os.path.expanduser(self.plan))
+        try:
+            plan = AllocationPlan.load(self.plan)
+        except PrunewiseError as exc:
+            raise ValueError(str(exc)) from None
+        if self.budget is not None:
+            raise ValueError(f"the plan {self.plan} decides how much is removed; give --plan or --budget, not both")
+        if struct.fixed_sparsity:
+            return
+        share = plan.achieved() if set(plan.modules) <= set(plan.numels) else plan.target
+        if self.sparsity is None:
+            self.sparsity = share
+        elif min(abs(self.sparsity - share), abs(self.sparsity - plan.target)) > 1e-4:
+            raise ValueError(f"sparsity {self.sparsity:g} contradicts the plan {self.plan}, which removes {share:.4f} "
+                             "of its modules' weights; leave --sparsity out with --plan (the plan sets it)")
 
     def parts(self):
         """The recipe's parts, built (and validated) from its entries."""
@@ -284,15 +383,41 @@ class Recipe(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise PrunewiseError(f"recipe {path} does not exist; write one with `prunewise prune ... --output DIR` (recipe.yaml)") from None
-        except yaml.YAMLError as exc:
-            raise PrunewiseError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise PrunewiseError(f"recipe {path} must be a YAML mapping of recipe fields")
-        return make_recipe(**data)
+        return make_recipe(**read_recipe(path))
+
+
+def read_recipe(path: str | Path) -> dict:
+    """The fields of a YAML recipe file (read as data only: no tags that build objects), or a one-line error for a
+    missing, unreadable, non-UTF-8, empty or non-mapping file."""
+    path = Path(path).expanduser()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PrunewiseError(f"recipe {path} does not exist; write one with `prunewise prune ... --output DIR` (recipe.yaml)") from None
+    except IsADirectoryError:
+        hint = f"e.g. {path / 'recipe.yaml'}" if (path / "recipe.yaml").is_file() else "a .yaml file"
+        raise PrunewiseError(f"recipe {path} is a folder; give the recipe file itself ({hint})") from None
+    except OSError as exc:
+        raise PrunewiseError(f"cannot read recipe {path} ({exc.strerror or exc}); check the path and its permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PrunewiseError(f"recipe {path} is not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x}); save it as "
+                             "UTF-8 YAML") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PrunewiseError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        raise PrunewiseError(f"recipe {path} is empty; write the recipe's fields in it (e.g. `sparsity: 0.5`), or "
+                             "leave --recipe out for the defaults")
+    if not isinstance(data, dict):
+        raise PrunewiseError(f"recipe {path} must be a YAML mapping of recipe fields (field: value), not a "
+                             f"{type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise PrunewiseError(f"recipe {path} has a field named {bad[0]!r}; field names are words such as sparsity")
+    return data
 
 
 def make_recipe(**fields) -> Recipe:

@@ -9,7 +9,14 @@ Layout of the output folder::
     report.html           self-contained page; report.md + figures/
 
 A cell is written atomically when it is finished, so an interrupted sweep loses at most the cell in progress;
-rerunning it skips every cell whose file exists and whose recipe is unchanged.
+rerunning it skips every cell whose file exists and whose inputs are unchanged: the recipe, the weights of the
+model (a fingerprint of its files) and the content of every local data file. A cell file or ``dense.json`` that
+cannot be read (corrupt, truncated, not a JSON object) is recomputed with a warning.
+
+The folder follows ``prune``'s output rules (``export/save.claimed_output``): never the source model, a filesystem
+root, the current or home folder; a non-empty folder only when an earlier sweep wrote it (its
+``.prunewise-output`` marker says sweep; older sweep folders have ``dense.json`` or ``cells/``); one process at
+a time (a lock).
 """
 
 from __future__ import annotations
@@ -51,17 +58,74 @@ def cell_name(score: str, allocation: str, sparsity: float) -> str:
     return f"{score}-{allocation}-{sparsity:g}"
 
 
-def _fingerprint(recipe: Recipe) -> str:
+def _data_files(recipe: Recipe) -> list[str]:
+    """The local data files a recipe reads (calibration, evaluation, tasks, recovery data)."""
+    from .recipe import DATA_SUFFIXES
+
+    specs = [recipe.calibration] if isinstance(recipe.calibration, str) else [i.source for i in recipe.calibration]
+    specs += [*recipe.evaluation, *recipe.tasks]
+    for entry in recipe.recovery:
+        data = entry.get("data")
+        if isinstance(data, str):
+            specs += [part.rpartition(":")[0] if ":" in part and not part.endswith(DATA_SUFFIXES) else part
+                      for part in data.split(",")]
+    return sorted({s.strip() for s in specs if s.strip().lower().endswith(DATA_SUFFIXES)})
+
+
+def sweep_inputs(base: Recipe) -> dict:
+    """What besides the recipe determines a cell: the model's weights (a fingerprint of its files: a folder replaced
+    by another model with the same shapes is another model) and the content of each local data file."""
+    from .cache import sha256_file
+    from .models.loading import model_fingerprint
+
+    data = {}
+    for path in _data_files(base):
+        try:
+            data[path] = sha256_file(Path(path).expanduser())[:16]
+        except OSError:
+            data[path] = None  # missing: the run itself says so
+    return {"weights": model_fingerprint(base.model), "data": data}
+
+
+def _fingerprint(recipe: Recipe, inputs: dict | None = None) -> str:
     fields = recipe.model_dump()
     for name in ("output", "overwrite", "ray", "num_cpus", "num_gpus"):  # where a cell runs does not change it
         fields.pop(name, None)
+    if inputs is not None:
+        fields["inputs"] = inputs
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _unique(values: list, flag: str | None = None) -> list:
+    """The values in order, each once (a repeated one is run once, with a warning naming ``flag``)."""
+    out = []
+    for v in values:
+        if v in out:
+            if flag:
+                logger.warning("%s lists %s more than once; it is run once", flag, v)
+        else:
+            out.append(v)
+    return out
+
+
+def _read_json(path: Path, what: str):
+    """A sweep file's JSON object, or None (with a warning) when it cannot be read or is not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        logger.warning("%s (%s) cannot be read (%s); computing it again", what, path, str(exc).splitlines()[0][:120])
+        return None
+    if not isinstance(data, dict):
+        logger.warning("%s (%s) holds a %s, not a JSON object; computing it again", what, path, type(data).__name__)
+        return None
+    return data
 
 
 def grid_recipes(base: Recipe, scores: list[str], sparsities: list[float], allocations: list[str]) -> dict[str, Recipe]:
     """The cells' recipes, validated before any work (a bad combination fails the whole sweep up front)."""
     if not scores or not sparsities or not allocations:
         raise PrunewiseError("a sweep needs at least one score, one sparsity and one allocation")
+    scores, sparsities, allocations = _unique(scores), _unique(sparsities), _unique(allocations)
     fields = base.model_dump()
     fields.update(output=None, overwrite=False, plan=None, ray=None)
     implied = make_recipe(score=base.score).compensation  # what the base's score brings by itself (obs for sparsegpt)
@@ -71,18 +135,25 @@ def grid_recipes(base: Recipe, scores: list[str], sparsities: list[float], alloc
     for score in scores:
         for allocation in allocations:
             for sparsity in sparsities:
-                cells[cell_name(score, allocation, sparsity)] = make_recipe(
-                    **dict(fields, score=score, allocation=allocation, sparsity=sparsity))
+                name = cell_name(score, allocation, sparsity)
+                if name in cells:
+                    raise PrunewiseError(f"two sparsities of the grid both name the cell {name} (they agree to 6 "
+                                         "significant digits); give sparsities that differ more, each once")
+                cells[name] = make_recipe(**dict(fields, score=score, allocation=allocation, sparsity=sparsity))
     return cells
 
 
-def _dense_key(base: Recipe) -> dict:
-    return {"model": base.model, "dtype": base.dtype, "evaluation": base.evaluation, "eval_tokens": base.eval_tokens,
-            "eval_seqlen": base.eval_seqlen, "tasks": base.tasks, "task_limit": base.task_limit,
-            "completions": base.completions}
+def _dense_key(base: Recipe, inputs: dict | None = None) -> dict:
+    key = {"model": base.model, "dtype": base.dtype, "evaluation": base.evaluation, "eval_tokens": base.eval_tokens,
+           "eval_seqlen": base.eval_seqlen, "tasks": base.tasks, "task_limit": base.task_limit,
+           "completions": base.completions}
+    if inputs is not None:  # the weights, and the evaluation and task files' content
+        key["weights"] = inputs["weights"]
+        key["data"] = {k: v for k, v in inputs["data"].items() if k in base.evaluation or k in base.tasks}
+    return key
 
 
-def _dense_data(base: Recipe, progress: bool) -> dict:
+def _dense_data(base: Recipe, progress: bool, inputs: dict | None = None) -> dict:
     """The dense model's evaluation (in this process, or a Ray worker's)."""
     from .models.loading import load_model
     from .pipeline.run import evaluate_dense
@@ -90,24 +161,27 @@ def _dense_data(base: Recipe, progress: bool) -> dict:
 
     model, tokenizer = load_model(base.model, base.dtype)
     tasks = load_tasks(base.tasks, base.task_limit) if base.tasks else []
-    return {"key": _dense_key(base), **evaluate_dense(model, tokenizer, base, tasks, progress)}
+    return {"key": _dense_key(base, inputs), **evaluate_dense(model, tokenizer, base, tasks, progress)}
 
 
-def _dense(base: Recipe, out: Path, progress: bool, ray=None):
+def _dense(base: Recipe, out: Path, progress: bool, ray=None, inputs: dict | None = None):
     """The dense model's evaluation, once per sweep folder (and its task scores cached across folders). On Ray
     it is a task: returns a callable that waits for it, so the cells start meanwhile."""
     path = out / "dense.json"
     if path.exists():
-        data = json.loads(path.read_text())
-        if data.get("key") == _dense_key(base):
-            return data
+        data = _read_json(path, "the dense result")
+        if data is not None:
+            if data.get("key") == _dense_key(base, inputs) and isinstance(data.get("perplexity"), dict):
+                return data
+            logger.warning("dense.json was computed for other inputs (model weights, data or settings) or is "
+                           "incomplete; computing it again")
     if ray is None:
-        data = _dense_data(base, progress)
+        data = _dense_data(base, progress, inputs)
         _write_json(path, data)
         return data
     task = ray.remote(_dense_task).options(num_cpus=base.num_cpus, num_gpus=base.num_gpus, name="sweep_dense",
                                            max_retries=MAX_RETRIES, retry_exceptions=False)
-    ref = task.remote(base)
+    ref = task.remote(base, inputs)
 
     def wait() -> dict:
         try:
@@ -127,13 +201,13 @@ def _threads(recipe: Recipe) -> None:
     torch.set_num_threads(max(1, int(recipe.num_cpus)))
 
 
-def _dense_task(base: Recipe) -> dict:
+def _dense_task(base: Recipe, inputs: dict | None = None) -> dict:
     """A Ray task: the dense evaluation."""
     _threads(base)
-    return _dense_data(base, False)
+    return _dense_data(base, False, inputs)
 
 
-def _run_cell(recipe: Recipe, progress: bool, model_dir: Path | None) -> dict:
+def _run_cell(recipe: Recipe, progress: bool, model_dir: Path | None, inputs: dict | None = None) -> dict:
     from .export.save import save_pruned
     from .pipeline.prune import prune
     from .pipeline.run import evaluate_pruned
@@ -143,7 +217,7 @@ def _run_cell(recipe: Recipe, progress: bool, model_dir: Path | None) -> dict:
     result = prune(recipe, progress=progress)
     cell = {"score": recipe.score["name"], "allocation": recipe.allocation["name"], "sparsity": recipe.sparsity,
             "structure": result.report["structure"], "recipe": json.loads(recipe.model_dump_json()),
-            "fingerprint": _fingerprint(recipe),
+            "fingerprint": _fingerprint(recipe, inputs),
             "achieved_sparsity": result.report["achieved_sparsity"], "timings": result.report["timings"],
             "peak_rss_mb": result.report["peak_rss_mb"], "plan": json.loads(result.plan.model_dump_json())}
     tasks = load_tasks(recipe.tasks, recipe.task_limit) if recipe.tasks else []
@@ -176,29 +250,40 @@ def run_sweep(base: Recipe, scores: list[str], sparsities: list[float], allocati
     With ``base.ray`` every missing cell is a Ray task (``base.num_cpus``/``num_gpus`` each), retried when its
     worker dies; this process writes each cell as it comes back, so workers need no shared filesystem.
     """
+    from .export.save import check_output, claimed_output
     from .pipeline.run import check_data
 
     out = Path(output).expanduser()
+    scores, sparsities, allocations = (_unique(scores, "--scores"), _unique(sparsities, "--sparsities"),
+                                       _unique(allocations, "--allocations"))
     cells = grid_recipes(base, scores, sparsities, allocations)
+    check_output(out, False, source=base.model, resume=True)  # before any work
     check_data(base)  # refuse overlapping data before any work
-    if out.exists() and not out.is_dir():
-        raise PrunewiseError(f"sweep output {out} is not a folder; choose another --output")
+    inputs = sweep_inputs(base)
+    with claimed_output(out, source=base.model, resume=True):
+        return _run_sweep(base, cells, scores, sparsities, allocations, out, save_models, progress, on_cell, inputs)
+
+
+def _run_sweep(base: Recipe, cells: dict[str, Recipe], scores, sparsities, allocations, out: Path, save_models: bool,
+               progress: bool, on_cell, inputs: dict) -> dict:
     ray = connect(base.ray) if base.ray else None
-    out.mkdir(parents=True, exist_ok=True)
-    dense = _dense(base, out, progress, ray)
+    dense = _dense(base, out, progress, ray, inputs)
     done: dict[str, dict] = {}
     failed: dict[str, str] = {}
     todo: dict[str, Recipe] = {}
     for name, recipe in cells.items():
         path = out / "cells" / f"{name}.json"
         if path.exists():
-            cell = json.loads(path.read_text())
-            if cell.get("fingerprint") == _fingerprint(recipe):
+            cell = _read_json(path, f"cell {name}")
+            if cell is not None and cell.get("fingerprint") == _fingerprint(recipe, inputs) and \
+                    isinstance(cell.get("perplexity"), dict):
                 done[name] = cell
                 if on_cell:
                     on_cell(name, "done before")
                 continue
-            logger.warning("cell %s was computed with another recipe; recomputing it", name)
+            if cell is not None:
+                logger.warning("cell %s was computed with other inputs (recipe, model weights or data); recomputing "
+                               "it", name)
         todo[name] = recipe
 
     def summary() -> dict:
@@ -221,7 +306,7 @@ def run_sweep(base: Recipe, scores: list[str], sparsities: list[float], allocati
             on_cell(name, f"failed: {error}")
 
     if ray is not None:
-        pending = _submit(ray, todo, save_models, on_cell)
+        pending = _submit(ray, todo, save_models, on_cell, inputs)
         if callable(dense):  # the dense evaluation ran beside the first cells
             dense = dense()
         _collect(ray, pending, progress, finished, fail)
@@ -229,7 +314,7 @@ def run_sweep(base: Recipe, scores: list[str], sparsities: list[float], allocati
         for name, recipe in todo.items():
             if on_cell:
                 on_cell(name, "running")
-            cell = _run_cell(recipe, progress, out / "models" / name if save_models else None)
+            cell = _run_cell(recipe, progress, out / "models" / name if save_models else None, inputs)
             finished(name, cell)
     result = summary()
     _write_json(out / "sweep.json", {k: v for k, v in result.items() if k != "cells"} |
@@ -238,26 +323,26 @@ def run_sweep(base: Recipe, scores: list[str], sparsities: list[float], allocati
     return result
 
 
-def sweep_cell(recipe: Recipe, save_models: bool) -> dict:
+def sweep_cell(recipe: Recipe, save_models: bool, inputs: dict | None = None) -> dict:
     """A Ray task: one cell, and the saved model's files as bytes (the driver writes them)."""
     import tempfile
 
     _threads(recipe)
     with tempfile.TemporaryDirectory(prefix="prunewise-cell-") as tmp:
         folder = Path(tmp) / "model" if save_models else None
-        cell = _run_cell(recipe, False, folder)
+        cell = _run_cell(recipe, False, folder, inputs)
         files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} \
             if folder is not None else {}
     return {"cell": cell, "files": files}
 
 
-def _submit(ray, todo: dict[str, Recipe], save_models: bool, on_cell) -> dict:
+def _submit(ray, todo: dict[str, Recipe], save_models: bool, on_cell, inputs: dict | None = None) -> dict:
     """Every missing cell a Ray task (its recipe's num_cpus/num_gpus), run again if its worker dies."""
     task = ray.remote(sweep_cell)
     pending = {}
     for name, recipe in todo.items():
         ref = task.options(num_cpus=recipe.num_cpus, num_gpus=recipe.num_gpus, max_retries=MAX_RETRIES,
-                           retry_exceptions=False, name=f"sweep_cell:{name}").remote(recipe, save_models)
+                           retry_exceptions=False, name=f"sweep_cell:{name}").remote(recipe, save_models, inputs)
         pending[ref] = name
         if on_cell:
             on_cell(name, "submitted")

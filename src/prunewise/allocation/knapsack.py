@@ -64,6 +64,8 @@ class Budget:
             raise PrunewiseError(f"unknown budget kind '{self.kind}'; use sparsity, keep_params, remove_params, keep_bytes or remove_bytes")
         if self.bytes_per_param <= 0:
             raise PrunewiseError(f"bytes_per_param {self.bytes_per_param} must be positive; use e.g. bytes_per_param('bfloat16')")
+        if not math.isfinite(self.value) or self.value < 0:
+            raise PrunewiseError(f"budget {self.kind}={self.value} must be a finite number, at least 0")
         if self.kind == "remove_params":
             count = int(round(self.value))
         elif self.kind == "remove_bytes":
@@ -74,6 +76,9 @@ class Budget:
         if not 0 <= count <= total:
             raise PrunewiseError(f"budget {self.kind}={self.value:g} means removing {count} of the {total} prunable weights, "
                                  "which is impossible; give a budget within the prunable weights")
+        if count == total and total:
+            raise PrunewiseError(f"budget {self.kind}={self.value:g} removes all {total} prunable weights (sparsity 1.0, "
+                                 "which --sparsity refuses too); give a budget that keeps some of them")
         return count
 
 
@@ -186,6 +191,9 @@ def parse_budget(text: str, dtype: str = "float32", other_params: int = 0):
         number = float(value)
     except ValueError:
         raise ValueError(f"budget value {value!r} is not a number; write e.g. keep_bytes=250e6") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"budget {text.strip()!r} must be a finite number of parameters or bytes, at least 0; write "
+                         "e.g. keep_params=90e6")
     try:
         per = bytes_per_param(dtype)
     except PrunewiseError as exc:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from ..errors import PrunewiseError
 
@@ -58,8 +59,29 @@ class AllocationPlan(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> AllocationPlan:
         plan = load_json_model(cls, path, "allocation plan", "write one with `prunewise prune ... --output DIR` (plan.json)")
+        plan.check_levels(path)
         plan.check_rows()
         return plan
+
+    def check_levels(self, path: str | Path = "") -> None:
+        """Every level a finite share in [0, 1) (per-row shares in [0, 1]), every module's weight count positive."""
+        where = f"allocation plan {path}" if path else "allocation plan"
+        fix = "make the plan again (prunewise prune ... --output DIR writes plan.json)"
+        if not self.modules:
+            raise PrunewiseError(f"{where} lists no modules; {fix}")
+        for m, level in self.modules.items():
+            if not (math.isfinite(level) and 0 <= level < 1):
+                raise PrunewiseError(f"{where} gives {m} the level {level}, outside [0, 1) (the share of its weights "
+                                     f"removed); {fix}")
+        for m, n in self.numels.items():
+            if n <= 0:
+                raise PrunewiseError(f"{where} gives {m} {n} weights; {fix}")
+        for m, vec in self.rows.items():
+            bad = next((x for x in vec if not (math.isfinite(x) and 0 <= x <= 1)), None)
+            if bad is not None:
+                raise PrunewiseError(f"{where} gives a row of {m} the level {bad}, outside [0, 1]; {fix}")
+        if not math.isfinite(self.target):
+            raise PrunewiseError(f"{where} has the target {self.target}; {fix}")
 
     def check_matches(self, numels: dict[str, int]) -> None:
         """Refuse a plan written for another model."""
@@ -77,11 +99,20 @@ class AllocationPlan(BaseModel):
 def load_json_model(cls: type[BaseModel], path: str | Path, what: str, fix: str):
     """Read a pydantic artifact from JSON; a missing or invalid file is a one-line PrunewiseError."""
     try:
-        return cls.model_validate_json(Path(path).read_text())
+        return cls.model_validate_json(Path(path).read_bytes())
     except FileNotFoundError:
         raise PrunewiseError(f"{what} {path} does not exist; {fix}") from None
+    except IsADirectoryError:
+        raise PrunewiseError(f"{what} {path} is a folder; give the JSON file itself ({fix})") from None
+    except OSError as exc:
+        raise PrunewiseError(f"cannot read {what} {path} ({exc.strerror or exc}); {fix}") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise PrunewiseError(f"{what} {path} is not valid {what} JSON ({where + ': ' if where else ''}{err['msg']}); "
+                             f"{fix}") from None
     except ValueError as exc:
-        raise PrunewiseError(f"{what} {path} is not valid {what} JSON ({str(exc).splitlines()[0]})") from None
+        raise PrunewiseError(f"{what} {path} is not valid {what} JSON ({str(exc).splitlines()[0]}); {fix}") from None
 
 
 def exact_counts(sparsities: dict[str, float], numels: dict[str, int], target: float,

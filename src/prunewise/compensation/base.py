@@ -19,3 +19,7 @@ class Compensation(Part):
     reconstructs = False
     refines_mask = False  # turns a selected mask into a better one before any reconstruction (DSnoT)
     adds_lowrank = False  # after everything, a low-rank correction kept beside the pruned weight (EoRA)
+
+    def check(self, module_name: str, weight) -> None:
+        """Refuse, before any pruning, a targeted linear this part cannot work on (only its shape is read)."""
+        return None

@@ -40,6 +40,15 @@ class EoRACompensation(Compensation):
     works_with = {"structure": ("unstructured", "n:m"), "allocation": ("uniform", "global", "owl")}
     hint = "EoRA corrects weights pruned in place, after a uniform, global or OWL allocation"
 
+    def check(self, module_name: str, weight) -> None:
+        """The rank must stay below the layer's full rank: a correction of full rank is the whole pruning error,
+        so ``W_pruned + B A`` would be the dense weight again (the pruning undone)."""
+        full = min(weight.shape)
+        if self.config.rank >= full:
+            raise PrunewiseError(f"eora rank {self.config.rank} is not below the rank of {module_name} "
+                                 f"({tuple(weight.shape)}, at most {full}): the correction would undo the pruning; "
+                                 f"use a rank below {full} (e.g. eora:{max(1, min(16, full // 4))}) or --ignore that module")
+
     def factors(self, dense: torch.Tensor, pruned: torch.Tensor, stats, module: str = "?"):
         """``(A, B)`` with ``B @ A`` the rank-r EoRA correction of ``dense - pruned`` (float32)."""
         if stats is None or stats.hessian is None:

@@ -33,3 +33,19 @@ def torch_dtype(name: str) -> torch.dtype:
     if canonical == "auto":
         raise PrunewiseError("dtype 'auto' has no torch dtype of its own; resolve it against a checkpoint first")
     return DTYPES[canonical]
+
+
+def overflows(tensor: torch.Tensor, stored: torch.dtype | None = None) -> str | None:
+    """Why a non-finite ``tensor`` is an overflow of its narrow dtype rather than a corrupt checkpoint (one clause),
+    or None: it holds infinities but no NaN, its dtype is narrower than float32 (``stored``, the checkpoint's
+    dtype, when known, is wider than it)."""
+    if not tensor.is_floating_point() or torch.finfo(tensor.dtype).bits >= 32:
+        return None
+    if stored is not None and not narrows(stored, tensor.dtype):
+        return None
+    if bool(torch.isnan(tensor).any()):
+        return None
+    name = str(tensor.dtype).removeprefix("torch.")
+    wider = " or ".join(n for n in ("bfloat16", "float32") if n != name)
+    return (f"its values overflow {name} (beyond +-{torch.finfo(tensor.dtype).max:g}), which is not a corrupt "
+            f"checkpoint: load it with --dtype {wider}")

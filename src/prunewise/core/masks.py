@@ -3,13 +3,19 @@
 A :class:`MaskSet` holds, per pruned linear, a boolean mask (True = removed) for weight-level
 runs, and per block the kept units for structured runs (``channels``, ``query_heads``,
 ``kv_heads``, and the blocks removed outright). It is saved as ``masks.safetensors``: boolean
-masks bit-packed (8 per byte, with their shapes in the metadata), kept units as index tensors.
+masks bit-packed (8 per byte, with their shapes in the metadata), kept units as index tensors. The
+metadata also holds what the set was made for (``made_for``: the model's block count, and for
+structured sets each block's widths) and a sha256 of every tensor's bytes (``sha256``), checked on
+load: a file whose data was damaged (zeroed, truncated) is refused. Files written before the
+checksum existed load without that check (their shapes, names and structure are still checked
+against the model they are applied to, ``pipeline/reapply.check_masks``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +28,37 @@ MASKS_FILE = "masks.safetensors"
 FORMAT = "prunewise-masks-v1"
 
 
+def data_digest(items: Iterable[tuple[str, bytes]]) -> str:
+    """sha256 of a mask file's tensors: each key and its bytes, in the order given (the file's sorted keys)."""
+    digest = hashlib.sha256()
+    for key, data in items:
+        digest.update(f"{key}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to("cpu").contiguous().numpy().tobytes()
+
+
 def unpack_mask(bits: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """A boolean mask of ``shape`` from its bits packed 8 per byte (little bit order)."""
     flat = np.unpackbits(bits.numpy(), bitorder="little", count=int(np.prod(shape)))
     return torch.from_numpy(flat.view(bool)).view(*shape)
+
+
+def _check_metadata(masks: MaskSet, shapes) -> None:
+    """The metadata's types (it is not covered by the checksum): a damaged header is a one-line error, not a crash."""
+    made = masks.made_for
+    ints = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+    ok = (isinstance(shapes, dict) and all(isinstance(v, list) and all(ints(x) for x in v) for v in shapes.values())
+          and isinstance(masks.structure, str) and isinstance(masks.removed_blocks, list)
+          and all(ints(b) for b in masks.removed_blocks) and isinstance(made, dict)
+          and ints(made.get("blocks", 0))
+          and (made.get("widths") is None or (isinstance(made["widths"], list) and all(
+              isinstance(w, list) and len(w) == 3 and all(ints(x) for x in w) for w in made["widths"]))))
+    if not ok:
+        raise ValueError("its metadata (shapes, structure, removed_blocks or made_for) is malformed")
 
 
 @dataclass
@@ -51,6 +84,8 @@ class MaskSet:
     # with ``spill``, packed masks go to files there instead (name -> (file, shape)): memory stays flat out of core
     spill: Path | None = None
     spilled: dict[str, tuple[Path, list[int]]] = field(default_factory=dict)
+    # what the set was made for: {"blocks": N} and, structured, {"widths": [[intermediate, heads, kv_heads], ...]}
+    made_for: dict = field(default_factory=dict)
 
     @property
     def has_weight_masks(self) -> bool:
@@ -59,6 +94,12 @@ class MaskSet:
 
     def weight_names(self) -> list[str]:
         return [*self.weights, *self.packed, *self.spilled]
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight mask's shape, without unpacking it."""
+        out = {n: tuple(m.shape) for n, m in self.weights.items()}
+        out.update({n: tuple(shape) for n, (_, shape) in [*self.packed.items(), *self.spilled.items()]})
+        return out
 
     def weight_masks(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every weight mask as a boolean tensor (True = removed), unpacking packed and spilled ones one at a time."""
@@ -113,26 +154,28 @@ class MaskSet:
             nbytes, info = entries[key]
             header[key] = {**info, "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        by_file: dict[Path, list[str]] = {}
-        for name, (file, _) in self.spilled.items():
-            by_file.setdefault(file, []).append(name)
-        with open(path, "wb") as out:
-            out.write(len(text).to_bytes(8, "little") + text)
-            handles = {}
-            try:
+        handles: dict = {}
+
+        def data(key: str) -> bytes:
+            if key in tensors:
+                return _bytes(tensors[key])
+            name = key.removeprefix("weight/")
+            file = self.spilled[name][0]
+            if file not in handles:
+                handles[file] = safe_open(str(file), framework="pt")
+            return handles[file].get_tensor(name).numpy().tobytes()
+
+        try:
+            meta["sha256"] = data_digest((key, data(key)) for key in sorted(entries))  # a first pass: the checksum
+            header["__metadata__"] = meta
+            text = json.dumps(header, separators=(",", ":")).encode()
+            text += b" " * (-len(text) % 8)
+            with open(path, "wb") as out:
+                out.write(len(text).to_bytes(8, "little") + text)
                 for key in sorted(entries):
-                    if key in tensors:
-                        out.write(tensors[key].contiguous().numpy().tobytes())
-                        continue
-                    name = key.removeprefix("weight/")
-                    file = self.spilled[name][0]
-                    if file not in handles:
-                        handles[file] = safe_open(str(file), framework="pt")
-                    out.write(handles[file].get_tensor(name).numpy().tobytes())
-            finally:
-                handles.clear()
+                    out.write(data(key))
+        finally:
+            handles.clear()
 
     def to_tensors(self, include_spilled: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors, shapes = {}, {}
@@ -154,7 +197,9 @@ class MaskSet:
             for kind, idx in keep.items():
                 tensors[f"units/{block}/{kind}"] = idx.detach().to("cpu", torch.long).contiguous()
         meta = {"format": FORMAT, "structure": self.structure, "shapes": json.dumps(shapes),
-                "removed_blocks": json.dumps(self.removed_blocks)}
+                "removed_blocks": json.dumps(self.removed_blocks), "made_for": json.dumps(self.made_for)}
+        if include_spilled or not self.spilled:
+            meta["sha256"] = data_digest((key, _bytes(tensors[key])) for key in sorted(tensors))
         return tensors, meta
 
     def save(self, path: str | Path) -> None:
@@ -185,15 +230,20 @@ class MaskSet:
                     raise PrunewiseError(f"{path} is not a prunewise mask set (format {meta.get('format')!r})")
                 shapes = json.loads(meta["shapes"])
                 out = cls(structure=meta.get("structure", "unstructured"),
-                          removed_blocks=json.loads(meta.get("removed_blocks", "[]")))
-                for key in f.keys():
-                    kind, rest = key.split("/", 1)
-                    t = f.get_tensor(key)
-                    if kind == "weight":
-                        out.weights[rest] = unpack_mask(t, shapes[rest])
-                    else:
-                        block, unit = rest.split("/")
-                        out.units.setdefault(int(block), {})[unit] = t
+                          removed_blocks=json.loads(meta.get("removed_blocks", "[]")),
+                          made_for=json.loads(meta.get("made_for", "{}")))
+                _check_metadata(out, shapes)
+                raw = {key: f.get_tensor(key) for key in sorted(f.keys())}
+            if "sha256" in meta and data_digest((k, _bytes(t)) for k, t in raw.items()) != meta["sha256"]:
+                raise PrunewiseError(f"the mask set {path} is damaged: its data does not match the checksum saved with "
+                                     "it; use an intact copy, or prune again to write it anew")
+            for key, t in raw.items():
+                kind, rest = key.split("/", 1)
+                if kind == "weight":
+                    out.weights[rest] = unpack_mask(t, shapes[rest])
+                else:
+                    block, unit = rest.split("/")
+                    out.units.setdefault(int(block), {})[unit] = t
         except PrunewiseError:
             raise
         except Exception as exc:  # noqa: BLE001 - a damaged file: name it in one line

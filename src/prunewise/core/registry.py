@@ -18,9 +18,9 @@ AXES = ("score", "structure", "allocation", "compensation", "recovery")
 
 
 class PartConfig(BaseModel):
-    """Options of a part; parts without options use this empty one."""
+    """Options of a part; parts without options use this empty one. Every number must be finite."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class Part:

@@ -150,5 +150,11 @@ def all_finite(t: torch.Tensor, band: int = 1 << 22) -> bool:
 
 def check_weight(module: str, weight: torch.Tensor) -> None:
     if not all_finite(weight):
+        from .dtypes import overflows
+
+        why = overflows(weight)
+        if why is not None:
+            raise PrunewiseError(f"weights of {module} contain infinite values: {why} (if the checkpoint itself is "
+                                 f"stored in {str(weight.dtype).removeprefix('torch.')}, it is corrupt)")
         raise PrunewiseError(f"weights of {module} contain NaN or infinite values; the source checkpoint is "
                              "corrupt: re-download or re-convert it")

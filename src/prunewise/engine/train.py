@@ -1,5 +1,9 @@
 """The training loop of recovery: AdamW over a given set of parameters, a token budget, warmup + cosine
-learning rate, gradient accumulation, held-out evaluation every N steps, checkpoints, resume, NaN stop.
+learning rate, gradient accumulation, held-out evaluation every N steps, checkpoints, resume, divergence stop.
+
+The run stops, with the parameters rolled back to the last good step and a line naming the learning rate,
+when the loss is not finite or blows up (above ``LOSS_BLOWUP`` times the first step's loss and 10 nats more),
+or when a trained parameter is not finite or grows past ``GROWTH`` times its starting scale (at least 1).
 
 A checkpoint (``state.pt`` in the checkpoint folder, written to a temporary file and renamed) holds the
 trained parameters, the optimizer's state, the step and the history; the order of the training
@@ -22,6 +26,8 @@ from tqdm.auto import tqdm
 from ..errors import PrunewiseError
 
 STATE = "state.pt"
+GROWTH = 1e3  # a trained parameter past GROWTH x max(1, its largest starting magnitude) has diverged
+LOSS_BLOWUP = 4.0  # a loss past LOSS_BLOWUP x the first step's (and 10 nats more) has diverged
 
 
 @dataclass
@@ -98,6 +104,18 @@ def train(params: dict[str, nn.Parameter], loss_of, batches, val_loss, settings:
             log = TrainLog(**state["log"])
             log.resumed_from = start
     good = {n: p.detach().clone() for n, p in params.items()}
+    limits = {n: GROWTH * max(1.0, float(p.detach().abs().max())) if p.numel() else math.inf for n, p in params.items()}
+    first = next((h["loss"] for h in log.history if "loss" in h), None)
+
+    def diverged(step: int, lr: float, what: str) -> PrunewiseError:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(good[n])
+        last = max((h["step"] for h in log.history), default=start)
+        return PrunewiseError(f"recovery diverged at step {step + 1}: {what} (learning rate {lr:.2g}, peak {s.lr:.2g}); "
+                              f"the weights were rolled back to step {last} and nothing was saved; lower the recovery "
+                              f"learning rate (--recover-lr, e.g. {s.lr / 10:.2g})")
+
     t0 = time.perf_counter()
     bar = tqdm(range(start, s.steps), desc=desc, unit="step", disable=not progress, initial=start, total=s.steps)
     for step in bar:
@@ -113,15 +131,19 @@ def train(params: dict[str, nn.Parameter], loss_of, batches, val_loss, settings:
             loss.backward()
             total += float(loss.detach())
         if not math.isfinite(total):
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(good[n])
-            last = log.history[-1]["step"] if log.history else 0
-            raise PrunewiseError(f"recovery loss became {total} at step {step + 1} (learning rate {lr:.2g}); the "
-                                 f"weights were rolled back to step {last}; lower the recovery learning rate")
+            raise diverged(step, lr, f"the recovery loss became {total}")
+        if first is None:
+            first = total
+        elif total > max(LOSS_BLOWUP * first, first + 10):
+            raise diverged(step, lr, f"the recovery loss blew up from {first:.3g} to {total:.3g}")
         if s.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(params.values()), s.max_grad_norm, foreach=False)
         opt.step()
+        with torch.no_grad():
+            for n, p in params.items():
+                top = float(p.detach().abs().max()) if p.numel() else 0.0
+                if not math.isfinite(top) or top > limits[n]:
+                    raise diverged(step, lr, f"the trained weights reached |w| = {top:.2g} ({n})")
         log.tokens += int(len(rows))
         log.history.append({"step": step + 1, "loss": total, "lr": lr})
         bar.set_postfix(loss=f"{total:.3f}")

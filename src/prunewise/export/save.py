@@ -25,6 +25,10 @@ from ..errors import PrunewiseError
 
 #: Written into every folder prunewise saves; ``--overwrite`` only ever replaces folders that have it.
 OUTPUT_MARKER = ".prunewise-output"
+#: The marker's text in a sweep folder: a later sweep resumes there (and nowhere else).
+SWEEP_MARKER = "written by prunewise sweep\n"
+# Files a sweep wrote before the marker existed: a folder with one of them resumes as a sweep folder.
+_LEGACY_SWEEP = ("dense.json", "cells")
 # Folders written by prunewise before the marker existed hold these files.
 _LEGACY_FILES = ("recipe.yaml", "report.json")
 _HELD: set[str] = set()
@@ -59,6 +63,17 @@ def _written_by_prunewise(folder: Path) -> bool:
     return (folder / OUTPUT_MARKER).is_file() or all((folder / name).is_file() for name in _LEGACY_FILES)
 
 
+def _is_sweep_folder(folder: Path) -> bool:
+    """A folder an earlier sweep wrote: its marker says so, or (older sweeps) it has no marker but dense.json or cells/."""
+    marker = folder / OUTPUT_MARKER
+    if marker.is_file():
+        try:
+            return marker.read_text() == SWEEP_MARKER
+        except OSError:
+            return False
+    return any((folder / name).exists() for name in _LEGACY_SWEEP)
+
+
 def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -72,15 +87,17 @@ def _cause(exc: BaseException) -> str:
     return text[:200] or type(exc).__name__
 
 
-def check_output(out: str | Path, overwrite: bool, source: str | Path | None = None,
-                 expected_bytes: int | None = None) -> Path:
+def check_output(out: str | Path, overwrite: bool, source: str | Path | list | None = None,
+                 expected_bytes: int | None = None, resume: bool = False) -> Path:
     """Refuse, before any work, an output that is unsafe or cannot be written; return it as a Path.
 
     Refused: an empty path, a filesystem root, the current folder or one that contains it, the home
     folder or one that contains it; any path that equals, contains or lies inside the source model
     (symlinks followed); a file; a non-empty folder without ``overwrite``, or with it when the folder
     holds files prunewise did not write; a path whose filesystem is not writable; and, given
-    ``expected_bytes``, a filesystem without room for them.
+    ``expected_bytes``, a filesystem without room for them. With ``resume`` (a sweep, which finishes
+    what an earlier run into the same folder left) a non-empty folder is taken only when an earlier
+    sweep wrote it: never a user's folder, nor a pruned model's.
     """
     if not str(out).strip():
         raise PrunewiseError("empty --output; pass the folder to write the pruned model to, e.g. --output out/pruned")
@@ -92,14 +109,22 @@ def check_output(out: str | Path, overwrite: bool, source: str | Path | None = N
     for what, folder in (("the current folder", Path.cwd().resolve()), ("your home folder", Path.home().resolve())):
         if _inside(folder, resolved):
             raise PrunewiseError(f"output {out} is or contains {what} ({folder}); {hint}")
-    for src in source_paths(source):
-        if _inside(resolved, src) or _inside(src, resolved):
-            relation = "is" if resolved == src else ("lies inside" if _inside(resolved, src) else "contains")
-            raise PrunewiseError(f"output {out} {relation} the source model {src}; prunewise never modifies the "
-                                 "source: choose an --output outside it")
+    sources = source if isinstance(source, (list, tuple)) else [source]  # the model, then any other input read
+    for i, spec in enumerate(sources):
+        for src in source_paths(spec):
+            if _inside(resolved, src) or _inside(src, resolved):
+                relation = "is" if resolved == src else ("lies inside" if _inside(resolved, src) else "contains")
+                what = "the source model" if i == 0 else "an input of this command"
+                raise PrunewiseError(f"output {out} {relation} {what} {src}; prunewise never modifies the source: "
+                                     "choose an --output outside it")
     if out.exists() and not out.is_dir():
         raise PrunewiseError(f"output {out} exists and is not a folder; choose another --output")
-    if out.is_dir() and any(out.iterdir()):
+    if resume and out.is_dir() and any(out.iterdir()) and not _is_sweep_folder(out):
+        what = ("is a pruned model prunewise wrote, not a sweep folder" if _written_by_prunewise(out)
+                else f"holds files prunewise did not write (no {OUTPUT_MARKER})")
+        raise PrunewiseError(f"output folder {out} {what}; a sweep writes a new folder or resumes one an earlier sweep "
+                             "wrote: choose another --output")
+    if not resume and out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise PrunewiseError(f"output folder {out} exists and is not empty; pass --overwrite or choose another --output")
         if not _written_by_prunewise(out):
@@ -124,6 +149,60 @@ def check_writable(out: Path, expected_bytes: int | None = None) -> None:
         if free < expected_bytes:
             raise PrunewiseError(f"cannot write {out}: it needs about {expected_bytes / 1e6:.0f} MB and {base} has "
                                  f"{free / 1e6:.0f} MB free; free some space or choose another --output")
+
+
+@contextlib.contextmanager
+def claimed_output(out: str | Path, overwrite: bool = False, source: str | Path | list | None = None, resume: bool = False):
+    """The output rule of every command that writes a folder, in one place: ``check_output`` before any work, then
+    the output's lock held until the command ends. A resumable output (a sweep) gets its marker at once."""
+    path = check_output(out, overwrite, source, resume=resume)
+    with output_lock(path):
+        created = not path.exists()
+        if resume:
+            marker = path / OUTPUT_MARKER
+            if not marker.is_file():
+                try:
+                    path.mkdir(parents=True, exist_ok=True)
+                    marker.write_text(SWEEP_MARKER)
+                except OSError as exc:
+                    raise PrunewiseError(f"cannot write {path}: {_cause(exc)}; choose another --output") from exc
+        try:
+            yield path
+        except BaseException:
+            if created and path.is_dir() and [p.name for p in path.iterdir()] == [OUTPUT_MARKER]:
+                shutil.rmtree(path, ignore_errors=True)  # a new folder that got nothing but its marker: no output
+            raise
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (an OSError, or a safetensors error that carries only the OS message) is a full disk."""
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc)
+
+
+@contextlib.contextmanager
+def space_for(folder: str | Path, needed_bytes: int | None = None):
+    """Turn a full disk while writing under ``folder`` (weights, masks, any file) into one line naming the folder,
+    the space the output needs and the space left."""
+    try:
+        yield
+    except PrunewiseError:
+        raise
+    except Exception as exc:
+        if not no_space(exc):
+            raise
+        raise PrunewiseError(f"cannot write {Path(folder).expanduser()}: {_space_line(folder, needed_bytes)}; nothing was "
+                             "kept: free some space or choose another --output") from None
+
+
+def _space_line(folder: str | Path, needed_bytes: int | None) -> str:
+    """'No space left on device (it needs about N MB, BASE has M MB free)'."""
+    base = _nearest_existing(Path(folder).expanduser().resolve())
+    try:
+        free = f"{shutil.disk_usage(base).free / 1e6:.0f} MB free"
+    except OSError:
+        free = "no room"
+    need = f"it needs about {needed_bytes / 1e6:.0f} MB, " if needed_bytes else ""
+    return f"No space left on device ({need}{base} has {free})"
 
 
 @contextlib.contextmanager
@@ -216,6 +295,7 @@ def save_pruned(model: nn.Module, tokenizer, out: str | Path, extra_files: dict[
     ``weights``: a staging folder of shards a streamed run wrote (the model itself is on the meta device).
     """
     out = check_output(out, overwrite, source)
+    staged = sum(f.stat().st_size for f in weights.rglob("*") if f.is_file()) if weights is not None else 0
     with output_lock(out):
         _remove_leftovers(out, keep=weights)
         tmp = None
@@ -234,6 +314,11 @@ def save_pruned(model: nn.Module, tokenizer, out: str | Path, extra_files: dict[
         except PrunewiseError:
             raise
         except Exception as exc:
+            if no_space(exc):
+                need = staged + sum(p.numel() * p.element_size() for p in model.parameters()
+                                    if p.device.type != "meta") + sum(len(c) for c in extra_files.values())
+                raise PrunewiseError(f"could not save the pruned model to {out}: {_space_line(out, need)}; nothing "
+                                     "was written: free some space or choose another --output") from exc
             raise PrunewiseError(f"could not save the pruned model to {out}: {_cause(exc)}; nothing was written, "
                                  "fix the cause (space, permissions) and rerun") from exc
         finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.dtypes import narrows
+from ..core.dtypes import narrows, overflows
 from ..errors import PrunewiseError
 
 INDEX = "model.safetensors.index.json"
@@ -182,7 +182,13 @@ def materialize(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]
             if tuple(t.shape) != tuple(p.shape):
                 raise PrunewiseError(f"tensor {full} has shape {tuple(t.shape)} in the checkpoint but {tuple(p.shape)} "
                                      "in its config; the checkpoint does not match its config.json")
-            sub._parameters[leaf] = nn.Parameter(t.to(dtype), requires_grad=False)
+            cast = t.to(dtype)
+            if dtype == torch.float16 and t.dtype != dtype and t.is_floating_point() and bool(torch.isinf(cast).any()):
+                why = overflows(cast, t.dtype)  # read finite, infinite once narrowed: float16's range, not corruption
+                if why is not None and bool(torch.isfinite(t).all()):
+                    raise PrunewiseError(f"tensor {full} (stored as {str(t.dtype).removeprefix('torch.')}) becomes "
+                                         f"infinite when read: {why}")
+            sub._parameters[leaf] = nn.Parameter(cast, requires_grad=False)
 
 
 def release(module: nn.Module) -> None:

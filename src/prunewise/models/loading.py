@@ -31,7 +31,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..cache import cache_dir, fetch_distribution, locked, sha256_file
-from ..core.dtypes import narrows, torch_dtype
+from ..core.dtypes import narrows, overflows, torch_dtype
 from ..core.memory import trim_heap
 from ..core.stats import all_finite
 from ..errors import PrunewiseError
@@ -386,10 +386,16 @@ def _refuse_pickle_only(folder: Path) -> bool:
     )
 
 
-def check_finite(model: torch.nn.Module, spec: str) -> None:
-    """Refuse a model any of whose tensors (embeddings, norms, head, linears) holds NaN or infinite values."""
+def check_finite(model: torch.nn.Module, spec: str, stored: torch.dtype | None = None) -> None:
+    """Refuse a model any of whose tensors (embeddings, norms, head, linears) holds NaN or infinite values. With
+    ``stored`` (the checkpoint's dtype) infinities that a narrower load dtype made (1e6 read as float16) are named
+    as the overflow they are, with the dtype to use instead."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and tensor.device.type != "meta" and not all_finite(tensor):
+            why = overflows(tensor, stored) if stored is not None else None
+            if why is not None:
+                raise PrunewiseError(f"tensor {name} of model '{spec}' (stored as {str(stored).removeprefix('torch.')}) "
+                                     f"becomes infinite when loaded: {why}")
             raise PrunewiseError(
                 f"tensor {name} of model '{spec}' contains NaN or infinite values; the checkpoint is corrupt: "
                 "re-download or re-convert it"
@@ -436,7 +442,7 @@ def load_model(
             "weights and tokenizer files for a causal LM"
         ) from exc
     model.eval()
-    check_finite(model, spec)
+    check_finite(model, spec, checkpoint_dtype(folder))
     trim_heap()  # the read buffers of the load are free: their pages go back before the work starts
     logger.info("Loaded %s (%s) from %s in %.1f s", spec, type(model).__name__, folder, time.perf_counter() - start)
     return model, tokenizer

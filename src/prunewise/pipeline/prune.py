@@ -71,6 +71,25 @@ def targeted_numels(model: nn.Module, recipe) -> dict[str, int]:
     return keep
 
 
+def budget_share(recipe, model: nn.Module, numels: dict[str, int]) -> float:
+    """The share of the targeted weights a parameter/byte budget removes (refused when impossible)."""
+    from ..allocation.knapsack import parse_budget
+
+    total = sum(numels.values())
+    others = sum(p.numel() for p in model.parameters()) - total
+    return parse_budget(recipe.budget, recipe.budget_dtype, others).removal(total) / total
+
+
+def check_fits(parts, model: nn.Module, numels: dict[str, int]) -> None:
+    """Refuse, from the targeted linears' shapes alone (meta tensors too), what the structure or a compensation
+    cannot do with them (N:M widths, an EoRA rank at the layer's full rank), before any pruning."""
+    weights = prunable_weights(model)
+    for name in numels:
+        parts.structure.check(name, weights[name])
+        for part in parts.compensation:
+            part.check(name, weights[name])
+
+
 def allocation_context(model, recipe, parts, numels, windows, progress: bool, tokenizer=None,
                        stream=None) -> AllocationContext:
     """What the allocation part gets: the model, the composed pruner, the targets, windows and engine services."""
@@ -142,17 +161,13 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
     placement = placement_for(model, recipe, parts)
     numels = targeted_numels(model, recipe)
     if recipe.budget:  # a parameter/byte budget becomes the share of the targeted weights to remove
-        from ..allocation.knapsack import parse_budget
-        total = sum(numels.values())
-        others = sum(p.numel() for p in model.parameters()) - total
-        count = parse_budget(recipe.budget, recipe.budget_dtype, others).removal(total)
-        recipe = recipe.model_copy(update={"sparsity": count / total})
-        log.info("budget %s: remove %d of %d targeted weights (sparsity %.6f)", recipe.budget, count, total, recipe.sparsity)
+        recipe = recipe.model_copy(update={"sparsity": budget_share(recipe, model, numels)})
+        log.info("budget %s: sparsity %.6f of the targeted weights", recipe.budget, recipe.sparsity)
+    check_fits(parts, model, numels)
     weights = prunable_weights(model)
     for name in numels:
         if stream is None:  # streamed: checked in the prune visitor when the block is read
             check_weight(name, weights[name])
-        structure.check(name, weights[name])
     timings: dict[str, float] = {}
     pruner = parts.pruner(adapter)
     rowwise = bool(parts.allocation.config.rowwise)
@@ -175,6 +190,7 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
     timings["allocation_s"] = time.perf_counter() - t0
 
     visitor = PruneVisitor(pruner, structure, plan, adapter.block_prefix(model), rowwise=rowwise)
+    visitor.masks.made_for = {"blocks": len(adapter.blocks(model))}
     if stream is not None:  # out of core: each block's masks packed into a file, not kept in memory
         visitor.masks.spill = stream.mask_spill
     t0 = time.perf_counter()

@@ -45,6 +45,21 @@ def _pruned_linears(model, masks) -> tuple[dict, dict]:
     return linears, {}
 
 
+TOKEN_BYTES = 9  # a training token's id (int64) and its loss-mask entry (bool)
+
+
+def check_token_memory(tokens: int, n_train: int, n_val: int, seqlen: int) -> None:
+    """Refuse, before any window is cut, a recovery budget whose token ids alone would not fit in memory."""
+    from .streamed import available_ram
+
+    need = (n_train + n_val) * seqlen * TOKEN_BYTES
+    have = available_ram() or (1 << 40)
+    if need > have:
+        raise PrunewiseError(f"recovery budget of {tokens:,} tokens ({n_train:,} windows of {seqlen}) needs about "
+                             f"{need / 1e9:,.3g} GB for its token ids, more than the {have / 1e9:.1f} GB of memory "
+                             "available; lower --recover-tokens (e.g. 65536)")
+
+
 def recover(result, recipe, progress: bool = True) -> dict:
     """Run the recipe's recovery parts on ``result.model`` (in place). Returns the report section."""
     parts = recipe.parts().recovery
@@ -74,6 +89,7 @@ def _one(part, model, tok, recipe, linears, mask_of, progress) -> dict:
     if n_train < cfg.batch:
         raise PrunewiseError(f"recovery budget {cfg.tokens} tokens is {n_train} windows of {cfg.seqlen}, fewer than "
                              f"one step of {cfg.batch}; raise the tokens or lower batch/seqlen")
+    check_token_memory(cfg.tokens, n_train, cfg.val_windows, cfg.seqlen)
     win = recovery_windows(tok, spec, n_train, cfg.val_windows, cfg.seqlen, cfg.seed, calibration=recipe.calibration,
                            cal_nsamples=recipe.nsamples, cal_seqlen=recipe.seqlen, cal_seed=recipe.seed)
     teacher = None
@@ -114,6 +130,12 @@ def _one(part, model, tok, recipe, linears, mask_of, progress) -> dict:
     try:
         log = train(params, loss_of, win.train.shape[0], val_loss, settings, checkpoint=ckpt, key=key,
                     progress=progress, desc=f"recovery {part.name}")
+    except PrunewiseError:  # diverged: its checkpoints would only resume the same divergence
+        if folder is not None:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            if folder.exists() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     finally:
         if teacher is not None:
             del teacher
@@ -151,20 +173,82 @@ def adapter_files(section: dict, dtype) -> dict:
     return files
 
 
+KEPT_FILES = ("modeling_prunewise.py", "plan.json")  # beside the weights of a pruned folder, kept by its recovery
+
+
+def _adapter_folders(src: Path) -> list[Path]:
+    """The PEFT LoRA adapters saved beside a pruned folder's weights (eora/, an unmerged recovery's lora/, ...)."""
+    return sorted(d for d in src.iterdir() if d.is_dir() and (d / "adapter_config.json").is_file())
+
+
+def _attach_adapter(model, folder: Path):
+    """A saved PEFT LoRA adapter (as prunewise writes them) attached to ``model``'s linears as low-rank hooks, so
+    recovery trains with the correction the pruned folder computes with; a one-line error when it does not fit."""
+    from safetensors.torch import load_file
+    from torch import nn
+
+    from ..engine.lowrank import LowRankSet
+
+    where = f"the adapter {folder}"
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - a missing or damaged adapter: one line
+        raise PrunewiseError(f"{where} cannot be read ({type(exc).__name__}: {str(exc)[:120]}); restore it, or recover "
+                             "a copy of the folder without it") from None
+    if config.get("use_dora") or config.get("use_rslora"):
+        raise PrunewiseError(f"{where} uses DoRA or rsLoRA, which recovery cannot keep; recover a folder without it")
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    lowrank = LowRankSet()
+    prefix, a_end, b_end = "base_model.model.", ".lora_A.weight", ".lora_B.weight"
+    names = sorted(k[len(prefix):-len(a_end)] for k in tensors if k.startswith(prefix) and k.endswith(a_end))
+    if not names:
+        raise PrunewiseError(f"{where} holds no LoRA weights; restore it, or recover a copy of the folder without it")
+    for name in names:
+        A, B = tensors[f"{prefix}{name}{a_end}"], tensors.get(f"{prefix}{name}{b_end}")
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, nn.Linear) or B is None or A.shape[1] != linear.in_features or \
+                B.shape[0] != linear.out_features or A.shape[0] != B.shape[1]:
+            raise PrunewiseError(f"{where} does not fit its model ({name}); recover the folder it was saved with")
+        scale = alphas.get(name, alpha) / ranks.get(name, r)
+        lowrank.attach(name, linear, A.float(), B.float() * scale)
+    return lowrank
+
+
 def recover_folder(folder: str, recipe, masks_path: str | None = None, progress: bool = True) -> dict:
     """Recover a model pruned earlier (``folder`` holds its weights and ``masks.safetensors``) as ``recipe`` says
-    (its recovery parts, evaluation and output): train keeping the saved masks, evaluate before and after, save."""
+    (its recovery parts, evaluation and output): train keeping the saved masks, evaluate before and after, save.
+
+    The mask set (the folder's, or ``masks_path``) is checked against the folder before any work (structure, blocks,
+    names, shapes, and the weights' zeros). The folder's adapters (``eora/``, an unmerged LoRA) compute with the
+    model during recovery, as they do when the folder is used, and are saved unchanged beside the recovered weights,
+    with its masks, plan and modeling file."""
     from ..core.masks import MASKS_FILE, MaskSet
-    from ..export.save import check_output, output_lock, save_pruned
+    from ..export.save import claimed_output, save_pruned
     from .prune import PruneResult
+    from .reapply import RECOVER_FIX, check_masks
     from .run import evaluate
 
     src = Path(folder)
     output, overwrite = recipe.output, recipe.overwrite
-    check_output(output, overwrite, source=folder)
-    masks = MaskSet.load(masks_path or src / MASKS_FILE)
-    with output_lock(output):
+    adapters = _adapter_folders(src)
+    taken = {d.name for d in adapters}
+    for i, part in enumerate(recipe.parts().recovery):
+        name = part.key if i == 0 else f"{part.key}-{i}"
+        if not part.config.merge and "lora" in part.config.params and name in taken:
+            raise PrunewiseError(f"{src} already has a {name}/ adapter and this recovery would save another under the "
+                                 f"same name; recover with merge (the default), or from a folder without {name}/")
+    with claimed_output(output, overwrite, source=[folder, masks_path] if masks_path else folder):
+        mask_file = Path(masks_path) if masks_path else src / MASKS_FILE
+        mask_file = mask_file / MASKS_FILE if mask_file.is_dir() else mask_file
+        masks = MaskSet.load(mask_file)
         model, tok = load_model(str(src), recipe.dtype)
+        check_masks(model, masks, applied=True, structure=recipe.parts().structure.name, fix=RECOVER_FIX)
+        kept = [_attach_adapter(model, d) for d in adapters]
         result = PruneResult(model, tok, recipe, None, {}, {}, masks)
 
         def ppl() -> dict:
@@ -173,10 +257,18 @@ def recover_folder(folder: str, recipe, masks_path: str | None = None, progress:
 
         before = ppl()
         section = recover(result, recipe, progress)
-        files = {MASKS_FILE: masks.to_bytes(), "recipe.yaml": recipe.to_yaml()}
+        files = {MASKS_FILE: mask_file.read_bytes(), "recipe.yaml": recipe.to_yaml()}  # the checked file, as it is
+        for name in KEPT_FILES:
+            if (src / name).is_file():
+                files[name] = (src / name).read_bytes()
+        for d in adapters:  # the folder's adapters, unchanged: recovery trained with them computing
+            files.update({f"{d.name}/{f.relative_to(d)}": f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()})
         files.update(adapter_files(section, next(model.parameters()).dtype))
         after = ppl()
+        for lowrank in kept:
+            lowrank.detach()
         report = {"model": str(src), "source": recipe.model, "recovery": section,
+                  "adapters_kept": [d.name for d in adapters],
                   "perplexity": {n: {"one_shot": before[n], "pruned": after[n]} for n in before}}
         files["report.json"] = json.dumps(report, indent=1)
         save_pruned(model, tok, output, files, overwrite=overwrite, source=folder)

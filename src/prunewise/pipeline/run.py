@@ -105,6 +105,17 @@ def _measure(model, tokenizer, recipe, tasks: list, progress: bool, dense: bool)
                 "completions": greedy_completions(model, tokenizer) if recipe.completions else []}
 
 
+def check_model_fits(recipe, model) -> None:
+    """What the recipe asks of this model's shapes (N:M widths, an EoRA rank, a budget), refused before any work."""
+    from .prune import budget_share, check_fits, targeted_numels
+
+    parts = recipe.parts()
+    numels = targeted_numels(model, recipe)
+    check_fits(parts, model, numels)
+    if recipe.budget is not None:
+        budget_share(recipe, model, numels)
+
+
 def add_intervals(rows: dict, dense_nll: dict, pruned_nll: dict) -> None:
     """Each row's 95% intervals from the spread between evaluation windows: dense, pruned, and the paired ratio."""
     from ..evaluate.perplexity import interval95, ratio_interval95
@@ -171,6 +182,7 @@ def _run(recipe, progress: bool) -> dict:
         return run_streamed(recipe, progress)
     tasks = load_tasks(recipe.tasks, recipe.task_limit) if recipe.tasks else []
     model, tokenizer = load_model(recipe.model, recipe.dtype)
+    check_model_fits(recipe, model)  # an EoRA rank or a budget the model cannot hold: one line, before any work
     if recipe.output:  # room for the weights (and a margin for the report), before any work
         check_output(recipe.output, recipe.overwrite, source=recipe.model,
                      expected_bytes=int(stored_bytes(model) * 1.05) + (16 << 20))

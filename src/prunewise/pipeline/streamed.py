@@ -21,7 +21,7 @@ from ..engine.placement import Placement, placed
 from ..engine.streaming import ShardWriter, Stream, return_freed_memory
 from ..errors import PrunewiseError
 from ..evaluate.perplexity import perplexity
-from ..export.save import check_output, save_pruned, staging_folder
+from ..export.save import check_output, save_pruned, space_for, staging_folder
 from ..models.adapters import get_adapter
 from ..models.lazy import CheckpointTensors, empty_model
 from ..models.loading import checkpoint_dtype, fetch_model
@@ -79,7 +79,8 @@ def source_dtype(recipe, folder) -> torch.dtype:
     return checkpoint_dtype(folder) if recipe.dtype == "auto" else torch_dtype(recipe.dtype)
 
 
-def streamed_perplexity(model, adapter, tensors: CheckpointTensors, dtype, recipe, tokenizer, progress: bool) -> dict:
+def streamed_perplexity(model, adapter, tensors: CheckpointTensors, dtype, recipe, tokenizer, progress: bool,
+                        window_nll: dict | None = None) -> dict:
     out = {}
     stream = Stream(model, adapter, tensors, dtype)
     try:
@@ -89,8 +90,11 @@ def streamed_perplexity(model, adapter, tensors: CheckpointTensors, dtype, recip
                 check_calibration_overlap(recipe.calibration, corpus)
                 windows = evaluation_windows(tokenizer, corpus, recipe.eval_seqlen, recipe.eval_tokens)
                 # every batch reads the whole model from disk: batches of ~400 MB of logits, not one window
+                nll: list[float] = []
                 out[name] = perplexity(model, windows, progress=progress, desc=f"ppl {name} (streamed)",
-                                       logit_budget=1e8)
+                                       logit_budget=1e8, per_window=nll)
+                if window_nll is not None:
+                    window_nll[name] = nll
     finally:
         stream.close()
     return out
@@ -99,8 +103,6 @@ def streamed_perplexity(model, adapter, tensors: CheckpointTensors, dtype, recip
 def run_streamed(recipe, progress: bool = True) -> dict:
     """Prune ``recipe.model`` out of core into ``recipe.output``; returns the report (dense and pruned perplexity)."""
     from transformers import AutoTokenizer
-
-    from .run import output_files
 
     if not recipe.output:
         raise PrunewiseError("--offload disk writes the pruned model as it goes; give --output")
@@ -115,25 +117,40 @@ def run_streamed(recipe, progress: bool = True) -> dict:
     expected = sum(p.numel() for p in model.parameters()) * itemsize
     check_output(recipe.output, recipe.overwrite, source=recipe.model, expected_bytes=int(expected * 1.05) + (16 << 20))
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    dense = streamed_perplexity(model, adapter, tensors, dtype, recipe, tokenizer, progress) if recipe.evaluation else {}
+    dense_nll: dict = {}
+    dense = streamed_perplexity(model, adapter, tensors, dtype, recipe, tokenizer, progress, dense_nll) \
+        if recipe.evaluation else {}
     staging = staging_folder(recipe.output)
     try:
-        stream = Stream(model, adapter, tensors, dtype, ShardWriter(staging), measured=set(targeted_numels(model, recipe)))
-        try:
-            result = prune(recipe, model, tokenizer, progress, stream=stream)
-            stream.finish()
-        finally:
-            stream.close()
-        result.masks.write(staging / MASKS_FILE)  # tensor by tensor from the per-block files: memory stays flat
-        result.masks = None  # already beside the shards
-        report = result.report
-        report["offload"] = {"mode": "disk", "bytes_read": stream.bytes_read, "bytes_written": stream.sink.total_size}
-        if recipe.evaluation:
-            pruned = streamed_perplexity(model, adapter, CheckpointTensors(staging), dtype, recipe, tokenizer, progress)
-            report["perplexity"] = {n: {"dense": dense[n], "pruned": pruned[n]} for n in recipe.evaluation}
-        save_pruned(model, tokenizer, recipe.output, output_files(result, report), overwrite=recipe.overwrite,
-                    source=recipe.model, weights=staging)
+        with space_for(recipe.output, int(expected * 1.05) + (16 << 20)):  # a full disk: one line, nothing kept
+            return _prune_streamed(recipe, model, adapter, tensors, dtype, tokenizer, staging, dense, dense_nll,
+                                   progress)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(f"{staging}-masks", ignore_errors=True)
+
+
+def _prune_streamed(recipe, model, adapter, tensors, dtype, tokenizer, staging, dense: dict, dense_nll: dict,
+                    progress: bool) -> dict:
+    """The streamed prune into ``staging``, then the evaluation and the save."""
+    from .run import add_intervals, output_files
+
+    stream = Stream(model, adapter, tensors, dtype, ShardWriter(staging), measured=set(targeted_numels(model, recipe)))
+    try:
+        result = prune(recipe, model, tokenizer, progress, stream=stream)
+        stream.finish()
+    finally:
+        stream.close()
+    result.masks.write(staging / MASKS_FILE)  # tensor by tensor from the per-block files: memory stays flat
+    result.masks = None  # already beside the shards
+    report = result.report
+    report["offload"] = {"mode": "disk", "bytes_read": stream.bytes_read, "bytes_written": stream.sink.total_size}
+    if recipe.evaluation:
+        pruned_nll: dict = {}
+        pruned = streamed_perplexity(model, adapter, CheckpointTensors(staging), dtype, recipe, tokenizer, progress,
+                                     pruned_nll)
+        report["perplexity"] = {n: {"dense": dense[n], "pruned": pruned[n]} for n in recipe.evaluation}
+        add_intervals(report["perplexity"], dense_nll, pruned_nll)
+    save_pruned(model, tokenizer, recipe.output, output_files(result, report), overwrite=recipe.overwrite,
+                source=recipe.model, weights=staging)
     return report

@@ -176,7 +176,8 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
     else:
         keeps, means = _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, progress, stream)
         drop_blocks = []
-    masks = MaskSet(structure=structure.name, removed_blocks=list(drop_blocks))
+    masks = MaskSet(structure=structure.name, removed_blocks=list(drop_blocks),
+                    made_for={"blocks": len(blocks), "widths": [[g.intermediate, g.heads, g.kv_heads] for g in geoms]})
     specs_of: dict[int, dict] = {}
     for i, (block, keep) in enumerate(zip(blocks, keeps)):
         if i not in drop_blocks:
