@@ -7,9 +7,10 @@ stage-1 accuracy is at least --margin above chance, at most --stage2-max of them
 *other* items (after the stage-1 ones, so the screening does not pick its own confirmation sample) up to
 --stage2-items items or --stage2-tokens tokens, and reports Wilson 95% intervals. A task qualifies when the
 lower end of its stage-2 accuracy interval is above chance -- a 99% interval, stricter than the 95% the README
-reports, because dozens of candidates are tested -- and above the accuracy the model reaches on the same items
+reports, because dozens of candidates are tested -- above the accuracy the model reaches on the same items
 *without their question* (every context replaced by "Answer:"): a task where the choices alone give the answer
-(e.g. a "None of the other options are correct." choice that is usually right) measures priors, not ability. The suite takes the qualifying tasks, most clearly above chance
+(e.g. a "None of the other options are correct." choice that is usually right) measures priors, not ability --
+and above always picking the most frequent gold answer (a classification set whose labels are unbalanced). The suite takes the qualifying tasks, most clearly above chance
 first, while the whole suite scores within --suite-seconds on this machine; each suite task evaluates exactly
 its stage-2 items.
 
@@ -73,6 +74,9 @@ def main() -> None:
     ap.add_argument("--stage2-items", type=int, default=400)
     ap.add_argument("--stage2-tokens", type=int, default=40000)
     ap.add_argument("--suite-seconds", type=float, default=600)
+    ap.add_argument("--include", nargs="*", default=[],
+                    help="tasks sent to stage 2 whatever their stage-1 rank (tasks with long items, of which stage 1's "
+                         "token budget sees only a few)")
     ap.add_argument("--package", choices=["evals", "bigbench", "all"], default="evals",
                     help="which tasks to screen (bigbench 1.0.0 is no longer served by the package index)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/screen_tasks.json"))
@@ -107,6 +111,7 @@ def main() -> None:
     candidates = [n for n, m in data["stage1"].items() if "skipped" not in m and m["acc"] - m["chance"] >= args.margin
                   and m["items_total"] > m["n"]]
     candidates = sorted(candidates, key=lambda n: z(data["stage1"][n]), reverse=True)[:args.stage2_max]
+    candidates += [n for n in args.include if n not in candidates]
     for name in candidates:
         m = data["stage1"][name]
         if name in data["stage2"]:
@@ -122,18 +127,28 @@ def main() -> None:
               f"chance {s['chance']:.3f} ({s['seconds']:.0f}s)", flush=True)
     for name, s in data["stage2"].items():
         s["acc_ci99"] = wilson(s["correct"], s["n"], z=2.575829)
+        if "no_question_acc" not in s and len({it.context for it in get_task(name).items}) == 1:
+            s["no_question_acc"] = None  # no per-item question to remove (e.g. sentence order: the choices are it)
+            save(out, data)
         if "no_question_acc" not in s:  # the same items with the question removed
             task = get_task(name)
             items = [MCItem("Answer:" if it.choices[0][:1].isspace() else "Answer: ", it.choices, it.gold)
                      for it in task.items[s["start"]:s["start"] + s["n"]]]
             s["no_question_acc"] = mc_metrics(items, score_items(model, tokenizer, items))["acc"]
             save(out, data)
-    qualify = {n: s for n, s in data["stage2"].items()
-               if s["acc_ci99"][0] > max(s["chance"], s["no_question_acc"])}
+        if "majority_acc" not in s:  # always picking the most frequent gold answer (a label set's prior)
+            task = get_task(name)
+            golds = [it.choices[it.gold[0]] for it in task.items[s["start"]:s["start"] + s["n"]]]
+            s["majority_acc"] = max(golds.count(g) for g in set(golds)) / len(golds)
+            save(out, data)
+    def floor(s):  # what the task's answers give without reading the question
+        return max(s["chance"], s["no_question_acc"] or 0.0, s["majority_acc"])
+
+    qualify = {n: s for n, s in data["stage2"].items() if s["acc_ci99"][0] > floor(s)}
     data["qualifying"] = sorted(qualify)
     suite, total = {}, 0.0
     def margin(s):
-        return s["acc_ci99"][0] - max(s["chance"], s["no_question_acc"])
+        return s["acc_ci99"][0] - floor(s)
 
     for name, s in sorted(qualify.items(), key=lambda kv: margin(kv[1]), reverse=True):
         if total + s["seconds"] <= args.suite_seconds:
@@ -147,16 +162,19 @@ def main() -> None:
              f"({sum('skipped' in m for m in data['stage1'].values())} skipped as too long); stage 2: "
              f"{len(data['stage2'])} tasks at least {args.margin:.2f} above chance in stage 1 (the {args.stage2_max} "
              "largest z-scores); "
-             f"{len(qualify)} qualify (the 99% interval of their stage-2 accuracy is above chance and above the accuracy "
-             "without the question); the suite takes "
+             f"{len(qualify)} qualify (the 99% interval of their stage-2 accuracy is above chance, above the accuracy "
+             "without the question and above always picking the most frequent answer); the suite takes "
              f"{len(suite)} of them, {total:.0f} s of scoring here.", "",
-             "| task | stage-1 n | stage-1 acc | stage-2 n | chance | acc without question | acc [95% CI] | acc 99% CI low "
-             "| acc_norm [95% CI] | s/item | suite |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| task | stage-1 n | stage-1 acc | stage-2 n | chance | acc without question | most frequent answer "
+             "| acc [95% CI] | acc 99% CI low | acc_norm [95% CI] | s/item | suite |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def nq(s):
+        return "-" if s["no_question_acc"] is None else f"{s['no_question_acc']:.3f}"
+
     for name, s in sorted(data["stage2"].items(), key=lambda kv: kv[1]["acc_ci99"][0] - kv[1]["chance"], reverse=True):
         m = data["stage1"][name]
-        lines.append(f"| {name} | {m['n']} | {m['acc']:.2f} | {s['n']} | {s['chance']:.3f} | {s['no_question_acc']:.3f} "
-                     f"| {s['acc']:.3f} "
+        lines.append(f"| {name} | {m['n']} | {m['acc']:.2f} | {s['n']} | {s['chance']:.3f} | {nq(s)} "
+                     f"| {s['majority_acc']:.3f} | {s['acc']:.3f} "
                      f"[{s['acc_ci95'][0]:.3f}, {s['acc_ci95'][1]:.3f}] | {s['acc_ci99'][0]:.3f} | {s['acc_norm']:.3f} "
                      f"[{s['acc_norm_ci95'][0]:.3f}, {s['acc_norm_ci95'][1]:.3f}] | {s['seconds'] / s['n']:.2f} | "
                      f"{'yes' if name in suite else 'qualifies' if name in qualify else ''} |")

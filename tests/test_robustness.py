@@ -389,3 +389,95 @@ def test_a_weight_beyond_float16s_range_is_named_an_overflow_not_corruption(tmp_
     assert main([*args[:-2], "--dtype", "bfloat16", "--output", str(tmp_path / "out")]) == 0  # the advice works
     assert math.isfinite(json.loads((tmp_path / "out" / "report.json").read_text())["achieved_sparsity"])
     assert os.path.isdir(tmp_path / "out")
+
+
+# ------------------------------------------------------------------ a second, independent probe of the same surfaces
+
+
+def test_budget_beside_sparsity_is_refused_and_a_sweep_takes_no_budget(made, tmp_path, capsys):
+    args = ["prune", "--model", made["model"], "--calibration", made["calib"], "--budget", "keep_params=50000",
+            "--sparsity", "0.5", "--output", str(tmp_path / "o")]
+    assert main(args) == 2 and "both say how much to remove" in _one_error_line(capsys)
+    assert main(_sweep(made, tmp_path / "s", "--budget", "keep_params=50000")) == 2
+    assert "leave --budget" in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("damage", ["cells-file", "figures-file", "dense-folder", "cell-folder"])
+def test_a_damaged_sweep_folder_is_one_line_before_any_work(made, tmp_path, capsys, damage):
+    out = tmp_path / "sw"
+    assert main(_sweep(made, out)) == 0
+    capsys.readouterr()
+    target = {"cells-file": out / "cells", "figures-file": out / "figures", "dense-folder": out / "dense.json",
+              "cell-folder": out / "cells" / "magnitude-uniform-0.3.json"}[damage]
+    import shutil
+
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    target.write_text("x") if damage.endswith("-file") else target.mkdir()
+    before = _tree_hash(out)
+    assert main(_sweep(made, out)) == 2
+    assert "is damaged" in _one_error_line(capsys)
+    assert _tree_hash(out) == before and not list(out.rglob(".*.tmp*"))
+
+
+def test_save_models_on_a_rerun_saves_the_models_of_cells_done_before(made, tmp_path, capsys):
+    out = tmp_path / "sw"
+    assert main(_sweep(made, out)) == 0
+    assert main(_sweep(made, out, "--save-models")) == 0
+    assert (out / "models" / "magnitude-uniform-0.3" / "config.json").is_file()
+
+
+def test_eval_none_skips_the_evaluation(made, tmp_path, capsys):
+    from prunewise.cli import _data_list
+
+    assert _data_list(["none"]) == [] and _data_list(None) == [] and _data_list(["wiki-test"]) == ["wiki-test"]
+    with pytest.raises(PrunewiseError, match="skips the evaluation on its own"):
+        _data_list(["none", "wiki-test"])
+
+
+def test_a_mask_file_without_checksum_missing_or_cut_tensors_is_refused(made, tmp_path, capsys):
+    from safetensors import safe_open
+
+    with safe_open(str(Path(made["P"]) / "masks.safetensors"), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.pop("sha256")  # as a file written before the checksum
+    half = {k: v for k, v in tensors.items() if ".layers.1." not in k}
+    cut = dict(tensors)
+    key = next(k for k in cut if k.endswith("up_proj"))
+    cut[key] = cut[key][:10].clone()
+    for name, data, reason in (("half", half, "masks its metadata lists are missing"), ("cut", cut, "bytes, its shape")):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(data, str(path), metadata=meta)
+        out = tmp_path / f"out-{name}"
+        assert main(["apply-masks", "--model", made["model"], "--masks", str(path), "--output", str(out)]) == 2
+        assert reason in _one_error_line(capsys) and not out.exists()
+
+
+def test_a_plan_made_for_another_structure_is_refused(made):
+    plan = str(Path(made["P"]) / "plan.json")
+    with pytest.raises(PrunewiseError, match="was made for structure unstructured, not channels"):
+        make_recipe(model=made["model"], plan=plan, structure="channels", score="magnitude")
+    with pytest.raises(PrunewiseError, match="was made for structure channels, not unstructured"):
+        make_recipe(model=made["model"], plan=str(Path(made["C"]) / "plan.json"))
+
+
+def test_yaml_keys_given_twice_and_booleans_for_counts_are_refused(tmp_path):
+    from prunewise.recipe import Recipe
+
+    (tmp_path / "dup.yaml").write_text("sparsity: 0.5\nsparsity: 0.6\n")
+    (tmp_path / "bool.yaml").write_text("nsamples: true\n")
+    with pytest.raises(PrunewiseError, match="the key 'sparsity' is given twice"):
+        Recipe.from_yaml(tmp_path / "dup.yaml")
+    with pytest.raises(PrunewiseError, match="nsamples: must be a whole number, not True"):
+        Recipe.from_yaml(tmp_path / "bool.yaml")
+
+
+def test_export_refuses_a_folder_with_someone_elses_manifest(tmp_path):
+    from prunewise.mirror import export_data
+
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "manifest.json").write_text('{"name": "my web app"}')
+    with pytest.raises(PrunewiseError, match="holds no prunewise data export"):
+        export_data(tmp_path / "app", corpora_names=[], tasks=[])
+    assert (tmp_path / "app" / "manifest.json").read_text() == '{"name": "my web app"}'

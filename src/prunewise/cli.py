@@ -70,16 +70,33 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _data_list(names: list[str] | None) -> list[str]:
+    """Evaluation sets from the command line: `none` (alone) or no name skips the evaluation."""
+    names = list(names or [])
+    if [n.strip().lower() for n in names] == ["none"]:
+        return []
+    if any(n.strip().lower() == "none" for n in names):
+        raise PrunewiseError("`none` skips the evaluation on its own; give either none or the data sets")
+    return names
+
+
 def _recipe_from_args(args, **extra):
     from .recipe import Recipe, make_recipe
 
     fields = Recipe.from_yaml(args.recipe).model_dump(exclude_unset=True) if args.recipe else {}
+    if getattr(args, "budget", None) is not None and getattr(args, "sparsity", None) is not None:
+        raise PrunewiseError(f"--budget {args.budget} and --sparsity {args.sparsity:g} both say how much to remove; "
+                             "give one of them")
+    if getattr(args, "budget", None) is not None:
+        fields.pop("sparsity", None)  # a recipe's sparsity (saved from an earlier budget) yields to the new budget
+    elif getattr(args, "sparsity", None) is not None:
+        fields.pop("budget", None)  # and a new sparsity replaces the recipe's budget
     for field, _, _ in PRUNE_FLAGS.values():
         value = getattr(args, field, None)
         if value is not None:
             fields[field] = value
     if args.eval is not None:
-        fields["evaluation"] = args.eval
+        fields["evaluation"] = _data_list(args.eval)
     if args.tasks is not None:
         fields["tasks"] = args.tasks
     if args.task_limit is not None:
@@ -146,6 +163,7 @@ def _cmd_eval(args) -> int:
 
     model, tokenizer = load_model(args.model)
     progress = not args.no_progress
+    args.data = _data_list(args.data)
     if args.data:
         results = evaluate(model, tokenizer, args.data, args.eval_tokens, args.seqlen, calibration=args.calibration,
                            dense_spec=None, progress=progress)
@@ -288,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recovery data: corpus, mixture SOURCE:WEIGHT,... or prompt/completion .jsonl (default: calibration)")
     p.add_argument("--recover-tokens", dest="recover_tokens", type=int, default=None, help="recovery training tokens")
     p.add_argument("--recover-lr", dest="recover_lr", type=float, default=None, help="recovery peak learning rate")
-    p.add_argument("--eval", nargs="*", default=None, help="evaluation data (default wiki-test); none to skip")
+    p.add_argument("--eval", nargs="*", default=None, help="evaluation data (default wiki-test); none (or no name) to skip")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     p.add_argument("--rowwise", action="store_true", default=None,
                    help="row-wise allocation (TRIM): per-output-row sparsities around each module's level")
@@ -400,7 +418,8 @@ def _recovery_entries(text: str, args) -> list:
 def _cmd_recover(args) -> int:
     from .api import recover
 
-    report = recover(args.model, _recovery_entries(args.recover, args), args.output, args.masks, args.eval,
+    report = recover(args.model, _recovery_entries(args.recover, args), args.output, args.masks,
+                     None if args.eval is None else _data_list(args.eval),
                      args.eval_tokens, args.overwrite, progress=not args.no_progress)
     for name, row in report["perplexity"].items():
         print(f"{name}: one-shot {row['one_shot']:.2f} -> recovered {row['pruned']:.2f}")

@@ -23,6 +23,7 @@ from .tasks.items import TASK_PINS, get_task, task_attempts
 from .tasks.suite import DEFAULT_SUITE
 
 MANIFEST = "manifest.json"
+FORMAT = "prunewise-data-export-v1"
 
 
 def _write_jsonl(path: Path, records) -> None:
@@ -36,6 +37,13 @@ def _write_jsonl(path: Path, records) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _is_export(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def export_data(folder: str | os.PathLike, corpora_names: list[str] | None = None, tasks: list[str] | None = None,
                 packages: bool = False) -> dict:
     """Write the named corpora (default: every pinned one), tasks (default: the default suite) and, with
@@ -43,9 +51,9 @@ def export_data(folder: str | os.PathLike, corpora_names: list[str] | None = Non
     root = Path(folder).expanduser()
     if root.exists() and not root.is_dir():
         raise PrunewiseError(f"{root} is a file; give a folder for the data export")
-    if root.is_dir() and any(root.iterdir()) and not (root / MANIFEST).is_file():
-        raise PrunewiseError(f"{root} is not empty and holds no prunewise data export ({MANIFEST}); "
-                             "give an empty or new folder")
+    if root.is_dir() and any(root.iterdir()) and not _is_export(root / MANIFEST):
+        raise PrunewiseError(f"{root} is not empty and holds no prunewise data export ({MANIFEST} written by "
+                             "prunewise); give an empty or new folder")
     names = list(PINNED) if corpora_names is None else corpora_names
     task_names = list(DEFAULT_SUITE) if tasks is None else tasks
     # everything is read before anything is written: a source that fails leaves no half-made export
@@ -53,11 +61,11 @@ def export_data(folder: str | os.PathLike, corpora_names: list[str] | None = Non
     task_sets = {name: get_task(name) for name in task_names}
     for sub in ("corpora", "tasks") + (("packages",) if packages else ()):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    manifest = {"corpora": {}, "tasks": {}, "packages": []}
+    manifest = {"format": FORMAT, "corpora": {}, "tasks": {}, "packages": []}
     if (root / MANIFEST).is_file():
         try:
             old = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-            manifest.update({k: old.get(k, manifest[k]) for k in manifest})
+            manifest.update({k: old.get(k, manifest[k]) for k in manifest if k != "format"})
         except (OSError, ValueError):
             pass
     for name, corpus in sets.items():

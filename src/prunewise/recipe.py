@@ -278,6 +278,14 @@ class Recipe(BaseModel):
     def _data_files(cls, v: list[str]) -> list[str]:
         return [absolute_data(x) for x in v]
 
+    @field_validator("nsamples", "seqlen", "seed", "eval_tokens", "eval_seqlen", "chunk_size", "task_limit",
+                     mode="before")
+    @classmethod
+    def _not_bool(cls, v):
+        if isinstance(v, bool):  # YAML's true/false would otherwise count as 1/0
+            raise ValueError(f"must be a whole number, not {v}")
+        return v
+
     @field_validator("device", "dtype")
     @classmethod
     def _placement(cls, v: str, info) -> str:
@@ -345,9 +353,16 @@ class Recipe(BaseModel):
             raise ValueError(str(exc)) from None
         if self.budget is not None:
             raise ValueError(f"the plan {self.plan} decides how much is removed; give --plan or --budget, not both")
+        made_for_weights = plan.structure == "unstructured" or ":" in plan.structure
+        if made_for_weights != struct.weight_level or (not struct.weight_level and plan.structure != struct.name):
+            raise ValueError(f"the plan {self.plan} was made for structure {plan.structure}, not {struct.name}; "
+                             f"use it with --structure {plan.structure}, or allocate anew")
         if struct.fixed_sparsity:
             return
         share = plan.achieved() if set(plan.modules) <= set(plan.numels) else plan.target
+        if share >= 1 - 1e-9:
+            raise ValueError(f"the plan {self.plan} removes every weight of its modules (share {share:.6f}); give "
+                             "levels below 1")
         if self.sparsity is None:
             self.sparsity = share
         elif min(abs(self.sparsity - share), abs(self.sparsity - plan.target)) > 1e-4:
@@ -386,6 +401,20 @@ class Recipe(BaseModel):
         return make_recipe(**read_recipe(path))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML read as data only (SafeLoader), refusing a mapping that gives one key twice (the last would win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_recipe(path: str | Path) -> dict:
     """The fields of a YAML recipe file (read as data only: no tags that build objects), or a one-line error for a
     missing, unreadable, non-UTF-8, empty or non-mapping file."""
@@ -405,7 +434,7 @@ def read_recipe(path: str | Path) -> dict:
         raise PrunewiseError(f"recipe {path} is not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x}); save it as "
                              "UTF-8 YAML") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # safe: data only, and a key given twice is refused
     except yaml.YAMLError as exc:
         raise PrunewiseError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     if data is None:

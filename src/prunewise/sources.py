@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import urllib.error
 import urllib.parse
@@ -33,6 +34,7 @@ EVALS_ONLINE = "https://media.githubusercontent.com/media/openai/evals/main/"
 EVALS_RELEASES = ("3.0.1.post1", "3.0.0.post1", "2.0.0.post1")
 _EVALS_DATA = "evals/registry/data/"
 _ONLINE_TIMEOUT = float(os.environ.get("PRUNEWISE_FETCH_TIMEOUT", "60"))
+logger = logging.getLogger(__name__)
 
 
 class SourceError(Exception):
@@ -158,6 +160,9 @@ def first_match(what: str, name: str, attempts: Sequence[tuple[str, Callable[[],
         if expected is not None and got != expected:
             failures.append(f"{label}: other content (sha256 {got[:12]}, pinned {expected[:12]})")
             continue
+        if failures and failures[0].startswith("mirror:") and MIRROR_ENV not in failures[0]:
+            logger.warning("%s '%s' came from %s: the mirror %s could not give it (%s)", what, name, label,
+                           mirror_root(), failures[0].removeprefix("mirror: "))
         return result, label
     raise PrunewiseError(
         f"{what} '{name}' is unavailable from every source: " + "; ".join(failures)

@@ -256,12 +256,32 @@ def run_sweep(base: Recipe, scores: list[str], sparsities: list[float], allocati
     out = Path(output).expanduser()
     scores, sparsities, allocations = (_unique(scores, "--scores"), _unique(sparsities, "--sparsities"),
                                        _unique(allocations, "--allocations"))
+    if base.budget is not None:
+        raise PrunewiseError(f"a sweep's --sparsities set how much each cell removes; leave --budget "
+                             f"({base.budget}) out of a sweep")
     cells = grid_recipes(base, scores, sparsities, allocations)
     check_output(out, False, source=base.model, resume=True)  # before any work
+    check_layout(out, cells, save_models)
     check_data(base)  # refuse overlapping data before any work
     inputs = sweep_inputs(base)
     with claimed_output(out, source=base.model, resume=True):
         return _run_sweep(base, cells, scores, sparsities, allocations, out, save_models, progress, on_cell, inputs)
+
+
+def check_layout(out: Path, cells: dict, save_models: bool) -> None:
+    """A sweep folder whose parts are of the wrong kind (a file where a folder belongs, or the reverse) is refused in
+    one line before any work, rather than failing when the first result is written."""
+    folders = [out / "cells", out / "figures"] + ([out / "models"] if save_models else [])
+    files = [out / "dense.json", out / "sweep.json", out / "report.md", out / "report.html"]
+    files += [out / "cells" / f"{name}{suffix}" for name in cells for suffix in (".json", ".failed.json")]
+    for path in folders:
+        if path.exists() and not path.is_dir():
+            raise PrunewiseError(f"the sweep folder {out} is damaged: {path.name} should be a folder but is a file; "
+                                 "remove it, or choose another --output")
+    for path in files:
+        if path.exists() and not path.is_file():
+            raise PrunewiseError(f"the sweep folder {out} is damaged: {path.relative_to(out)} should be a file but is "
+                                 "not; remove it, or choose another --output")
 
 
 def _run_sweep(base: Recipe, cells: dict[str, Recipe], scores, sparsities, allocations, out: Path, save_models: bool,
@@ -276,7 +296,8 @@ def _run_sweep(base: Recipe, cells: dict[str, Recipe], scores, sparsities, alloc
         if path.exists():
             cell = _read_json(path, f"cell {name}")
             if cell is not None and cell.get("fingerprint") == _fingerprint(recipe, inputs) and \
-                    isinstance(cell.get("perplexity"), dict):
+                    isinstance(cell.get("perplexity"), dict) and \
+                    (not save_models or (out / "models" / name / "config.json").is_file()):  # its model, if asked
                 done[name] = cell
                 if on_cell:
                     on_cell(name, "done before")

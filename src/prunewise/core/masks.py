@@ -237,9 +237,24 @@ class MaskSet:
             if "sha256" in meta and data_digest((k, _bytes(t)) for k, t in raw.items()) != meta["sha256"]:
                 raise PrunewiseError(f"the mask set {path} is damaged: its data does not match the checksum saved with "
                                      "it; use an intact copy, or prune again to write it anew")
+            # the tensors must be exactly those the metadata lists, each with the bytes its shape needs (a file
+            # written before the checksum is checked this way too: no mask is applied in part)
+            stored = {key.split("/", 1)[1] for key in raw if key.startswith("weight/")}
+            if stored != set(shapes):
+                missing, extra = sorted(set(shapes) - stored), sorted(stored - set(shapes))
+                raise PrunewiseError(
+                    f"the mask set {path} is damaged: " + "; ".join(
+                        x for x in (f"{len(missing)} masks its metadata lists are missing (e.g. {missing[0]})"
+                                    if missing else "", f"{len(extra)} masks have no shape in its metadata (e.g. "
+                                    f"{extra[0]})" if extra else "") if x) + "; use an intact copy or prune again")
             for key, t in raw.items():
                 kind, rest = key.split("/", 1)
                 if kind == "weight":
+                    need = (int(np.prod(shapes[rest])) + 7) // 8
+                    if t.dtype != torch.uint8 or t.numel() != need:
+                        raise PrunewiseError(f"the mask set {path} is damaged: the mask of {rest} has {t.numel()} "
+                                             f"bytes, its shape {shapes[rest]} needs {need}; use an intact copy or "
+                                             "prune again")
                     out.weights[rest] = unpack_mask(t, shapes[rest])
                 else:
                     block, unit = rest.split("/")

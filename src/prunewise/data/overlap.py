@@ -61,7 +61,7 @@ def measure_overlap(calibration: Corpus, evaluation: Corpus) -> Overlap:
 
 def check_no_overlap(calibration: Corpus, evaluation: Corpus) -> None:
     """Raise PrunewiseError if the calibration and evaluation corpora share text."""
-    fix = "choose calibration data disjoint from the evaluation data, e.g. --calibration wiki with --data wiki-test"
+    fix = "choose calibration data disjoint from the evaluation data, e.g. --calibration wiki with --eval wiki-test"
     if calibration.fingerprint == evaluation.fingerprint:
         raise PrunewiseError(
             f"calibration data '{calibration.name}' and evaluation data '{evaluation.name}' are the same text "

@@ -119,6 +119,8 @@ def evaluation_windows(tokenizer, corpus: Corpus, seqlen: int, max_tokens: int |
         limit = f" (limited to max_tokens={max_tokens})" if max_tokens is not None else ""
         raise PrunewiseError(
             f"evaluation data '{corpus.name}' has only {tokens.numel()} tokens{limit}; need at least seqlen={seqlen} "
-            "for one window; use a shorter --seqlen or more text"
+            "for one window; " + ("raise --eval-tokens to at least the window length, or shorten the window "
+                                  "(--eval-seqlen; `prunewise eval`: --seqlen)" if max_tokens is not None and
+                                  max_tokens < seqlen else "use a shorter window (--eval-seqlen) or more text")
         )
     return tokens[: count * seqlen].reshape(count, seqlen).clone()
