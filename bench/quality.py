@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--calibration", default="wiki")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval", nargs="+", default=["wiki-test", "code", "legal-test"])
+    ap.add_argument("--eval", nargs="+", default=["wiki-test", "code"])
     ap.add_argument("--eval-tokens", type=int, default=32768)
     add_cell_args(ap, HERE / "results" / "quality.json", "score/structure/sparsity/allocation (default: the whole grid)")
     args = ap.parse_args()

@@ -57,6 +57,10 @@ def take(task, start, max_items, max_tokens, encoder):
     return items, tokens
 
 
+def _most_frequent(values: list) -> float:
+    return max(values.count(v) for v in set(values)) / len(values)
+
+
 def save(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -136,10 +140,10 @@ def main() -> None:
                      for it in task.items[s["start"]:s["start"] + s["n"]]]
             s["no_question_acc"] = mc_metrics(items, score_items(model, tokenizer, items))["acc"]
             save(out, data)
-        if "majority_acc" not in s:  # always picking the most frequent gold answer (a label set's prior)
-            task = get_task(name)
-            golds = [it.choices[it.gold[0]] for it in task.items[s["start"]:s["start"] + s["n"]]]
-            s["majority_acc"] = max(golds.count(g) for g in set(golds)) / len(golds)
+        if "majority_acc" not in s:  # always giving the most frequent gold answer, or the most frequent position
+            window = get_task(name).items[s["start"]:s["start"] + s["n"]]
+            s["majority_acc"] = max(_most_frequent([it.choices[it.gold[0]] for it in window]),
+                                    _most_frequent([it.gold[0] for it in window]))
             save(out, data)
     def floor(s):  # what the task's answers give without reading the question
         return max(s["chance"], s["no_question_acc"] or 0.0, s["majority_acc"])

@@ -72,8 +72,9 @@ def test_gemma3_prunes_through_its_adapter():
         assert torch.isfinite(model(input_ids=torch.arange(10, 40)[None]).logits).all()
 
 
-# Items per task: `make test` compares 20 + 10 + 10 items (~190 choices, each within 2e-3); `make test-all` 3 x 40.
-@pytest.mark.parametrize("n_agree", [(20, 10, 10), pytest.param((40, 40, 40), marks=pytest.mark.slow)],
+# Items per task (the suite's items are whole passages, ~700 tokens each): `make test` compares 8 + 8 items (64 choices,
+# each within 2e-3); `make test-all` every item of the suite's windows.
+@pytest.mark.parametrize("n_agree", [(8, 8, 8), pytest.param((None, None, None), marks=pytest.mark.slow)],
                          ids=["small", "full"])
 def test_accuracy_agrees_exactly_with_lm_evaluation_harness(tmp_path, n_agree):
     """Dense smollm2-135m on three tasks of the default suite: the same correct counts (acc and acc_norm) as lm-eval 0.4.13,
@@ -90,7 +91,7 @@ def test_accuracy_agrees_exactly_with_lm_evaluation_harness(tmp_path, n_agree):
     for task, n in zip(tasks, n_agree):
         lls = score_items(model, tokenizer, task.items)
         mine, other = mc_metrics(task.items, lls), theirs[task.name]
-        assert other["n"] == mine["n"] == n
+        assert other["n"] == mine["n"] == (n or len(task.items))
         assert (other["correct"], other["correct_norm"]) == (mine["correct"], mine["correct_norm"]), task.name
         assert max(abs(a - b) for x, y in zip(lls, other["loglikelihoods"]) for a, b in zip(x, y)) < 2e-3
         print(f"{task.name}: prunewise {mine['correct']}/{mine['correct_norm']}, "

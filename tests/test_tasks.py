@@ -339,3 +339,22 @@ def test_sweep_command_stops_cleanly_on_a_signal(tiny_setup, tmp_path, sig, caps
     assert main(cmd[3:]) == 0
     printed = capsys.readouterr().out
     assert printed.count("done before") == len(done) and "4/4 cells" in printed
+
+
+def test_sentence_order_items_offer_the_passage_among_shuffles_of_the_same_words():
+    from prunewise.tasks.items import COHERENCE_TASKS, _coherence_items
+
+    name = next(iter(COHERENCE_TASKS))
+    first = COHERENCE_TASKS[name][1]
+    passage = "Ann went out. She bought bread. Then she came home"  # cut before its last full stop
+    shuffles = ["She bought bread. Ann went out. Then she came home.", "Then she came home. She bought bread. Ann "
+                "went out.", "She bought bread. Then she came home. Ann went out.", "Another text entirely."]
+    records = [{"0": "unused"}] * first + [{"0": passage, **{str(i + 1): v for i, v in enumerate(shuffles)}}] * 3
+    items = _coherence_items("\n".join(json.dumps(r) for r in records).encode(), name)
+    assert len(items) == 3
+    for item in items:
+        original = item.choices[item.gold[0]]
+        assert original == passage + "."  # the stop the shuffles give that sentence, so it cannot tell them apart
+        assert sorted(c.split() for c in item.choices)[0] and len(set(item.choices)) == 4
+        assert all(sorted(c.split()) == sorted(original.split()) for c in item.choices)  # the same words
+        assert "Another text entirely." not in item.choices

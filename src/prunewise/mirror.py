@@ -19,7 +19,7 @@ from .cache import DISTRIBUTIONS, cache_dir
 from .data.corpora import PINNED, corpus_attempts, get_corpus
 from .errors import PrunewiseError
 from .sources import SourceError, fingerprint, safe_name
-from .tasks.items import TASK_PINS, get_task, task_attempts
+from .tasks.items import COHERENCE_TASKS, TASK_PINS, coherence_attempts, get_task, task_attempts
 from .tasks.suite import DEFAULT_SUITE
 
 MANIFEST = "manifest.json"
@@ -106,10 +106,12 @@ def check_sources(names: list[str] | None = None) -> list[dict]:
     for name in wanted:
         if name in PINNED:
             attempts, digest, pinned = corpus_attempts(name), fingerprint, PINNED[name]
-        elif name.startswith("evals/"):
-            attempts, digest, pinned = task_attempts(name), (lambda t: t.fingerprint), TASK_PINS.get(name)
+        elif name.startswith("evals/") or name in COHERENCE_TASKS:
+            attempts = task_attempts(name) if name.startswith("evals/") else coherence_attempts(name)
+            digest, pinned = (lambda t: t.fingerprint), TASK_PINS.get(name)
         else:
-            raise PrunewiseError(f"'{name}' is neither a pinned corpus ({', '.join(PINNED)}) nor an evals/ task")
+            raise PrunewiseError(f"'{name}' is neither a pinned corpus ({', '.join(PINNED)}) nor an offline task "
+                                 f"({', '.join(COHERENCE_TASKS)}, evals/...)")
         for label, thunk in attempts:
             try:
                 got = digest(thunk())

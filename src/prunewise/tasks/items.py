@@ -29,7 +29,10 @@ logger = logging.getLogger(__name__)
 BIGBENCH_VERSION = "1.0.0"
 EVALS_VERSION = EVALS_RELEASES[0]
 # The sha256 (MCTask.fingerprint) of each default-suite task's items: any source yielding them is accepted.
-TASK_PINS: dict[str, str] = {}
+TASK_PINS: dict[str, str] = {
+    "coherence/wiki-test": "f48f19a44318642b03746dccbb4ee66aef32c1fb406bfefb83b8780a28970293",  # 227 items
+    "coherence/owt": "3f3b96fa7de4a2bbbff43604341afeca44cd69dbf21049ce6beca3ab2c109007",  # 653 items
+}
 _BB_TASKS = "bigbench/benchmark_tasks/"
 _EVALS_DATA = "evals/registry/data/"
 
@@ -419,6 +422,67 @@ def _evals_task(name: str) -> MCTask:
     return MCTask(name, task.items, f"{label}, {_EVALS_DATA}{member}")
 
 
+# ---------------------------------------------------------------- sentence order (coherence) from passages
+
+# Sentence-order discrimination: the schelling_point files of the evals registry hold each passage (field "0") with
+# sentence-shuffled variants of it (fields "1".."10", the same sentences in another order). An item offers the
+# passage and three variants that differ from it; the model should find the text in its written order. Every choice
+# has the same words, so neither length nor vocabulary gives the answer away, and the gold position is drawn per
+# item. name -> (evals member, first passage, end passage): the Wikipedia items use only passages 600-999, which the
+# `wiki` calibration corpus never contains.
+COHERENCE_TASKS = {
+    "coherence/owt": ("schelling_point/owt_5.jsonl", 0, None),
+    "coherence/wiki-test": ("schelling_point/wikipedia_5.jsonl", 600, None),
+}
+_COHERENCE_CONTEXT = "A passage, its sentences in their original order:\n"
+_COHERENCE_CHOICES = 4
+
+
+def _coherence_items(raw: bytes, name: str) -> list[MCItem]:
+    _, first, end = COHERENCE_TASKS[name]
+    records = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()][first:end]
+    items = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("0"), str):
+            continue
+        original = record["0"].strip()
+        words = sorted(original.split())
+        seen, variants = {" ".join(original.split())}, []
+        for key in sorted((k for k in record if k != "0" and k.isdigit()), key=int):
+            text = str(record[key]).strip()
+            norm = " ".join(text.split())
+            if sorted(norm.split()) != words and original[-1:] not in ".!?\"" \
+                    and sorted(norm.split()) == sorted((original + ".").split()):
+                # a passage cut before its last full stop: the shuffles end that sentence with one, so the original
+                # gets it too (else the missing stop alone would tell the original apart)
+                original, words = original + ".", sorted((original + ".").split())
+            if norm not in seen and sorted(norm.split()) == words:
+                seen.add(norm)
+                variants.append(text)
+        if len(variants) < _COHERENCE_CHOICES - 1:
+            continue
+        choices = [original, *variants[:_COHERENCE_CHOICES - 1]]
+        order = list(range(len(choices)))
+        random.Random(f"{name}/{first + index}").shuffle(order)
+        items.append(MCItem(_COHERENCE_CONTEXT, tuple(choices[i] for i in order), (order.index(0),)))
+    return items
+
+
+def coherence_attempts(name: str):
+    member = COHERENCE_TASKS[name][0]
+    attempts = [("mirror", lambda: MCTask(name, tuple(_mirror_items(name)), "mirror"))]
+    for src in evals_sources(member):
+        attempts.append((src.label, lambda src=src: MCTask(name, _shuffled(_coherence_items(src.read(), name), name),
+                                                           src.label)))
+    return attempts
+
+
+@functools.cache
+def _coherence_task(name: str) -> MCTask:
+    task, label = first_match("task", name, coherence_attempts(name), lambda t: t.fingerprint, TASK_PINS.get(name))
+    return MCTask(name, task.items, f"{label}, {_EVALS_DATA}{COHERENCE_TASKS[name][0]} (sentence order)")
+
+
 # ---------------------------------------------------------------- the user's own JSONL
 
 
@@ -476,6 +540,9 @@ def list_tasks(package: str | None = None) -> dict[str, dict]:
             logger.warning("legacy bigbench tasks not listed: %s", exc)
     if package in (None, "evals"):
         out.update(_evals_index())
+        for name in COHERENCE_TASKS:
+            items = _coherence_task(name).items
+            out[name] = {"items": len(items), "chance": sum(it.chance for it in items) / len(items)}
     return out
 
 
@@ -490,5 +557,7 @@ def get_task(name: str) -> MCTask:
         return task
     if name.startswith("evals/") and len((task := _evals_task(name)).items) >= 10:  # as the index counts tasks
         return task
+    if name in COHERENCE_TASKS:
+        return _coherence_task(name)
     raise PrunewiseError(f"unknown task '{name}'; see `prunewise tasks list` for the offline tasks, "
                          "or give a .jsonl file of multiple-choice items")
