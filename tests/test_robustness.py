@@ -481,3 +481,18 @@ def test_export_refuses_a_folder_with_someone_elses_manifest(tmp_path):
     with pytest.raises(PrunewiseError, match="holds no prunewise data export"):
         export_data(tmp_path / "app", corpora_names=[], tasks=[])
     assert (tmp_path / "app" / "manifest.json").read_text() == '{"name": "my web app"}'
+
+
+def test_eval_applies_the_adapters_beside_the_weights_and_apply_masks_refuses_to_drop_them(made, tmp_path, capsys):
+    report = json.loads((Path(made["E"]) / "report.json").read_text())
+    expected = report["perplexity"][made["eval"]]["pruned"]  # the prune's own figure, with its EoRA adapter
+    assert main(["eval", "--model", made["E"], "--data", made["eval"], "--eval-tokens", "256", "--seqlen", "32",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "applied: eora/" in out
+    measured = float(out.strip().splitlines()[-1].split()[-1])
+    assert measured == pytest.approx(expected, rel=1e-4)
+    before = _tree_hash(made["E"])
+    assert main(["apply-masks", "--model", made["E"], "--masks", made["P"], "--output", str(tmp_path / "o")]) == 2
+    assert "which apply-masks would drop" in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists() and _tree_hash(made["E"]) == before

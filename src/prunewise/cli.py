@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .errors import PrunewiseError
 
@@ -160,8 +161,12 @@ def _cmd_sweep(args) -> int:
 def _cmd_eval(args) -> int:
     from .api import evaluate
     from .models.loading import load_model
+    from .pipeline.recover import attach_saved_adapters
 
     model, tokenizer = load_model(args.model)
+    attached, _ = attach_saved_adapters(model, args.model)  # evaluate the model the folder computes, adapters too
+    if attached:
+        print(f"adapters beside the weights, applied: {', '.join(f'{a}/' for a in attached)}")
     progress = not args.no_progress
     args.data = _data_list(args.data)
     if args.data:
@@ -436,6 +441,11 @@ def _cmd_apply_masks(args) -> int:
     from .export.save import claimed_output, save_pruned
     from .models.loading import load_model
 
+    adapters = sorted(p.parent.name for p in Path(args.model).glob("*/adapter_config.json"))
+    if adapters:
+        raise PrunewiseError(f"{args.model} carries the adapter(s) {', '.join(a + '/' for a in adapters)} beside its "
+                             "weights, which apply-masks would drop; apply the masks to the model it was pruned from, "
+                             "or recover with the adapter merged (--recover lora:merge=true)")
     with claimed_output(args.output, args.overwrite, source=[args.model, args.masks]):  # neither input replaced
         masks = MaskSet.load(args.masks)  # checked against its checksum, then against the model before any change
         model, tokenizer = load_model(args.model)

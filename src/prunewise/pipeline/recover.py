@@ -219,6 +219,16 @@ def _attach_adapter(model, folder: Path):
     return lowrank
 
 
+def attach_saved_adapters(model, folder) -> tuple[list[str], list]:
+    """Every PEFT LoRA adapter saved beside a folder's weights attached to ``model`` (the model the folder computes);
+    returns their names and the attached sets. A plain model folder has none."""
+    src = Path(folder)
+    if not src.is_dir():
+        return [], []
+    adapters = _adapter_folders(src)
+    return [d.name for d in adapters], [_attach_adapter(model, d) for d in adapters]
+
+
 def recover_folder(folder: str, recipe, masks_path: str | None = None, progress: bool = True) -> dict:
     """Recover a model pruned earlier (``folder`` holds its weights and ``masks.safetensors``) as ``recipe`` says
     (its recovery parts, evaluation and output): train keeping the saved masks, evaluate before and after, save.
