@@ -233,8 +233,8 @@ def test_default_corpora_load_pinned_and_do_not_overlap(domain):
     from prunewise.data.corpora import PINNED, _evals_corpus
 
     cal = get_corpus(domain)
-    test = get_corpus(domain, role="evaluation")
-    assert test.name == f"{domain}-test"
+    test = get_corpus(f"{domain}-test", role="evaluation")
+    assert test.name == f"{domain}-test" and cal.name == domain
     for c in (cal, test):
         assert c.fingerprint == PINNED[c.name]  # the documents prunewise pins, from whichever source served them
         assert len(c.text()) > 200_000 and len(set(c.documents)) == len(c.documents)

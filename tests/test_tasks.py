@@ -217,11 +217,11 @@ def test_sweep_resumes_only_missing_cells(tiny_setup, tmp_path, monkeypatch):
     real = sweep._run_cell
     calls = []
 
-    def interrupted(recipe, progress, model_dir):
+    def interrupted(recipe, progress, model_dir, *rest):
         calls.append(recipe.score["name"] + str(recipe.sparsity))
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(recipe, progress, model_dir)
+        return real(recipe, progress, model_dir, *rest)
 
     monkeypatch.setattr(sweep, "_run_cell", interrupted)
     with pytest.raises(KeyboardInterrupt):

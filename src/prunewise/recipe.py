@@ -354,7 +354,8 @@ class Recipe(BaseModel):
         if self.budget is not None:
             raise ValueError(f"the plan {self.plan} decides how much is removed; give --plan or --budget, not both")
         made_for_weights = plan.structure == "unstructured" or ":" in plan.structure
-        if made_for_weights != struct.weight_level or (not struct.weight_level and plan.structure != struct.name):
+        # a per-module (weight-level) plan may set structured widths; a plan of structured widths is only for its kind
+        if not made_for_weights and plan.structure != struct.name:
             raise ValueError(f"the plan {self.plan} was made for structure {plan.structure}, not {struct.name}; "
                              f"use it with --structure {plan.structure}, or allocate anew")
         if struct.fixed_sparsity:
