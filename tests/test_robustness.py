@@ -493,3 +493,14 @@ def test_eval_applies_the_adapters_beside_the_weights_and_apply_masks_refuses_to
     assert main(["apply-masks", "--model", made["E"], "--masks", made["P"], "--output", str(tmp_path / "o")]) == 2
     assert "which apply-masks would drop" in _one_error_line(capsys)
     assert not (tmp_path / "o").exists() and _tree_hash(made["E"]) == before
+
+
+def test_a_per_module_plan_driving_channels_names_the_attention_levels_it_leaves(made, tmp_path, caplog):
+    from prunewise.api import run
+
+    recipe = make_recipe(model=made["model"], plan=str(Path(made["P"]) / "plan.json"), structure="channels",
+                         score="magnitude", calibration=made["calib"], nsamples=4, seqlen=16, evaluation=[],
+                         completions=False)
+    with caplog.at_level("WARNING"):
+        run(recipe, progress=False)
+    assert any("which --structure channels does not remove" in r.getMessage() for r in caplog.records)

@@ -6,6 +6,7 @@ block); the model that comes out is physically smaller and carries the config it
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -21,6 +22,8 @@ from ..structures.shrink import finalize_config, remove_blocks, shrink_block
 from ..structures.units import unit_scores
 from ..structures.widths import choose_widths
 from .parts import placement_for
+
+log = logging.getLogger(__name__)
 
 
 def count_params(model: nn.Module, adapter) -> dict[str, int]:
@@ -141,6 +144,11 @@ def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, 
     allocation, shares = parts.allocation.key, None
     if plan is not None:
         allocation, shares = "shares", plan_shares(plan, adapter.block_prefix(model), len(blocks), adapter)
+        unused = {"channels": "attention", "heads": "mlp"}.get(structure.kind)
+        if unused and any(share.get(unused, 0.0) > 0 for share in shares):
+            log.warning("the plan gives levels to %s modules, which --structure %s does not remove; they are left "
+                        "dense (use --structure width to apply both)", "attention" if unused == "attention" else "MLP",
+                        structure.kind)
     keeps = choose_widths(geoms, scores, structure, budget, allocation=allocation,
                           heads_mode=structure.heads_mode, multiple=structure.width_multiple, shares=shares,
                           finish=score.unit_finish)
