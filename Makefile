@@ -22,10 +22,10 @@ lock: $(STAMP)
 	mv constraints.txt.tmp constraints.txt
 
 ## Prune the default model (smollm2-135m) to 50% with Wanda + OWL; dense vs pruned perplexity on wiki-test and code.
-## Sized for a first run (32 x 512 calibration, 16,384 evaluation tokens): the table prints its 95% intervals.
+## Sized for a first run (32 x 512 calibration, 8,192 evaluation tokens per set): the table prints its 95% intervals.
 demo: $(STAMP)
 	$(VENV)/bin/prunewise prune --model smollm2-135m --score wanda --allocation owl --sparsity 0.5 \
-		--calibration wiki --nsamples 32 --eval wiki-test code --eval-tokens 16384 --output out/demo --overwrite
+		--calibration wiki --nsamples 32 --eval wiki-test code --eval-tokens 8192 --output out/demo --overwrite
 
 # Headless Chromium checks the HTML report (Debian's package; needs root, as on CI and the dev machines).
 # It does not need the virtualenv, so `make test` installs both at once (make -j2 below).
