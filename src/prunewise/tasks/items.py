@@ -391,20 +391,25 @@ def _mirror_items(name: str) -> list[MCItem]:
     return items
 
 
-def _member_items(read) -> list[MCItem]:
+def _member_items(raw: bytes) -> list[MCItem]:
     try:
-        return _evals_records_items(read().decode("utf-8").splitlines())
+        return _evals_records_items(raw.decode("utf-8").splitlines())
     except UnicodeDecodeError as exc:
         raise SourceError("not UTF-8") from exc
 
 
-def task_attempts(name: str):
-    """(label, thunk) for each source of an evals task: the mirror, each release of the wheel, online."""
-    member = name[len("evals/"):] + ".jsonl"
+def _attempts(name: str, member: str, items_of):
+    """(label, thunk) for each source of a task built from one evals file: the mirror (items as exported), then each
+    release of the wheel and the copy online (``items_of(raw bytes)``, in the task's fixed shuffled order)."""
     attempts = [("mirror", lambda: MCTask(name, tuple(_mirror_items(name)), "mirror"))]
     for src in evals_sources(member):
-        attempts.append((src.label, lambda src=src: MCTask(name, _shuffled(_member_items(src.read), name), src.label)))
+        attempts.append((src.label, lambda src=src: MCTask(name, _shuffled(items_of(src.read()), name), src.label)))
     return attempts
+
+
+def task_attempts(name: str):
+    """The sources of an evals task (its JSONL file)."""
+    return _attempts(name, name[len("evals/"):] + ".jsonl", _member_items)
 
 
 @functools.cache
@@ -469,12 +474,8 @@ def _coherence_items(raw: bytes, name: str) -> list[MCItem]:
 
 
 def coherence_attempts(name: str):
-    member = COHERENCE_TASKS[name][0]
-    attempts = [("mirror", lambda: MCTask(name, tuple(_mirror_items(name)), "mirror"))]
-    for src in evals_sources(member):
-        attempts.append((src.label, lambda src=src: MCTask(name, _shuffled(_coherence_items(src.read(), name), name),
-                                                           src.label)))
-    return attempts
+    """The sources of a sentence-order task (the passages file it is built from)."""
+    return _attempts(name, COHERENCE_TASKS[name][0], lambda raw: _coherence_items(raw, name))
 
 
 @functools.cache
