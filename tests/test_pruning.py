@@ -147,7 +147,7 @@ def test_windows_whose_one_chunk_pass_would_not_fit_the_budget_go_in_chunks(monk
         engine.run(visitor)
         chunks[budget] = engine.chunk_size
         assert all(float((w == 0).float().mean()) == 0.5 for w in prunable_weights(model).values())
-    assert chunks == {default: 20, 1000: 8}  # 20 x 16 tokens x 4 x 4 bytes x width > 1000
+    assert chunks == {default: 20, 1000: 1}  # 20 x 16 tokens x 4 x 4 bytes x width > 1000: one window per chunk (CPU)
 
 
 def test_sequential_and_parallel_within_block_differ_after_the_first_linear():
@@ -164,6 +164,27 @@ def test_sequential_and_parallel_within_block_differ_after_the_first_linear():
     first = "model.layers.0.self_attn.q_proj"
     assert torch.equal(out[True][first], out[False][first])  # same inputs: block 0's q sees no pruned predecessor
     assert not torch.equal(out[True]["model.layers.0.mlp.down_proj"], out[False]["model.layers.0.mlp.down_proj"])
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_linears_reading_one_input_share_one_statistics_in_either_order(sequential):
+    """q, k and v read one input (and gate and up another): one statistics object, filled once, each, in both orders
+    (sequentially, q is pruned before k asks: its statistics must still be shared, not gathered again)."""
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    numels = {n: w.numel() for n, w in prunable_weights(model).items()}
+    st = Unstructured("row")
+    v = PruneVisitor(get_score("sparsegpt"), st, allocate_uniform(numels, 0.5, st), adapter.block_prefix(model))
+    seen = {}
+    visit = v.visit
+    v.visit = lambda i, name, linear, stats: (seen.setdefault((i, name), stats), visit(i, name, linear, stats))
+    SequentialEngine(model, adapter, windows, progress=False, sequential=sequential).run(v)
+    for i in range(len(adapter.blocks(model))):
+        q, k, vv = (seen[(i, f"self_attn.{n}_proj")] for n in "qkv")
+        assert q is k is vv and q.tokens == 4 * 16
+        assert seen[(i, "mlp.gate_proj")] is seen[(i, "mlp.up_proj")]
+        assert len({id(s) for (b, _), s in seen.items() if b == i}) == 4
 
 
 def _layer_problem(seed=0, rows=48, cols=64, tokens=512):

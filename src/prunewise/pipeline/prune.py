@@ -200,8 +200,11 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
         engine.gradients = loss_gradients(model, adapter, windows, pruner.needs.gradient,
                                           chunk_size=min(recipe.chunk_size or 4, 4), progress=progress)
         timings["gradients_s"] = time.perf_counter() - t0
+    t_walk = time.perf_counter()
     engine.run(visitor)
     timings["prune_s"] = time.perf_counter() - t0
+    # where the walk's seconds went (capture, statistics, per-linear work, propagation, copies, bookkeeping)
+    timings.update({f"prune.{k}": v for k, v in engine.breakdown(time.perf_counter() - t_walk).items()})
     if rowwise and not plan.method.endswith("+rowwise"):
         plan.method = f"{plan.method}+rowwise"
         plan.params["rowwise"] = "trim"
