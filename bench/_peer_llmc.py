@@ -1,10 +1,11 @@
 """One llm-compressor prune for bench/peer.py, run by the peer's own virtualenv (it never imports prunewise).
 
-    <peer venv>/bin/python bench/_peer_llmc.py METHOD STRUCTURE WORK OUT THREADS
+    <peer venv>/bin/python bench/_peer_llmc.py METHOD STRUCTURE WORK OUT THREADS [each|once]
 
 METHOD is wanda or sparsegpt, STRUCTURE "0.5" (unstructured, that sparsity) or "N:M". WORK holds the dense
 model (``dense/``) and the calibration token ids (``windows.pt``) that prunewise uses too. Prints one JSON
-line: plain-forward seconds, the ``oneshot`` call's seconds, peak RSS; writes the pruned model to OUT.
+line: plain-forward seconds (``each``; none with ``once``), the ``oneshot`` call's seconds, peak RSS; writes the
+pruned model to OUT.
 """
 
 import json
@@ -18,6 +19,7 @@ import torch
 
 def main() -> None:
     method, structure, work, out, threads = sys.argv[1:6]
+    forward = sys.argv[6] if len(sys.argv) > 6 else "each"
     torch.set_num_threads(int(threads))
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -30,11 +32,13 @@ def main() -> None:
     windows = torch.load(work / "windows.pt")
     n, length = windows.shape
 
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for w in windows:
-            model(input_ids=w[None], use_cache=False)
-    forward_s = time.perf_counter() - t0
+    forward_s = None
+    if forward == "each":
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for w in windows:
+                model(input_ids=w[None], use_cache=False)
+        forward_s = time.perf_counter() - t0
 
     if ":" in structure:
         sparsity, mask = int(structure.split(":")[0]) / int(structure.split(":")[1]), structure
