@@ -46,7 +46,7 @@ def run_cell(args, cell: str) -> dict:
                          nsamples=args.nsamples, seqlen=args.seqlen, evaluation=args.eval, eval_tokens=args.eval_tokens)
     model, tok = load_model(recipe.model)
     # the speed yardstick, measured in this process right before pruning (the machine is shared and noisy)
-    fwd = plain_forward_seconds(model, tok, args) if score != "magnitude" else None
+    fwd = plain_forward_seconds(model, tok, args) if score != "magnitude" and args.cell_forward else None
     t0 = time.perf_counter()
     result = prune(recipe, model, tok, progress=False)
     seconds = time.perf_counter() - t0
@@ -95,7 +95,7 @@ def table(results: dict, args) -> str:
     fwd = results["forward"]
     cols = args.eval
     head = ["score", "structure", "allocation", "target", "achieved"] + [f"ppl {c}" for c in cols] + \
-           ["prune s", "x forward (same process)", "peak RSS MB"]
+           ["prune s", "x forward (same process)" if args.cell_forward else "x forward (the run's)", "peak RSS MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append("| dense | - | - | 0 | 0 | " + " | ".join(f"{dense['perplexity'][c]:.2f}" for c in cols) +
                  " | - | - | - |")
@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval", nargs="+", default=["wiki-test", "code"])
     ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--no-cell-forward", dest="cell_forward", action="store_false",
+                    help="skip the plain forward each cell times before pruning (x forward then uses the run's)")
     add_cell_args(ap, HERE / "results" / "quality.json", "score/structure/sparsity/allocation (default: the whole grid)")
     args = ap.parse_args()
     results = start(args, run_cell, ("model", "calibration", "nsamples", "seqlen", "eval", "eval_tokens"))
@@ -133,7 +135,7 @@ def main() -> None:
         print(f"{cell} ...", flush=True)
         cmd = [sys.executable, __file__, "--_cell", cell, "--model", args.model, "--calibration", args.calibration,
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval-tokens", str(args.eval_tokens),
-               "--eval", *args.eval]
+               "--eval", *args.eval] + ([] if args.cell_forward else ["--no-cell-forward"])
         results["cells"][cell] = run_cell_process(cmd, cell)
         r = results["cells"][cell]
         print(f"  achieved {r['achieved']:.4f}, ppl " + ", ".join(f"{k} {v:.2f}" for k, v in r["perplexity"].items()) +
