@@ -92,16 +92,16 @@ class SequentialEngine:
         self.progress = progress
         self.desc = desc
         self.sequential = sequential  # False: every linear of a block sees the dense block (reference Wanda/SparseGPT)
-        # seconds by phase of the last run() (see :meth:`breakdown`); on a GPU each reading waits for the device
+        # seconds by phase of the last run() (see :meth:`breakdown`); on a GPU the phase boundaries wait for the device
         self.timings: dict[str, float] = {}
 
-    def _clock(self) -> float:
-        if self.placement.device.type == "cuda":
+    def _clock(self, sync: bool = True) -> float:
+        if sync and self.placement.device.type == "cuda":
             torch.cuda.synchronize(self.placement.device)
         return time.perf_counter()
 
-    def _add_time(self, key: str, since: float) -> float:
-        now = self._clock()
+    def _add_time(self, key: str, since: float, sync: bool = True) -> float:
+        now = self._clock(sync)
         self.timings[key] = self.timings.get(key, 0.0) + now - since
         return now
 
@@ -360,9 +360,11 @@ class SequentialEngine:
                             owner[name] = name
                 if collecting[name]:
                     if owner[name] == name:
-                        t0 = self._clock()
+                        # no device sync inside a pass (it would stall the queue): on a GPU this reads the
+                        # time to queue the statistics, and their device time counts as propagation
+                        t0 = self._clock(sync=False)
                         stats[name].add(x)
-                        self._add_time("statistics", t0)
+                        self._add_time("statistics", t0, sync=False)
                     if chunk == n_chunks - 1 and self.sequential:
                         stats[name].check_finite(f"block {index} {name}")
                         self._visit(visitor, index, name, module, stats[name], pending[name])
