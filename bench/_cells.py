@@ -97,3 +97,16 @@ def window_bench_main(script: str, doc: str, default_out: Path, cells: list[str]
     out = Path(args.out)
     run_missing(results, out, ["dense"] + (args.cells or cells), script, args, keys, describe)
     print(write_table(results, out.with_suffix(".md")))
+
+
+def plain_forward_seconds(model, windows) -> float:
+    """Seconds of one plain forward pass over ``windows`` (window by window, no hooks, no cache): the speed yardstick."""
+    import time
+
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for w in windows:
+            model(input_ids=w[None], use_cache=False)
+    return time.perf_counter() - t0

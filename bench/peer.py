@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cells import add_window_args  # noqa: E402
+from _cells import add_window_args, plain_forward_seconds  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PEER = "llmcompressor==0.14.0"
@@ -76,14 +76,6 @@ def prepare(args, work: Path) -> None:
     windows = calibration_windows(tok, get_corpus(args.calibration, "calibration"), args.nsamples, args.seqlen)
     torch.save(windows, work / "windows.pt.tmp")
     os.replace(work / "windows.pt.tmp", work / "windows.pt")
-
-
-def plain_forward_seconds(model, windows) -> float:
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for w in windows:
-            model(input_ids=w[None], use_cache=False)
-    return time.perf_counter() - t0
 
 
 def prunewise_child(args) -> None:

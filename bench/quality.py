@@ -18,10 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cells import add_cell_args, run_cell_process, start  # noqa: E402
+from _cells import plain_forward_seconds as window_forward_seconds  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GRID = [(score, structure, sparsity, allocation)
@@ -63,12 +62,8 @@ def plain_forward_seconds(model, tok, args) -> float:
     """Seconds of one plain forward pass (window by window, no hooks) over the calibration tokens."""
     from prunewise.data import calibration_windows, get_corpus
 
-    windows = calibration_windows(tok, get_corpus(args.calibration, "calibration"), args.nsamples, args.seqlen)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for w in windows:
-            model(input_ids=w[None], use_cache=False)
-    return time.perf_counter() - t0
+    return window_forward_seconds(
+        model, calibration_windows(tok, get_corpus(args.calibration, "calibration"), args.nsamples, args.seqlen))
 
 
 def forward_seconds(args) -> dict:

@@ -95,14 +95,20 @@ def _reference_wanda(model, windows, sparsity, sequential):
     return model
 
 
-@pytest.mark.parametrize("within_block", ["sequential", "parallel"])
-def test_wanda_matches_an_independent_reference_implementation(within_block):
-    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
+def _tiny_half_prune(score: str):
+    """A tiny llama, its adapter, and a visitor pruning every linear to 50% (per row) with ``score``."""
     model = tiny_model("llama")
     adapter = get_adapter(model)
     numels = {n: w.numel() for n, w in prunable_weights(model).items()}
     structure = Unstructured("row")
-    visitor = PruneVisitor(get_score("wanda"), structure, allocate_uniform(numels, 0.5, structure), adapter.block_prefix(model))
+    visitor = PruneVisitor(get_score(score), structure, allocate_uniform(numels, 0.5, structure), adapter.block_prefix(model))
+    return model, adapter, visitor
+
+
+@pytest.mark.parametrize("within_block", ["sequential", "parallel"])
+def test_wanda_matches_an_independent_reference_implementation(within_block):
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
+    model, adapter, visitor = _tiny_half_prune("wanda")
     SequentialEngine(model, adapter, windows, progress=False, sequential=within_block == "sequential").run(visitor)
     ours = model
     ref = _reference_wanda(tiny_model("llama"), windows, 0.5, sequential=within_block == "sequential")
@@ -171,11 +177,7 @@ def test_linears_reading_one_input_share_one_statistics_in_either_order(sequenti
     """q, k and v read one input (and gate and up another): one statistics object, filled once, each, in both orders
     (sequentially, q is pruned before k asks: its statistics must still be shared, not gathered again)."""
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
-    model = tiny_model("llama")
-    adapter = get_adapter(model)
-    numels = {n: w.numel() for n, w in prunable_weights(model).items()}
-    st = Unstructured("row")
-    v = PruneVisitor(get_score("sparsegpt"), st, allocate_uniform(numels, 0.5, st), adapter.block_prefix(model))
+    model, adapter, v = _tiny_half_prune("sparsegpt")
     seen = {}
     visit = v.visit
     v.visit = lambda i, name, linear, stats: (seen.setdefault((i, name), stats), visit(i, name, linear, stats))
