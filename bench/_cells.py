@@ -72,7 +72,8 @@ def run_missing(results: dict, out: Path, cells: list[str], script: str, args, k
         print(f"{cell} ...", flush=True)
         cmd = [sys.executable, script, "--_cell", cell]
         for key in keys:
-            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+            value = getattr(args, key)
+            cmd += [f"--{key.replace('_', '-')}", *(map(str, value) if isinstance(value, list) else [str(value)])]
         results["cells"][cell] = run_cell_process(cmd, cell)
         print(f"{cell}: {describe(results['cells'][cell])}", flush=True)
         out.write_text(json.dumps(results, indent=1))

@@ -95,6 +95,13 @@ def _reference_wanda(model, windows, sparsity, sequential):
     return model
 
 
+def _tiny_half_prune_visitor(model, score: str):
+    numels = {n: w.numel() for n, w in prunable_weights(model).items()}
+    structure = Unstructured("row")
+    return PruneVisitor(get_score(score), structure, allocate_uniform(numels, 0.5, structure),
+                        get_adapter(model).block_prefix(model))
+
+
 def _tiny_half_prune(score: str):
     """A tiny llama, its adapter, and a visitor pruning every linear to 50% (per row) with ``score``."""
     model = tiny_model("llama")
@@ -129,19 +136,92 @@ def test_wanda_statistics_are_input_column_norms():
 
 
 @pytest.mark.parametrize("score", ["wanda", "sparsegpt"])
-def test_chunked_multi_pass_equals_single_chunk(score):
-    single, _ = prune_tiny(score, Unstructured("row"), 0.5, chunk=None)
-    chunked, _ = prune_tiny(score, Unstructured("row"), 0.5, chunk=3)
-    for (name, a), b in zip(prunable_weights(single).items(), prunable_weights(chunked).values()):
+@pytest.mark.parametrize("walk", ["turns", "passes"])
+def test_chunked_walks_equal_a_single_chunk(score, walk, monkeypatch):
+    """Chunks taking turns (one pass) and chunks one after another (a pass per dependency level) prune as one chunk."""
+    import prunewise.engine.sequential as seq
+
+    windows = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    model = tiny_model("llama")
+    single = SequentialEngine(model, get_adapter(model), windows, 8, progress=False)
+    single.run(_tiny_half_prune_visitor(model, score))
+    if walk == "passes":
+        monkeypatch.setattr(seq, "ONE_CHUNK_BUDGET", 0)
+    chunked_model = tiny_model("llama")
+    chunked = SequentialEngine(chunked_model, get_adapter(chunked_model), windows, 3, progress=False)
+    chunked.run(_tiny_half_prune_visitor(chunked_model, score))
+    assert single.passes == 2 and chunked.turns == (walk == "turns")  # one pass per block (the tiny llama has 2)
+    assert (chunked.passes == 2) == (walk == "turns")
+    for (name, a), b in zip(prunable_weights(model).items(), prunable_weights(chunked_model).values()):
         assert torch.equal(a == 0, b == 0), name
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_chunks_taking_different_paths_through_a_block_fall_back_to_passes_in_turn(monkeypatch):
+    """When a chunk's forward skips a linear the others wait before (data-dependent paths, as experts with no
+    tokens), the turn pass is abandoned: what it pruned stays, the rest is pruned in passes of chunks in turn."""
+    import prunewise.engine.sequential as seq
+
+    windows = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(2))
+    results, skipped = {}, []
+    for walk in ("diverging", "passes"):
+        model = tiny_model("llama")
+        adapter = get_adapter(model)
+        engine = SequentialEngine(model, adapter, windows, 2, progress=False)
+        block = adapter.blocks(model)[0]
+        first_mlp_linear = list(adapter.linears(block).values())[4]
+        parent = next(m for m in block.modules() if first_mlp_linear in m.children())
+        if walk == "diverging":  # chunk 0's MLP stands aside in the turn pass (and computes in the passes after)
+            dense_forward = parent.forward
+
+            def skipping(x, *a, _f=dense_forward, _engine=engine, **k):
+                if _engine.turning is not None and _engine.turning.chunk == 0:
+                    skipped.append(1)
+                    return torch.zeros_like(x)
+                return _f(x, *a, **k)
+            parent.forward = skipping
+        else:
+            monkeypatch.setattr(seq, "ONE_CHUNK_BUDGET", 0)
+        engine.run(_tiny_half_prune_visitor(model, "wanda"))
+        monkeypatch.undo()
+        results[walk] = (engine.turns, prunable_weights(model))
+    assert results["diverging"][0] and not results["passes"][0] and skipped == [1]
+    for name, a in results["diverging"][1].items():
+        assert torch.equal(a, results["passes"][1][name]), name  # the same per-chunk sums in the same order
+
+
+def test_an_error_in_a_chunk_taking_turns_is_raised_and_the_other_chunks_are_ended():
+    import gc
+
+    import greenlet
+
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2))
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    engine = SequentialEngine(model, adapter, windows, 1, progress=False)
+    block = adapter.blocks(model)[1]
+    last = list(adapter.linears(block).values())[-1]
+    dense_forward = last.forward
+
+    def failing(*a, **k):
+        if engine.turning is not None and engine.turning.chunk == 2:
+            failing.turns = engine.turning
+            raise ValueError("chunk 2 broke")
+        return dense_forward(*a, **k)
+    last.forward = failing
+    with pytest.raises(ValueError, match="chunk 2 broke"):
+        engine.run(_tiny_half_prune_visitor(model, "wanda"))
+    # chunks 0 and 1 had passed the last linear; chunk 3 waited before it and was ended there
+    assert all(g.dead for g in failing.turns.greenlets) and engine.turning is None
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is greenlet.greenlet and o and o.parent is not None]
 
 
 def test_windows_whose_one_chunk_pass_would_not_fit_the_budget_go_in_chunks(monkeypatch):
     import prunewise.engine.sequential as seq
 
     windows = torch.randint(0, 256, (20, 16), generator=torch.Generator().manual_seed(1))
-    chunks, default = {}, seq.ONE_CHUNK_BUDGET
+    walks, default = {}, seq.ONE_CHUNK_BUDGET
     for budget in (default, 1000):
         monkeypatch.setattr(seq, "ONE_CHUNK_BUDGET", budget)
         model = tiny_model("llama")
@@ -151,9 +231,13 @@ def test_windows_whose_one_chunk_pass_would_not_fit_the_budget_go_in_chunks(monk
                                adapter.block_prefix(model))
         engine = SequentialEngine(model, adapter, windows, None, progress=False)
         engine.run(visitor)
-        chunks[budget] = engine.chunk_size
+        walks[budget] = (engine.chunk_size, engine.turns, engine.passes)
         assert all(float((w == 0).float().mean()) == 0.5 for w in prunable_weights(model).values())
-    assert chunks == {default: 20, 1000: 1}  # 20 x 16 tokens x 4 x 4 bytes x width > 1000: one window per chunk (CPU)
+    blocks = len(get_adapter(model).blocks(model))
+    # within the budget: one window per chunk (a CPU), the chunks taking turns, one pass per block; over it
+    # (20 x 16 tokens x 4 x 4 bytes x width > 1000) the chunks go one after another, a pass per dependency level
+    assert walks[default] == (1, True, blocks)
+    assert walks[1000][:2] == (1, False) and walks[1000][2] > 2 * blocks
 
 
 def test_sequential_and_parallel_within_block_differ_after_the_first_linear():
@@ -311,3 +395,24 @@ def test_row_masks_in_bands_equal_one_sort_of_the_whole_matrix():
     expected = torch.zeros_like(importance, dtype=torch.bool).scatter_(
         1, order, torch.arange(1024).expand(4100, 1024) < counts.unsqueeze(1))
     assert torch.equal(smallest_per_row(importance, counts), expected)
+
+
+@pytest.mark.parametrize("width", [7, 576, 1000])
+def test_the_hessian_accumulated_on_its_upper_half_equals_the_full_product(width):
+    """The banded symmetric-half accumulation gives the full product's matrix, bit for bit wherever the full product is
+    itself exactly symmetric (on this CPU every width from 16 up; at 7 the BLAS's small kernel is not)."""
+    g = torch.Generator().manual_seed(width)
+    xs = [torch.randn(2, 64, width, generator=g) for _ in range(3)]
+    stats = LinearStats(width, hessian=True)
+    full = torch.zeros(width, width)
+    for x in xs:
+        stats.add(x)
+        flat = x.reshape(-1, width)
+        full.addmm_(flat.t(), flat)
+    assert torch.equal(stats.hessian, stats.hessian.t())
+    if torch.equal(full, full.t()):
+        assert torch.equal(stats.hessian, full)
+    else:
+        assert width < 16
+        torch.testing.assert_close(stats.hessian, full)
+    assert torch.equal(stats.sq_norm, full.diagonal().double())

@@ -211,6 +211,9 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
 
     measured = stream.measured_sparsity(model) if stream is not None else measure_sparsity(model, list(numels))
     report = _weight_report(recipe, parts, measured, numels, plan, visitor, timings)
+    # how the walk went: block passes in all (one per block is the floor), windows per chunk, chunks taking turns
+    report["walk"] = {"passes": engine.passes, "chunk_size": engine.chunk_size, "turns": engine.turns,
+                      "within_block": "sequential" if recipe.sequential else "parallel"}
     lowrank = visitor.lowrank if len(visitor.lowrank) else None
     if lowrank is not None:
         report["adapter"] = {"kind": "lora", "folder": ADAPTER_FOLDER, **lowrank.summary(next(model.parameters()).dtype)}
