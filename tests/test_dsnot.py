@@ -125,8 +125,9 @@ def test_dsnot_in_a_run_keeps_counts_and_skip_leaves_a_sublayer_to_the_selection
     from prunewise.api import prune
     from prunewise.models.loading import load_model
 
+    # parallel: every linear of block 0 sees the dense block, so a skipped MLP's masks equal the plain run's
     base = dict(model=tiny_folder["model"], calibration=tiny_folder["calib"], nsamples=8, seqlen=32, evaluation=[],
-                score="wanda", sparsity=0.6)
+                score="wanda", sparsity=0.6, within_block="parallel")
     model, tok = load_model(tiny_folder["model"])
     plain = prune(make_recipe(**base), model, tok, progress=False)
     results = {}
