@@ -409,6 +409,15 @@ class SequentialEngine:
             if passes > 2 * len(linears) + 2:
                 raise RuntimeError(f"block {index}: linears {sorted(pending)} never saw clean inputs")
 
+    @staticmethod
+    def _share_or_open(name, x, sibling, stats, owner, asked, pending) -> None:
+        """``name``'s statistics: its sibling's (same input, same request at the start of the pass), else its own."""
+        if sibling in stats and asked.get(sibling) == pending[name]:
+            stats[name], owner[name] = stats[sibling], owner[sibling]
+        else:
+            stats[name] = LinearStats.for_needs(x.shape[-1], pending[name], device=x.device)
+            owner[name] = name
+
     def _pass(self, index, block, linears, hidden, kwargs, pending, n_chunks, visitor, turns: bool = False):
         """One pass of all chunks through the block. Returns (outputs, whether any linear computed stale).
 
@@ -442,11 +451,7 @@ class SequentialEngine:
                         collecting[name] = not self.sequential or not any(p in stale_in_pass for p in called)
                     if collecting[name]:
                         # (a sequential sibling may be visited and out of ``pending`` already: compare what it asked)
-                        if sibling in stats and asked.get(sibling) == pending[name]:
-                            stats[name], owner[name] = stats[sibling], owner[sibling]
-                        else:
-                            stats[name] = LinearStats.for_needs(x.shape[-1], pending[name], device=x.device)
-                            owner[name] = name
+                        self._share_or_open(name, x, sibling, stats, owner, asked, pending)
                 if collecting[name]:
                     if owner[name] == name:
                         # no device sync inside a pass (it would stall the queue): on a GPU this reads the
@@ -505,7 +510,7 @@ class SequentialEngine:
         size = self.chunk_size
 
         def pre_hook(module, args):
-            c = turns.chunk
+            c = chunks.chunk
             if c is None:
                 raise RuntimeError(f"block {index} ran a linear outside its chunks' turns")
             name = by_module[id(module)]
@@ -513,11 +518,7 @@ class SequentialEngine:
             if name in pending:
                 sibling = next((n for t, n in seen[c] if t() is x), None)
                 if name not in stats:  # the first chunk to arrive: share a sibling's statistics, or open its own
-                    if sibling in stats and asked.get(sibling) == pending[name]:
-                        stats[name], owner[name] = stats[sibling], owner[sibling]
-                    else:
-                        stats[name] = LinearStats.for_needs(x.shape[-1], pending[name], device=x.device)
-                        owner[name] = name
+                    self._share_or_open(name, x, sibling, stats, owner, asked, pending)
                 if owner[name] != name:  # a sibling's statistics, complete: it was pruned before anything computed
                     self._visit(visitor, index, name, module, stats[name], pending[name])
                     del pending[name]
@@ -525,26 +526,26 @@ class SequentialEngine:
                     t0 = self._clock(sync=False)
                     stats[name].add(x)
                     self._add_time("statistics", t0, sync=False)
-                    turns.stop(name)  # until every chunk added its inputs and the linear is pruned
+                    chunks.stop(name)  # until every chunk added its inputs and the linear is pruned
             seen[c].append((weakref.ref(x), name))
 
         handles = [m.register_forward_pre_hook(pre_hook) for m in linears.values()]
         t_pass = self._clock()
         self._in_pass = True
-        turns = None
+        chunks = None
         try:
-            self.turning = turns = _Turns(n_chunks,
+            self.turning = chunks = _Turns(n_chunks,
                                           lambda c: block_output(block(hidden[c * size:(c + 1) * size], **kwargs)))
-            while (name := turns.round()) is not None:
+            while (name := chunks.round()) is not None:
                 stats[name].check_finite(f"block {index} {name}")
                 self._visit(visitor, index, name, linears[name], stats[name], pending[name])
                 del pending[name]
         finally:
-            if turns is not None:
-                turns.close()
+            if chunks is not None:
+                chunks.close()
             self.turning = None
             self._in_pass = False
             self._add_time("passes", t_pass)
             for h in handles:
                 h.remove()
-        return torch.cat(turns.outs), False
+        return torch.cat(chunks.outs), False
