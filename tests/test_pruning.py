@@ -295,6 +295,53 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(structure):
     assert err["sparsegpt"] < err["wanda"] < err["magnitude"]
 
 
+def _reference_sparsegpt(w, hessian, sparsity, blocksize=32, damp=0.01):
+    """SparseGPT as the paper's code shapes it (Cholesky, inverse, upper Cholesky; a column loop on column slices),
+    with prunewise's per-tile count (the reference prunes ``int(numel * s)`` plus ties per tile)."""
+    W = w.clone()
+    H = hessian.clone()
+    H += damp * H.diagonal().mean() * torch.eye(H.shape[0])
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    rows, cols = W.shape
+    total = round(sparsity * rows * cols)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        tmp = W1 ** 2 / torch.diag(Hinv1).reshape(1, -1) ** 2
+        k = round(total * i2 / cols) - round(total * i1 / cols)
+        mask1 = torch.zeros(tmp.numel(), dtype=torch.bool)
+        mask1[torch.argsort(tmp.flatten())[:k]] = True
+        mask1 = mask1.view_as(tmp)
+        for i in range(i2 - i1):
+            w_i, d = W1[:, i], Hinv1[i, i]
+            q = w_i.clone()
+            q[mask1[:, i]] = 0
+            err = (w_i - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W, mask
+
+
+def test_sparsegpt_equals_the_papers_column_loop():
+    """The transposed sweep and the one-Cholesky factor give the paper-shaped loop's mask and weights (to float32
+    rounding): a wrong factor, update or tile count changes both."""
+    w, x, stats = _layer_problem(rows=48, cols=96, tokens=512)
+    out = get_score("sparsegpt", blocksize=32).prune(w, stats, Unstructured("layer"), 0.5)
+    ref_w, ref_mask = _reference_sparsegpt(w, stats.hessian, 0.5)
+    assert torch.equal(out.mask, ref_mask)
+    torch.testing.assert_close(out.weight, ref_w, rtol=1e-4, atol=1e-5)
+    U = inverse_hessian_factor(stats.hessian, 0.01)[0]
+    Hd = stats.hessian + 0.01 * stats.hessian.diagonal().mean() * torch.eye(96)
+    assert torch.equal(U, U.triu())
+    torch.testing.assert_close(U.t() @ U, torch.linalg.inv(Hd), rtol=1e-3, atol=1e-6)
+
+
 def test_sparsegpt_retries_cholesky_with_more_dampening_and_reports_it():
     w, x, _ = _layer_problem(cols=16, tokens=64)
     stats = LinearStats(16, hessian=True)

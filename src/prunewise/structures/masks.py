@@ -171,8 +171,11 @@ class TileSelector:
     """How a structure chooses its mask inside a reconstruction sweep (SparseGPT), tile by tile.
 
     ``begin`` returns the mask of a new tile of columns ``[c0, c1)`` from the tile's saliency;
-    ``at_column`` may extend it as the sweep reaches column ``i`` of the tile (N:M groups).
+    ``at_column`` may extend it as the sweep reaches column ``i`` of the tile (N:M groups); a selector that
+    does sets ``per_column`` (the sweep calls ``at_column`` only then).
     """
+
+    per_column = False
 
     def begin(self, saliency, W1: torch.Tensor, d1: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
         raise NotImplementedError
@@ -199,6 +202,8 @@ class _UnstructuredTiles(TileSelector):
 
 class _NMTiles(TileSelector):
     """N:M groups are chosen when the sweep reaches their first column, from the weights updated so far."""
+
+    per_column = True
 
     def __init__(self, m: int, n_zero: int) -> None:
         self.m, self.n_zero = m, n_zero
