@@ -12,6 +12,10 @@ perplexity, the default evaluation sets), so speed is never bought with quality.
     python bench/peer.py                      # Wanda and SparseGPT at 50% and 2:4 (~45 min on 2 CPU cores)
     python bench/peer.py --cells wanda/0.5    # one cell
     python bench/peer.py --table              # the table of the results so far
+    python bench/peer.py --cells sparsegpt/0.5 --variant within_block=parallel   # prunewise with a recipe change
+
+A ``--variant`` (recipe fields for prunewise's side) is a row of its own, ``prunewise[within_block=parallel]``,
+beside the same cell's llm-compressor and default prunewise rows: differences removed one at a time.
 
 Results go to ``bench/results/peer.json`` (after every child: an interrupted run resumes) and ``peer.md``.
 """
@@ -92,7 +96,8 @@ def prunewise_child(args) -> None:
     forward_s = plain_forward_seconds(model, windows) if args.forward == "each" else None
     recipe = make_recipe(model=str(work / "dense"), score=method, calibration=args.calibration,
                          nsamples=args.nsamples, seqlen=args.seqlen, evaluation=[],
-                         **({"structure": structure} if ":" in structure else {"sparsity": float(structure)}))
+                         **({"structure": structure} if ":" in structure else {"sparsity": float(structure)}),
+                         **variant_fields(args.variant))
     if not torch.equal(calibration_spec_windows(tok, recipe.calibration, args.nsamples, args.seqlen, recipe.seed),
                        windows):
         sys.exit("peer.py: prunewise would calibrate on other windows than the peer's")
@@ -106,12 +111,31 @@ def prunewise_child(args) -> None:
                       "timings": result.report["timings"]}))
 
 
+def variant_fields(pairs: list[str] | None) -> dict:
+    """``["within_block=parallel", "damp=0.02"]`` -> recipe fields (numbers as numbers)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            sys.exit(f"peer.py: --variant takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def tool_label(args) -> str:
+    return "prunewise" + (f"[{','.join(args.variant)}]" if args.variant else "")
+
+
 def run_child(tool: str, cell: str, args, work: Path, out: Path) -> dict:
     method, structure = cell.split("/")
-    if tool == "prunewise":
+    if tool.startswith("prunewise"):
         cmd = [sys.executable, __file__, "--_child", cell, "--work", str(work), "--out", str(out),
                "--threads", str(args.threads), "--model", args.model, "--calibration", args.calibration,
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--forward", args.forward]
+        cmd += ["--variant", *args.variant] if args.variant else []
     else:
         cmd = [str(peer_python()), str(HERE / "_peer_llmc.py"), method, structure, str(work), str(out),
                str(args.threads), args.forward]
@@ -153,7 +177,8 @@ def table(results: dict, args) -> str:
                      " | ".join(f"{dense['perplexity'][c]:.2f}" for c in cols) + " | - |")
     for cell in CELLS:
         peer = results["runs"].get(f"llm-compressor/{cell}")
-        for tool in TOOLS:
+        tools = list(TOOLS) + sorted({k.rsplit("/", 2)[0] for k in results["runs"]} - set(TOOLS))
+        for tool in tools:
             r = results["runs"].get(f"{tool}/{cell}")
             if not r:
                 continue
@@ -183,6 +208,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "peer.json"))
     ap.add_argument("--work", help="folder for the dense checkpoint, the windows and the exports "
                                    "(default: <cache>/peer/work)")
+    ap.add_argument("--variant", nargs="+", metavar="KEY=VALUE",
+                    help="recipe fields for prunewise's side (a row of its own; llm-compressor runs only if missing)")
     ap.add_argument("--table", action="store_true", help="print the table of the results so far")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -212,7 +239,8 @@ def main() -> None:
         print(f"plain forward over the windows: {results['forward_s']:.1f} s", flush=True)
         del model
     for i, cell in enumerate(args.cells or CELLS):
-        order = TOOLS if i % 2 == 0 else TOOLS[::-1]  # alternate which tool runs first
+        tools = (TOOLS[0], tool_label(args))
+        order = tools if i % 2 == 0 else tools[::-1]  # alternate which tool runs first
         for tool in order:
             key = f"{tool}/{cell}"
             if "perplexity" in results["runs"].get(key, {}):

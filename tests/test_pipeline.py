@@ -24,8 +24,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # ---- registries and recipes ------------------------------------------------------------------------------------
 
 def test_every_axis_has_its_parts_and_the_listing_names_them():
-    expected = {"score": {"magnitude", "wanda", "sparsegpt", "gblm", "fluctuation", "taylor"},
-                "structure": {"unstructured", "n:m", "channels", "heads", "width", "sublayers", "blocks"},
+    expected = {"score": {"magnitude", "wanda", "sparsegpt", "gblm", "fluctuation", "taylor", "frequency", "reap", "ean"},
+                "structure": {"unstructured", "n:m", "channels", "heads", "width", "sublayers", "blocks", "experts"},
                 "allocation": {"uniform", "global", "owl", "profile", "search"},
                 "compensation": {"obs", "bias", "dsnot", "eora"}, "recovery": {"lora", "distill"}}
     for axis, names in expected.items():

@@ -6,6 +6,7 @@ A thin front: the work is in ``pipeline/`` (the prune flow, and the evaluate-and
 from __future__ import annotations
 
 from .core.masks import MaskSet
+from .pipeline import moefy as _moefy  # noqa: F401  (registers the builder of the derived MoE models)
 from .pipeline.prune import PruneResult, build_plan, peak_rss_mb, prune, targeted_numels
 from .pipeline.reapply import apply_masks
 from .pipeline.run import dense_key as _dense_key

@@ -24,7 +24,9 @@ class Needs:
     kept input vectors per window (TRIM's row-wise allocation); ``window_variance``: each input's
     population variance within a window, averaged over windows (DSnoT); ``gradient``: gradients of the LM
     loss w.r.t. the weight, either ``"sum"`` over the calibration windows (Taylor) or
-    ``"per_sample_l2"``, the root of the summed squared per-window gradients (GBLM-Pruner).
+    ``"per_sample_l2"``, the root of the summed squared per-window gradients (GBLM-Pruner). ``experts``: per routed
+    expert of a mixture-of-experts layer, what the router sends it (:class:`ExpertStats`; asked of the block's
+    experts, not of a linear).
     """
 
     sq_norm: bool = False
@@ -33,6 +35,7 @@ class Needs:
     samples: bool = False
     window_variance: bool = False
     gradient: Literal["sum", "per_sample_l2"] | None = None
+    experts: bool = False
 
     def __or__(self, other: Needs | None) -> Needs:
         if other is None:
@@ -45,7 +48,7 @@ class Needs:
     @property
     def inputs(self) -> bool:
         """Whether any statistic of the inputs is asked (a calibration pass through the block)."""
-        return self.sq_norm or self.mean or self.hessian or self.samples or self.window_variance
+        return self.sq_norm or self.mean or self.hessian or self.samples or self.window_variance or self.experts
 
     @property
     def any(self) -> bool:
@@ -152,6 +155,46 @@ class LinearStats:
         if not torch.isfinite(self.sq_norm).all():
             raise PrunewiseError(f"calibration activations entering {module} are NaN or infinite; "
                                  "check the model weights and use float32")
+
+
+class ExpertStats:
+    """What a MoE layer's router sent each routed expert over the calibration tokens.
+
+    Per expert ``j`` (float64 sums over the tokens routed to it, ``X_j``): ``counts`` (|X_j|), ``gate`` (the
+    routing weights ``g_j(x)`` the layer's forward applies: top-k, renormalised where the family does),
+    ``norm`` (``||f_j(x)||``, the expert's output before its gate) and ``gated_norm`` (``g_j(x) ||f_j(x)||``);
+    ``tokens`` counts every token of the layer.
+    """
+
+    def __init__(self, n_experts: int) -> None:
+        self.counts = torch.zeros(n_experts, dtype=torch.float64)
+        self.gate = torch.zeros(n_experts, dtype=torch.float64)
+        self.norm = torch.zeros(n_experts, dtype=torch.float64)
+        self.gated_norm = torch.zeros(n_experts, dtype=torch.float64)
+        self.tokens = 0
+
+    @property
+    def n_experts(self) -> int:
+        return self.counts.numel()
+
+    def add(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, output) -> None:
+        """Tokens ``x`` [T, H] routed by ``index`` / ``weights`` [T, k]; ``output(j, rows)`` is expert j's output."""
+        self.tokens += x.shape[0]
+        for j in index.unique().tolist():
+            if not 0 <= j < self.n_experts:
+                continue
+            token, slot = torch.where(index == j)
+            g = weights[token, slot].double()
+            norm = output(j, x[token]).double().norm(dim=-1)
+            self.counts[j] += token.numel()
+            self.gate[j] += g.sum()
+            self.norm[j] += norm.sum()
+            self.gated_norm[j] += (g * norm).sum()
+
+    def check_finite(self, where: str) -> None:
+        if not (torch.isfinite(self.norm).all() and torch.isfinite(self.gated_norm).all()):
+            raise PrunewiseError(f"expert outputs in {where} are NaN or infinite on the calibration data; check the "
+                                 "model weights and use float32")
 
 
 def _column_sq_sums(x: torch.Tensor, band: int = 4096) -> torch.Tensor:

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.memory import trim_heap
-from ..core.stats import LinearStats, Needs
+from ..core.stats import ExpertStats, LinearStats, Needs
 from ..models.adapters import ArchitectureAdapter
 from .placement import Placement
 
@@ -55,6 +55,9 @@ class BlockVisitor(Protocol):
 
     def end_block(self, block_index: int, block: nn.Module) -> None:
         """Called after a block is finished."""
+
+    # optional: ``visit_experts(block_index, experts_module, stats: ExpertStats)``, called after the pass of every
+    # block with routed experts (a visitor that does not modify weights: the statistics are of one dense pass)
 
 
 @dataclass
@@ -354,6 +357,8 @@ class SequentialEngine:
         return None
 
     def _any_inputs(self, visitor) -> bool:
+        if hasattr(visitor, "visit_experts") and self.adapter.moe is not None:
+            return True
         for i, block in enumerate(self.adapter.blocks(self.model)):
             for name in self.adapter.linears(block):
                 need = visitor.needs(i, name)
@@ -392,6 +397,43 @@ class SequentialEngine:
                 pending[name] = need
         n_chunks = (hidden.shape[0] + self.chunk_size - 1) // self.chunk_size
         turns = self.turns and n_chunks > 1
+        experts = self._expert_hook(index, block, visitor)
+        try:
+            out = self._passes(index, block, linears, hidden, kwargs, pending, n_chunks, visitor, turns)
+        finally:
+            if experts is not None:
+                experts[0].remove()
+        if experts is not None:
+            experts[2].check_finite(f"block {index}")
+            visitor.visit_experts(index, experts[1], experts[2])
+        return out
+
+    def _expert_hook(self, index: int, block: nn.Module, visitor):
+        """For a visitor that asks (``visit_experts``): a hook on the block's routed experts collecting, from the
+        tokens the router sends each one, its :class:`ExpertStats`. Returns (handle, experts module, stats)."""
+        if not hasattr(visitor, "visit_experts"):
+            return None
+        experts = self.adapter.experts_of(block)
+        if experts is None:
+            return None
+        if visitor.modifies_weights:
+            raise RuntimeError("expert statistics are collected in a dense pass; the visitor must not modify weights")
+        stats = ExpertStats(int(experts.gate_up_proj.shape[0]))
+        adapter = self.adapter
+
+        def hook(module, args, kwargs):  # the stock call: experts(hidden_states, top_k_index, top_k_weights)
+            x = args[0]
+            routed = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
+            t0 = self._clock(sync=False)
+            x = x.reshape(-1, x.shape[-1])
+            stats.add(x, routed.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1),
+                      lambda j, rows: adapter.expert_output(module, j, rows))
+            self._add_time("statistics", t0, sync=False)
+
+        return experts.register_forward_pre_hook(hook, with_kwargs=True), experts, stats
+
+    def _passes(self, index, block, linears, hidden, kwargs, pending, n_chunks, visitor, turns):
         passes = 0
         while True:
             passes += 1

@@ -48,8 +48,12 @@ def source_paths(source: str | Path | None) -> list[Path]:
     if candidate.exists():
         paths.append(candidate.resolve())
     else:
-        from ..models.registry import NAMED_MODELS
+        from ..models.registry import DERIVED_MODELS, NAMED_MODELS
 
+        if text in DERIVED_MODELS:  # a built model's cached folder
+            from ..cache import cache_root
+
+            paths.append((cache_root() / "models" / DERIVED_MODELS[text].folder_name).resolve())
         if text in NAMED_MODELS:  # the converted folder and the assembled GGUF in the cache
             from ..cache import cache_root
 

@@ -24,6 +24,22 @@ LLAMA_ROLES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn
                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 ATTENTION_ROLES = ("q", "k", "v", "o")
 MLP_ROLES = ("gate", "up", "down")
+# a dense layer's MLP where a MoE model has one, and the shared expert of its MoE layers
+QWEN2_MOE_LINEARS = LLAMA_LINEARS + (
+    "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """Where a mixture-of-experts family keeps its routed experts: transformers 5.x fuses a layer's experts into
+    3-D parameters, ``gate_up_proj`` [E, 2I, H] (expert e's gate rows first, then its up rows) and ``down_proj``
+    [E, H, I], beside a router whose ``weight`` [E, H] has one row per expert. A shared expert (Qwen2-MoE) is an
+    ordinary MLP of the block, never a routed unit."""
+
+    experts: str = "mlp.experts"
+    router: str = "mlp.gate"
+    count_key: str = "num_experts"  # the config field holding the routed-expert count (its canonical name)
+    shared: tuple[str, ...] = ()    # modules of a shared expert and its gate (kept whole by the experts structure)
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,7 @@ class ArchitectureAdapter:
     # stock config flags that switch on an output bias (zero biases are added to the siblings): bias kind -> flag
     bias_flags: dict[str, str] = field(default_factory=lambda: {"o_proj_bias": "attention_bias",
                                                                 "down_proj_bias": "mlp_bias"})
+    moe: MoELayout | None = None  # routed experts (mixture-of-experts families)
 
     def coupled(self, kind: str) -> tuple[str, ...]:
         """Linear names (relative to a block) of the attention or the MLP sublayer: pruned together by units."""
@@ -162,6 +179,67 @@ class ArchitectureAdapter:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
         return n_heads, n_kv, head_dim
 
+    # -- mixtures of experts: the routed experts of a block, one index slicing every tensor of an expert --
+
+    def experts_of(self, block: nn.Module) -> nn.Module | None:
+        """The block's fused routed-experts module, or None (a dense family, or a dense layer of a MoE model)."""
+        if self.moe is None:
+            return None
+        experts = _get_path(block, self.moe.experts)
+        if experts is None:
+            return None
+        if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True) or \
+                getattr(experts, "has_bias", False):
+            raise PrunewiseError(f"the {self.family} experts here are stored transposed, interleaved or with biases; "
+                                 "prunewise reads [E, 2I, H] gate/up and [E, H, I] down without biases")
+        return experts
+
+    def router_of(self, block: nn.Module) -> nn.Module:
+        return _get_path(block, self.moe.router)
+
+    def expert_count(self, model: nn.Module) -> int | None:
+        """Routed experts per MoE layer (the config's one count), or None for a dense model."""
+        if self.moe is None:
+            return None
+        return getattr(model.config.get_text_config(), self.moe.count_key, None)
+
+    def experts_per_token(self, model: nn.Module) -> int:
+        return int(model.config.get_text_config().num_experts_per_tok)
+
+    @staticmethod
+    def expert_matrices(experts: nn.Module, e: int) -> dict[str, torch.Tensor]:
+        """Expert ``e``'s weights as linear-shaped views: gate and up [I, H], down [H, I]."""
+        gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
+        return {"gate": gate, "up": up, "down": experts.down_proj[e]}
+
+    @staticmethod
+    def expert_output(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s output ``f_e(x)`` for token rows ``x`` [T, H], before its gate value (the stock forward's)."""
+        gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+        return torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+
+    def keep_experts(self, block: nn.Module, keep: torch.Tensor) -> None:
+        """Keep only the routed experts ``keep`` (sorted indices) of the block: every expert tensor and the router's
+        rows (and any per-expert router bias) sliced with the same index; the modules' counts follow."""
+        experts, router = self.experts_of(block), self.router_of(block)
+        keep = keep.to(torch.long).sort().values
+        for owner, names in ((experts, ("gate_up_proj", "down_proj")), (router, ("weight", "bias", "e_score_correction_bias"))):
+            for name in names:
+                t = getattr(owner, name, None)
+                if t is None:
+                    continue
+                sliced = t.detach()[keep.to(t.device)].clone()
+                if isinstance(t, nn.Parameter):
+                    setattr(owner, name, nn.Parameter(sliced, requires_grad=t.requires_grad))
+                else:
+                    owner.register_buffer(name, sliced)
+        for owner in (experts, router):
+            if hasattr(owner, "num_experts"):
+                owner.num_experts = int(keep.numel())
+
+    def set_expert_count(self, model: nn.Module, n: int) -> None:
+        setattr(model.config.get_text_config(), self.moe.count_key, int(n))
+
     @contextlib.contextmanager
     def truncated(self, model: nn.Module, n_blocks: int) -> Iterator[None]:
         """Temporarily keep only the first ``n_blocks`` blocks, so a forward stops early."""
@@ -181,6 +259,12 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
     ArchitectureAdapter("qwen3", ("qwen3",), bias_flags={}),
     ArchitectureAdapter("gemma", ("gemma", "gemma2"), bias_flags={}),
     ArchitectureAdapter("gemma3", ("gemma3", "gemma3_text"), bias_flags={"o_proj_bias": "attention_bias"}),
+    # mixtures of experts: attention linears are weight-level units; routed experts are the experts structure's
+    ArchitectureAdapter("mixtral", ("mixtral",), bias_flags={}, moe=MoELayout(count_key="num_local_experts")),
+    ArchitectureAdapter("qwen2_moe", ("qwen2_moe",), linear_names=QWEN2_MOE_LINEARS, bias_flags={},
+                        moe=MoELayout(shared=("mlp.shared_expert", "mlp.shared_expert_gate"))),
+    ArchitectureAdapter("qwen3_moe", ("qwen3_moe",), bias_flags={}, moe=MoELayout(count_key="num_local_experts")),
+    ArchitectureAdapter("olmoe", ("olmoe",), bias_flags={}, moe=MoELayout()),
 )
 
 

@@ -35,7 +35,7 @@ from ..core.dtypes import narrows, overflows, torch_dtype
 from ..core.memory import trim_heap
 from ..core.stats import all_finite
 from ..errors import PrunewiseError
-from .registry import DEFAULT_MODEL, NAMED_MODELS, NamedModel, get_named_model
+from .registry import DEFAULT_MODEL, DERIVED_MODELS, NAMED_MODELS, DerivedModel, NamedModel, get_named_model
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -343,8 +343,46 @@ def _gguf_target(path: Path) -> tuple[Path, str]:
     return _models_root() / f"{path.stem}-{sha[:12]}", sha
 
 
+# builders of derived models, registered by the layer that owns them (``pipeline/moefy.py``: "moefy"):
+# builder(entry, base_folder, out_folder) writes a complete checkpoint into the empty ``out_folder``
+BUILDERS: dict = {}
+
+
+def _build_derived(entry: DerivedModel) -> Path:
+    target = _models_root() / entry.folder_name
+    if _is_converted(target):
+        return target
+    builder = BUILDERS.get(entry.builder)
+    if builder is None:
+        raise PrunewiseError(f"{entry.name} is built by '{entry.builder}', which is not loaded; import prunewise.api "
+                             "(the command line does) before asking for it")
+    base = fetch_model(entry.base)
+    with locked(cache_dir("locks") / f"{target.name}.lock"):
+        if _is_converted(target):
+            return target
+        _clean_stale_tmp(target.parent, target.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        start = time.perf_counter()
+        try:
+            builder(entry, base, tmp)
+            meta = {"source": f"derived:{entry.name} from {entry.base} by {entry.builder}",
+                    "options": dict(entry.options), "dtype": "float32", "transformers": transformers.__version__,
+                    "torch": torch.__version__, "seconds": round(time.perf_counter() - start, 1),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+            _umask_permissions(tmp)
+            shutil.rmtree(target, ignore_errors=True)  # a leftover without a marker is never valid
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
 def fetch_model(spec: str = DEFAULT_MODEL) -> Path:
     """Return a local folder with config, tokenizer and weights for ``spec``, converting GGUF once."""
+    if isinstance(spec, str) and spec.strip() in DERIVED_MODELS:
+        return _build_derived(DERIVED_MODELS[spec.strip()])
     resolved = _resolve(spec)
     if resolved.kind == "folder":
         assert resolved.path is not None
@@ -450,6 +488,8 @@ def load_model(
 
 def model_fingerprint(spec: str = DEFAULT_MODEL) -> str:
     """Return a short stable id for ``spec``'s weights, for keying caches."""
+    if isinstance(spec, str) and spec.strip() in DERIVED_MODELS:
+        return DERIVED_MODELS[spec.strip()].folder_name
     resolved = _resolve(spec)
     if resolved.kind == "named":
         assert resolved.named is not None
@@ -478,4 +518,15 @@ def list_models() -> list[dict]:
             "cached": _is_converted(root / m.folder_name),
         }
         for m in NAMED_MODELS.values()
+    ] + [
+        {
+            "name": m.name,
+            "family": m.family,
+            "parameters": m.parameters,
+            "packages": [f"built from {m.base}"],
+            "description": m.description,
+            "default": False,
+            "cached": _is_converted(root / m.folder_name),
+        }
+        for m in DERIVED_MODELS.values()
     ]

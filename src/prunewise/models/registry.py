@@ -106,6 +106,46 @@ NAMED_MODELS: dict[str, NamedModel] = {
 }
 
 
+@dataclass(frozen=True)
+class DerivedModel:
+    """A model prunewise builds from a named model on first use (offline, deterministic) and caches like a
+    converted one. ``builder`` names a function registered in ``models.loading.BUILDERS`` by the layer that owns
+    the walk (MoEfication: ``pipeline/moefy.py``); ``options`` are its fixed arguments, part of the folder name."""
+
+    name: str
+    base: str
+    builder: str
+    family: str
+    parameters: str
+    description: str
+    options: tuple[tuple[str, object], ...]
+
+    @property
+    def folder_name(self) -> str:
+        import hashlib
+
+        key = repr((self.base, NAMED_MODELS[self.base].sha256, self.builder, self.options)).encode()
+        return f"{self.name}-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+DERIVED_MODELS: dict[str, DerivedModel] = {
+    m.name: m
+    for m in (
+        DerivedModel(
+            name="smollm2-135m-moe",
+            base="smollm2-135m",
+            builder="moefy",
+            family="qwen2_moe",
+            parameters="135M (8 routed experts of 160 channels, 4 per token, a shared expert of 256)",
+            description="SmolLM2-135M's own MLPs split into a Qwen2-MoE (MoEfication): channels clustered by "
+            "co-activation on wiki, code and legal text, a least-squares router; built offline in minutes",
+            options=(("experts", 8), ("top_k", 4), ("shared", 256), ("data", "wiki:0.34,code:0.33,legal:0.33"),
+                     ("nsamples", 512), ("seqlen", 64), ("seed", 1234)),
+        ),
+    )
+}
+
+
 def get_named_model(name: str) -> NamedModel:
     """Return the registry entry for ``name``, or raise a PrunewiseError naming the known models."""
     try:

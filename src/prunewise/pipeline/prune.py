@@ -71,6 +71,28 @@ def targeted_numels(model: nn.Module, recipe) -> dict[str, int]:
     return keep
 
 
+def check_moe_targets(model: nn.Module, adapter, recipe, structure) -> None:
+    """On a mixture-of-experts model: weight-level structures reach the linears (attention, a dense layer's MLP, a
+    shared expert), not the fused routed experts, so a run that would leave most weights untouched without saying
+    so is refused unless ``--targets`` names what to prune; the experts structure never removes a shared expert."""
+    if adapter.moe is None or not any(adapter.experts_of(b) is not None for b in adapter.blocks(model)):
+        return
+    if structure.key == "experts":
+        for name in adapter.moe.shared:
+            if recipe.targets != ".*" and re.search(recipe.targets, f"{adapter.block_prefix(model)}.0.{name}"):
+                raise PrunewiseError(f"--targets {recipe.targets!r} names the shared expert ({name}), which is not a "
+                                     "routed expert: --structure experts removes routed experts only; drop --targets")
+        return
+    if structure.weight_level and recipe.targets == ".*":
+        routed = sum(p.numel() for b in adapter.blocks(model) if (e := adapter.experts_of(b)) is not None
+                     for p in e.parameters())
+        share = routed / sum(p.numel() for p in model.parameters())
+        raise PrunewiseError(f"this {model.config.model_type} model keeps {share:.0%} of its weights in fused routed "
+                             f"experts, which {structure.name} pruning does not reach yet; remove whole experts with "
+                             "--structure experts, or prune the linears only (attention, shared expert) by naming them "
+                             f"with --targets, e.g. --targets {adapter.attention_module}")
+
+
 def budget_share(recipe, model: nn.Module, numels: dict[str, int]) -> float:
     """The share of the targeted weights a parameter/byte budget removes (refused when impossible)."""
     from ..allocation.knapsack import parse_budget
@@ -158,6 +180,7 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
     adapter = get_adapter(model)
     parts = recipe.parts()
     structure = parts.structure
+    check_moe_targets(model, adapter, recipe, structure)
     placement = placement_for(model, recipe, parts)
     numels = targeted_numels(model, recipe)
     if recipe.budget:  # a parameter/byte budget becomes the share of the targeted weights to remove

@@ -68,8 +68,34 @@ def check_masks(model: nn.Module, masks: MaskSet, applied: bool = False, structu
                 if unmarked > 0.1 * w.numel():
                     raise PrunewiseError(f"{name} has {unmarked} zero weights its mask does not mark (the mask removes "
                                          f"{int(mask.sum())}): the mask set does not match this model; {fix}")
-    if masks.units or masks.removed_blocks:
+    if masks.structure == "experts":
+        _check_experts(model, adapter, masks, blocks, applied, fix)
+    elif masks.units or masks.removed_blocks:
         _check_units(model, adapter, masks, blocks, count, applied, fix)
+
+
+def _check_experts(model, adapter, masks: MaskSet, blocks, applied: bool, fix: str) -> None:
+    """Kept routed experts: distinct indices below the count the set was made for, the same number in every MoE
+    layer (one count in a stock config); a pruned folder must hold exactly that many."""
+    made = masks.made_for.get("experts")
+    count = adapter.expert_count(model)
+    moe = [i for i, b in enumerate(blocks) if adapter.experts_of(b) is not None] if count else []
+    if sorted(masks.units) != moe:
+        raise PrunewiseError(f"the mask set keeps experts in blocks {sorted(masks.units)}, this model has "
+                             f"mixture-of-experts layers {moe}: it does not match this model; {fix}")
+    kept = {int(keep["experts"].numel()) for keep in masks.units.values()}
+    if len(kept) != 1:
+        raise PrunewiseError(f"the mask set keeps different numbers of experts per layer ({sorted(kept)}): it is "
+                             f"damaged; {fix}")
+    for i, keep in masks.units.items():
+        idx = keep["experts"]
+        if idx.unique().numel() != idx.numel() or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= made)):
+            raise PrunewiseError(f"the mask set's kept experts of block {i} are not distinct indices below {made}: it is "
+                                 f"damaged; {fix}")
+    want = kept.pop() if applied else made
+    if count != want:
+        raise PrunewiseError(f"the mask set was made for {made} experts per layer{' and keeps ' + str(want) if applied else ''}"
+                             f", this model has {count}: it does not match this model; {fix}")
 
 
 def _check_units(model, adapter, masks: MaskSet, blocks, count: int, applied: bool, fix: str) -> None:
@@ -123,7 +149,12 @@ def apply_masks(model: nn.Module, masks: MaskSet) -> nn.Module:
         for name, mask in masks.weight_masks():
             w = weights[name]
             w.masked_fill_(mask.to(w.device), 0.0)
-    if masks.units or masks.removed_blocks:
+    if masks.structure == "experts":
+        blocks = adapter.blocks(model)
+        for i, keep in masks.units.items():
+            adapter.keep_experts(blocks[i], keep["experts"])
+        adapter.set_expert_count(model, int(next(iter(masks.units.values()))["experts"].numel()))
+    elif masks.units or masks.removed_blocks:
         blocks = adapter.blocks(model)
         head_dim = adapter.heads(model.config)[2]
         specs = []

@@ -17,6 +17,7 @@ from ..core.masks import MaskSet
 from ..core.stats import Needs
 from ..engine.sequential import SequentialEngine
 from ..engine.services import InfluenceVisitor, StatsVisitor, loss_gradients, sublayer_damage
+from ..errors import PrunewiseError
 from ..structures.geometry import BlockGeometry, BlockKeep
 from ..structures.shrink import finalize_config, remove_blocks, shrink_block
 from ..structures.units import unit_scores
@@ -164,6 +165,8 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
     (widths only) each block is read from the shards to be sliced, then written out and released."""
     parts = recipe.parts()
     structure = parts.structure
+    if structure.kind == "experts":
+        return _prune_experts(model, adapter, recipe, windows, progress)
     blocks = adapter.blocks(model)
     prefix = adapter.block_prefix(model)
     head_dim = adapter.heads(model.config)[2]
@@ -226,3 +229,102 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
                                   "heads_mode": structure.heads_mode, "width_multiple": structure.width_multiple},
                                  keeps_info, prefix, float(recipe.sparsity), method, structure.name)
     return result_plan, info, masks
+
+
+class ExpertVisitor:
+    """A dense pass keeping every MoE layer's :class:`ExpertStats` (and nothing of its linears)."""
+
+    modifies_weights = False
+
+    def __init__(self) -> None:
+        self.stats: dict[int, object] = {}
+
+    def needs(self, i: int, name: str) -> None:
+        return None
+
+    def visit(self, i: int, name: str, linear: nn.Linear, stats) -> None:
+        return None
+
+    def visit_experts(self, i: int, experts: nn.Module, stats) -> None:
+        self.stats[i] = stats
+
+    def end_block(self, i: int, block: nn.Module) -> None:
+        return None
+
+
+def check_experts(model: nn.Module, adapter, sparsity: float) -> tuple[int, int, int]:
+    """``(experts per layer, experts removed per layer, experts per token)`` for ``--structure experts``, or one
+    line saying why this model or sparsity cannot be pruned so."""
+    count = adapter.expert_count(model)
+    moe_blocks = [i for i, b in enumerate(adapter.blocks(model)) if adapter.experts_of(b) is not None] \
+        if count else []
+    if not moe_blocks:
+        raise PrunewiseError(f"--structure experts removes routed experts, but this {model.config.model_type} model "
+                             "has no mixture-of-experts layer; use a weight-level structure or channels/heads/width")
+    top_k = adapter.experts_per_token(model)
+    remove = int(round(sparsity * count))
+    if count - remove < top_k:
+        most = (count - top_k) / count
+        raise PrunewiseError(f"--sparsity {sparsity:g} keeps {count - remove} of {count} experts per layer, fewer than "
+                             f"the {top_k} the router picks per token (num_experts_per_tok); use --sparsity {most:.4g} "
+                             "or less")
+    return count, remove, top_k
+
+
+def _prune_experts(model: nn.Module, adapter, recipe, windows: torch.Tensor | None, progress: bool):
+    """Whole routed experts: the score ranks each MoE layer's experts from one dense pass over the calibration
+    windows (the tokens the router sends each expert), the same count goes from every layer (a stock config
+    holds one count), every tensor of an expert and its router row are sliced with one index. An expert no
+    calibration token reaches scores 0 under every expert score and goes first (ties: the lower index goes)."""
+    parts = recipe.parts()
+    score = parts.score
+    count, remove, top_k = check_experts(model, adapter, float(recipe.sparsity))
+    if windows is None:
+        raise PrunewiseError(f"the {score.name} score ranks experts from calibration data; give --calibration")
+    blocks = adapter.blocks(model)
+    prefix = adapter.block_prefix(model)
+    before = count_params(model, adapter)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    visitor = ExpertVisitor()
+    SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="expert statistics",
+                     sequential=False).run(visitor)
+    timings["statistics_s"] = time.perf_counter() - t0
+    # an expert's parameters: its gate, up and down matrices and its router row
+    per_expert = {i: sum(t.numel() for t in adapter.expert_matrices(adapter.experts_of(blocks[i]), 0).values())
+                  + adapter.router_of(blocks[i]).weight.shape[1] for i in visitor.stats}
+    masks = MaskSet(structure="experts", made_for={"blocks": len(blocks), "experts": count})
+    layers, modules, numels = [], {}, {}
+    for i, stats in sorted(visitor.stats.items()):
+        scores = score.expert_scores(stats).double()
+        # lowest score goes first; among equal scores the lower index (a stable order, so ties are reproducible)
+        order = torch.argsort(scores, stable=True)
+        removed = order[:remove].sort().values
+        keep = order[remove:].sort().values
+        adapter.keep_experts(blocks[i], keep)
+        masks.units[i] = {"experts": keep}
+        name = f"{prefix}.{i}.{adapter.moe.experts}"
+        modules[name], numels[name] = remove / count, per_expert[i] * count
+        layers.append({"block": i, "removed": removed.tolist(), "tokens": stats.tokens,
+                       "usage": (stats.counts / max(stats.tokens * top_k, 1)).tolist(),
+                       "scores": [round(float(v), 6) for v in scores], "unreached": int((stats.counts == 0).sum())})
+    adapter.set_expert_count(model, count - remove)
+    after = count_params(model, adapter)
+    targeted = sum(numels.values())
+    removed_params = before["decoder"] - after["decoder"]
+    info = {
+        "targeted_params": targeted, "budget_params": int(round(float(recipe.sparsity) * targeted)),
+        "params_before": before, "params_after": after,
+        "removed_targeted_params": removed_params,
+        "removed_share_of_targeted": removed_params / targeted if targeted else 0.0,
+        "removed_share_of_decoder": 1 - after["decoder"] / before["decoder"],
+        "ideal_speedup": before["total"] / after["total"],
+        "config": "stock",
+        "experts": {"per_layer_before": count, "per_layer_after": count - remove, "per_token": top_k,
+                    "score": score.name, "layers": layers},
+        "layers": [],
+        "timings": timings,
+    }
+    plan = AllocationPlan(method="uniform", target=float(recipe.sparsity), structure="experts", modules=modules,
+                          numels=numels, params={"experts_per_layer": count, "experts_removed_per_layer": remove})
+    return plan, info, masks

@@ -70,6 +70,19 @@ def run_sections(report: dict, plan: AllocationPlan | None) -> tuple[str, str, l
             ("figure", "tasks", figures.task_bars(dense, pruned), "accuracy per task, dense vs pruned, chance marked"),
             ("figure", "retention", figures.retention_bars(dense, pruned), "retention per task"),
         ]))
+    experts = report.get("structured", {}).get("experts")
+    if experts:
+        unreached = sum(layer["unreached"] for layer in experts["layers"])
+        sections.append(("Experts", [
+            ("text", f"{experts['score']}: {experts['per_layer_before']} -> {experts['per_layer_after']} routed experts "
+                     f"per MoE layer ({experts['per_token']} per token); {unreached} expert-layers the calibration data "
+                     "never reached (score 0, removed first)."),
+            ("table", ["block", "removed experts", "least used share", "most used share"],
+             [[layer["block"], ", ".join(map(str, layer["removed"])), f"{min(layer['usage']):.3f}",
+               f"{max(layer['usage']):.3f}"] for layer in experts["layers"]]),
+            ("figure", "expert_usage", figures.expert_usage(experts["layers"]),
+             "routing share of each expert on the calibration data per MoE layer; x: removed"),
+        ]))
     if plan is not None and (png := plot_plan(plan)) is not None:
         sections.append(("What was removed where", [
             ("figure", "plan", png, f"allocation plan ({plan.method}): sparsity per block and module type"),

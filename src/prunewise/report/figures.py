@@ -246,6 +246,29 @@ def plans_heatmap(plans: list[tuple[str, dict]]) -> bytes:
         plt.close(fig)
 
 
+def expert_usage(layers: list[dict]) -> bytes:
+    """Share of each MoE layer's routing slots (rows: layers, columns: experts) on the calibration data; the
+    removed experts crossed out."""
+    plt = pyplot()
+    usage = np.array([layer["usage"] for layer in layers])
+    fig, ax = plt.subplots(figsize=(min(12.0, 2.0 + 0.18 * usage.shape[1]), 0.8 + 0.22 * usage.shape[0]))
+    try:
+        image = ax.imshow(usage, aspect="auto", cmap="magma", interpolation="nearest")
+        for row, layer in enumerate(layers):
+            for j in layer["removed"]:
+                ax.plot(j, row, marker="x", color="cyan", markersize=4, linewidth=0)
+        ax.set_yticks(range(len(layers)), [str(layer["block"]) for layer in layers], fontsize=6)
+        ax.set_xlabel("expert", fontsize=7)
+        ax.set_ylabel("block", fontsize=7)
+        ax.tick_params(axis="x", labelsize=6)
+        fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="routing share")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        return buffer.getvalue()
+    finally:
+        plt.close(fig)
+
+
 def loss_curves(parts: list[dict]) -> bytes:
     """Training loss per step and held-out loss at each evaluation, one colour per recovery part."""
     plt = pyplot()

@@ -11,6 +11,7 @@ __all__ = ["Score", "LinearStats", "Needs", "check_weight"]
 
 WEIGHT_LEVEL = ("unstructured", "n:m")
 UNITS = ("channels", "heads", "width")
+EXPERTS = ("experts",)
 
 
 class Score(Part):
@@ -38,3 +39,8 @@ class Score(Part):
         return values
 
     unit_scores = None  # optional: (linears by role, geometry, stats by role) -> {"channels", "query", "kv"}
+
+    def expert_scores(self, stats) -> torch.Tensor:
+        """Scores of a MoE layer's routed experts from its :class:`~prunewise.core.stats.ExpertStats` (higher = keep);
+        an expert the calibration data never reached scores 0, so it goes first."""
+        raise NotImplementedError(f"{self.name} does not rank experts")

@@ -1,4 +1,5 @@
-"""Structured units as parts: MLP ``channels``, attention ``heads``, ``width`` (both), ``sublayers``, ``blocks``.
+"""Structured units as parts: MLP ``channels``, attention ``heads``, ``width`` (both), ``sublayers``, ``blocks``,
+and the routed ``experts`` of mixture-of-experts layers.
 
 Width structures remove units inside every block (their scores summed from a score's per-weight
 quantity over the rows and columns a unit owns, or the score's own unit scores), so the model gets
@@ -18,7 +19,7 @@ from ..errors import PrunewiseError
 from .base import Structure
 from .geometry import BlockGeometry
 
-STRUCTURES = ("channels", "heads", "width", "sublayers", "blocks")
+STRUCTURES = ("channels", "heads", "width", "sublayers", "blocks", "experts")
 
 
 class WidthConfig(PartConfig):
@@ -109,6 +110,19 @@ class Blocks(Structured):
     description = "whole decoder blocks, least block influence first (ShortGPT)"
     works_with = {"allocation": ("uniform",)}
     hint = "blocks are ranked by how little they change their input; leave --allocation at uniform"
+
+
+@register("structure")
+class Experts(Structured):
+    key = "experts"
+    description = ("whole routed experts of every mixture-of-experts layer (--sparsity: the share of them), ranked by "
+                   "an expert score on the calibration data: frequency, reap, ean")
+    works_with = {"score": ("frequency", "reap", "ean"), "allocation": ("uniform",), "compensation": ()}
+    hint = ("experts are ranked by an expert score (frequency, reap, ean), the same count removed from every MoE "
+            "layer (one count in a stock config)")
+
+    def options(self) -> dict:
+        return {}
 
 
 def structured(kind: str, **options) -> Structured:

@@ -1,0 +1,252 @@
+"""Mixtures of experts: the stock transformers families with fused experts, whole routed experts removed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+from conftest import tiny_tokenizer, write_paragraphs
+from prunewise.core.stats import ExpertStats
+from prunewise.errors import PrunewiseError
+from prunewise.models.adapters import get_adapter
+from prunewise.recipe import make_recipe
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=2, tie_word_embeddings=False,
+              bos_token_id=2, eos_token_id=3, pad_token_id=1)
+FAMILIES = {
+    "mixtral": lambda: MixtralConfig(**COMMON, num_local_experts=8),
+    "qwen2_moe": lambda: Qwen2MoeConfig(**COMMON, num_experts=8, moe_intermediate_size=32,
+                                        shared_expert_intermediate_size=48),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, num_experts=8, moe_intermediate_size=32, head_dim=16),
+    "olmoe": lambda: OlmoeConfig(**COMMON, num_experts=8),
+}
+COUNT_KEY = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_local_experts",
+             "olmoe": "num_experts"}
+
+
+def tiny_moe(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family]())
+    with torch.no_grad():  # heavier weights than the init, so experts differ and routing is not uniform
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def moe_folder(tmp_path, request):
+    family = request.param
+    folder = tmp_path / family
+    tiny_moe(family).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return {"family": family, "model": str(folder), "calib": write_paragraphs(tmp_path / "calib.txt", 1)}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+RELOAD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+assert "prunewise" not in sys.modules
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, sys.argv[3])
+print(json.dumps(model.config.to_dict()))
+"""
+
+
+@pytest.mark.parametrize("moe_folder", list(FAMILIES), indirect=True)
+@pytest.mark.parametrize("score", ["frequency", "reap", "ean"])
+def test_half_the_experts_removed_reload_with_stock_transformers_and_give_the_same_logits(moe_folder, score, tmp_path):
+    from prunewise.api import prune, run
+
+    out = tmp_path / "out"
+    recipe = make_recipe(model=moe_folder["model"], calibration=moe_folder["calib"], nsamples=4, seqlen=32,
+                         evaluation=[], structure="experts", score=score, sparsity=0.5, output=str(out))
+    run(recipe, progress=False)  # what `prunewise prune --output` writes
+    result = prune(recipe, progress=False)  # the same prune, in memory
+    adapter = get_adapter(result.model)
+    assert adapter.expert_count(result.model) == 4
+    for block in adapter.blocks(result.model):
+        experts = adapter.experts_of(block)
+        assert experts.gate_up_proj.shape[0] == experts.down_proj.shape[0] == 4
+        assert adapter.router_of(block).weight.shape[0] == 4
+    ids = torch.randint(4, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    want = _logits(result.model, ids)
+    done = subprocess.run([sys.executable, "-c", RELOAD, str(out), json.dumps(ids.tolist()), str(tmp_path / "l.pt")],
+                          capture_output=True, text=True, check=True)
+    config = json.loads(done.stdout.strip().splitlines()[-1])
+    assert config[COUNT_KEY[moe_folder["family"]]] == 4
+    got = torch.load(tmp_path / "l.pt")
+    assert (got - want).abs().max().item() < 1e-5
+    layers = result.report["structured"]["experts"]["layers"]
+    assert len(layers) == 2 and all(len(layer["removed"]) == 4 for layer in layers)
+    assert result.report["achieved_sparsity"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("score", ["frequency", "reap", "ean"])
+def test_experts_the_calibration_never_reaches_go_first_under_every_score(tmp_path, score):
+    """Router rows set so that experts 1, 4 and 6 never win a top-2 slot (their logits are 0, and of the pairs
+    +u/-u (experts 0, 2) and +v/-v (experts 3, 5) one logit is always positive): exactly those go at 3 of 8."""
+    from prunewise.api import prune
+
+    model = tiny_moe("qwen3_moe")
+    adapter = get_adapter(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for block in adapter.blocks(model):
+            router = adapter.router_of(block).weight
+            u, v = torch.randn(2, router.shape[1], generator=g)
+            router[0], router[2], router[3], router[5] = u, -u, v, -v
+            router[[1, 4, 6]] = 0.0
+    folder = tmp_path / "planted"
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    result = prune(make_recipe(model=str(folder), calibration=write_paragraphs(tmp_path / "calib.txt", 1), nsamples=4,
+                               seqlen=32, evaluation=[], structure="experts", score=score, sparsity=3 / 8),
+                   progress=False)
+    layers = result.report["structured"]["experts"]["layers"]
+    assert len(layers) == 2
+    for layer in layers:
+        assert [layer["usage"][j] for j in (1, 4, 6)] == [0, 0, 0]
+        assert all(layer["usage"][j] > 0 for j in (0, 2, 3, 5))
+        assert layer["removed"] == [1, 4, 6]
+
+
+def test_expert_stats_follow_the_routing():
+    stats = ExpertStats(4)
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    index = torch.tensor([[0, 2], [2, 1], [0, 1]])
+    weights = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.9, 0.1]])
+    stats.add(x, index, weights, lambda j, rows: rows * (j + 1))  # expert j multiplies by j + 1
+    assert stats.counts.tolist() == [2, 2, 2, 0] and stats.tokens == 3
+    assert stats.gate.tolist() == pytest.approx([1.65, 0.6, 0.75, 0])
+    assert stats.norm.tolist() == pytest.approx([1 + 3, 2 * 2 + 2 * 3, 3 * 1 + 3 * 2, 0])
+    assert stats.gated_norm.tolist() == pytest.approx([0.75 + 0.9 * 3, 0.5 * 4 + 0.1 * 6, 0.25 * 3 + 0.5 * 6, 0])
+    from prunewise.scores import get_score
+
+    assert get_score("reap").expert_scores(stats).tolist() == pytest.approx([3.45 / 2, 2.6 / 2, 3.75 / 2, 0])
+    assert get_score("frequency").expert_scores(stats).tolist() == [2, 2, 2, 0]
+    assert get_score("ean").expert_scores(stats).tolist() == pytest.approx([4, 10, 9, 0])
+
+
+def test_experts_on_a_dense_model_is_refused_in_one_line(tiny_folder):
+    from prunewise.api import prune
+
+    with pytest.raises(PrunewiseError, match="no mixture-of-experts layer"):
+        prune(make_recipe(model=tiny_folder["model"], calibration=tiny_folder["calib"], nsamples=2, seqlen=16,
+                          evaluation=[], structure="experts", score="reap", sparsity=0.5), progress=False)
+
+
+@pytest.mark.parametrize("moe_folder", ["olmoe"], indirect=True)
+def test_keeping_fewer_experts_than_the_router_picks_is_refused(moe_folder):
+    from prunewise.api import prune
+
+    with pytest.raises(PrunewiseError, match=r"fewer than the 2 the router picks.*--sparsity 0\.75 or less"):
+        prune(make_recipe(model=moe_folder["model"], calibration=moe_folder["calib"], nsamples=2, seqlen=16,
+                          evaluation=[], structure="experts", score="reap", sparsity=0.9), progress=False)
+
+
+def test_an_expert_score_without_the_experts_structure_is_refused():
+    with pytest.raises(PrunewiseError, match="reap ranks routed experts"):
+        make_recipe(model="x", score="reap", sparsity=0.5).parts()
+    with pytest.raises(PrunewiseError, match="structure experts works with score"):
+        make_recipe(model="x", score="wanda", structure="experts", sparsity=0.5).parts()
+
+
+@pytest.mark.parametrize("moe_folder", ["qwen2_moe"], indirect=True)
+def test_the_saved_expert_masks_reapply_to_the_dense_model_and_check_the_pruned_folder(moe_folder, tmp_path):
+    """The kept experts are data like any mask set: applied to the dense model they give the pruned model (the
+    shared expert untouched), checked against the pruned folder they pass, against a wrong count they are refused."""
+    from prunewise.api import run
+    from prunewise.core.masks import MaskSet
+    from prunewise.models.loading import load_model
+    from prunewise.pipeline.reapply import apply_masks, check_masks
+
+    out = tmp_path / "out"
+    run(make_recipe(model=moe_folder["model"], calibration=moe_folder["calib"], nsamples=4, seqlen=32, evaluation=[],
+                    structure="experts", score="reap", sparsity=0.25, output=str(out)), progress=False)
+    masks = MaskSet.load(out / "masks.safetensors")
+    assert masks.structure == "experts" and all(k["experts"].numel() == 6 for k in masks.units.values())
+    pruned, _ = load_model(str(out))
+    check_masks(pruned, masks, applied=True, structure="experts")
+    dense, _ = load_model(moe_folder["model"])
+    shared = dense.model.layers[0].mlp.shared_expert.gate_proj.weight.clone()
+    apply_masks(dense, masks)
+    assert torch.equal(dense.model.layers[0].mlp.shared_expert.gate_proj.weight, shared)
+    ids = torch.randint(4, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert (_logits(dense, ids) - _logits(pruned, ids)).abs().max().item() < 1e-5
+    with pytest.raises(PrunewiseError, match="made for 8 experts per layer"):
+        check_masks(pruned, masks, structure="experts")  # a pruned model is not the dense one the set was made for
+
+
+@pytest.mark.parametrize("moe_folder", ["qwen2_moe"], indirect=True)
+def test_weight_level_pruning_of_a_moe_model_names_its_targets_and_leaves_routed_experts_alone(moe_folder):
+    from prunewise.api import prune
+
+    fields = dict(model=moe_folder["model"], calibration=moe_folder["calib"], nsamples=2, seqlen=16, evaluation=[],
+                  score="wanda", sparsity=0.5)
+    with pytest.raises(PrunewiseError, match=r"weights in fused routed experts.*--targets self_attn"):
+        prune(make_recipe(**fields), progress=False)
+    dense = tiny_moe("qwen2_moe")
+    result = prune(make_recipe(**fields, targets="self_attn|shared_expert\\."), progress=False)
+    for a, b in zip(get_adapter(dense).blocks(dense), get_adapter(result.model).blocks(result.model)):
+        assert torch.equal(a.mlp.experts.gate_up_proj, b.mlp.experts.gate_up_proj)
+        assert (b.self_attn.q_proj.weight == 0).float().mean() == pytest.approx(0.5)
+        assert (b.mlp.shared_expert.down_proj.weight == 0).float().mean() == pytest.approx(0.5)
+    with pytest.raises(PrunewiseError, match="names the shared expert"):
+        prune(make_recipe(**{**fields, "score": "reap"}, structure="experts", targets="shared_expert"), progress=False)
+
+
+# ---- MoEfication: a real-weight MoE from a dense model's own MLPs -------------------------------------------------
+
+def test_a_moefied_model_with_every_expert_selected_gives_the_dense_logits_and_reloads_stock(tmp_path):
+    from conftest import tiny_model
+
+    from prunewise.models.moefy import moe_from_dense
+
+    dense = tiny_model("llama", layers=2, hidden=64, intermediate=128)
+    g = torch.Generator().manual_seed(0)
+    groups, shared, routers = [], [], []
+    for _ in range(2):
+        perm = torch.randperm(128, generator=g)
+        shared.append(perm[:32].sort().values)
+        groups.append(perm[32:].view(4, 24).sort(dim=1).values)
+        routers.append(torch.randn(4, 64, generator=g) * 1e-7)
+    moe = moe_from_dense(dense, groups, shared, routers, top_k=4)
+    ids = torch.randint(0, 256, (2, 16), generator=g)
+    assert (_logits(moe, ids) - _logits(dense, ids)).abs().max().item() < 1e-4
+    moe.save_pretrained(tmp_path / "moe")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert reloaded.config.model_type == "qwen2_moe" and reloaded.config.num_experts == 4
+    assert torch.equal(_logits(reloaded, ids), _logits(moe, ids))
+    moe.config.num_experts_per_tok = 2  # two of four experts: a real sparse model, its logits move
+    for block in moe.model.layers:
+        block.mlp.gate.top_k = 2
+    assert (_logits(moe, ids) - _logits(dense, ids)).abs().max().item() > 1e-3
+
+
+def test_balanced_kmeans_groups_channels_that_fire_together_in_equal_groups():
+    from prunewise.pipeline.moefy import balanced_kmeans, fit_router
+
+    g = torch.Generator().manual_seed(0)
+    profiles = torch.rand(4, 200, generator=g)  # four firing patterns over 200 tokens
+    truth = torch.arange(24) % 4
+    channels = profiles[truth] + 0.05 * torch.rand(24, 200, generator=g)
+    groups = balanced_kmeans(channels, 4)
+    assert groups.shape == (4, 6) and sorted(groups.flatten().tolist()) == list(range(24))
+    assert all(len(set(truth[grp].tolist())) == 1 for grp in groups)
+    x = torch.randn(500, 8, generator=g)
+    w = torch.randn(3, 8, generator=g)
+    torch.testing.assert_close(fit_router(x, x @ w.t(), ridge=0.0).float(), w, rtol=1e-4, atol=1e-4)
