@@ -83,8 +83,8 @@ def build_moe(entry, base: Path, out: Path, progress: bool = True) -> None:
 
     def per_block(i: int, block) -> None:
         stats = visitor.stats.pop(i)
-        x = stats[roles["gate"]].samples()                        # (S, hidden): the MLP's input
-        a = stats[roles["down"]].samples()                        # (S, I): the down projection's input
+        x = stats[roles["gate"]].samples                          # (S, hidden): the MLP's input
+        a = stats[roles["down"]].samples                          # (S, I): the down projection's input
         down = adapter.roles_of(block)["down"].weight.float()
         contribution = a.abs() * down.norm(dim=0)                 # (S, I)
         order = torch.argsort(contribution.mean(0), descending=True, stable=True)
