@@ -136,8 +136,9 @@ DERIVED_MODELS: dict[str, DerivedModel] = {
             base="smollm2-135m",
             builder="moefy",
             family="qwen2_moe",
-            parameters="135M (8 routed experts of 160 channels, 4 per token, a shared expert of 256)",
-            description="SmolLM2-135M's own MLPs split into a Qwen2-MoE (MoEfication): channels clustered by "
+            parameters="135M",
+            description="SmolLM2-135M's own MLPs as a Qwen2-MoE (MoEfication): a shared expert of 256 channels, 8 routed "
+            "experts of 160 (4 per token), channels clustered by "
             "co-activation on wiki, code and legal text, a least-squares router; built offline in minutes",
             options=(("experts", 8), ("top_k", 4), ("shared", 256), ("data", "wiki:0.34,code:0.33,legal:0.33"),
                      ("nsamples", 512), ("seqlen", 64), ("seed", 1234)),
