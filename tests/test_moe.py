@@ -66,8 +66,8 @@ print(json.dumps(model.config.to_dict()))
 """
 
 
-@pytest.mark.parametrize("moe_folder", list(FAMILIES), indirect=True)
-@pytest.mark.parametrize("score", ["frequency", "reap", "ean"])
+@pytest.mark.parametrize("moe_folder, score", [("mixtral", "reap"), ("qwen2_moe", "ean"), ("qwen3_moe", "frequency"),
+                                              ("olmoe", "reap")], indirect=["moe_folder"])
 def test_half_the_experts_removed_reload_with_stock_transformers_and_give_the_same_logits(moe_folder, score, tmp_path):
     from prunewise.api import prune, run
 
