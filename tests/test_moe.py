@@ -213,7 +213,6 @@ def test_weight_level_pruning_of_a_moe_model_names_its_targets_and_leaves_routed
 
 def test_a_moefied_model_with_every_expert_selected_gives_the_dense_logits_and_reloads_stock(tmp_path):
     from conftest import tiny_model
-
     from prunewise.models.moefy import moe_from_dense
 
     dense = tiny_model("llama", layers=2, hidden=64, intermediate=128)
