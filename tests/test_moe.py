@@ -249,3 +249,15 @@ def test_balanced_kmeans_groups_channels_that_fire_together_in_equal_groups():
     x = torch.randn(500, 8, generator=g)
     w = torch.randn(3, 8, generator=g)
     torch.testing.assert_close(fit_router(x, x @ w.t(), ridge=0.0).float(), w, rtol=1e-4, atol=1e-4)
+
+
+def test_the_models_command_can_build_the_derived_moe(capsys):
+    """`prunewise models fetch smollm2-135m-moe` on a fresh cache needs the MoEfication builder registered."""
+    import argparse
+
+    from prunewise.cli import _cmd_models
+    from prunewise.models.loading import BUILDERS
+
+    BUILDERS.pop("moefy", None)  # as in a process that never imported the API
+    _cmd_models(argparse.Namespace(action="list", name=None))
+    assert "moefy" in BUILDERS and "smollm2-135m-moe" in capsys.readouterr().out

@@ -233,6 +233,9 @@ def _cmd_tasks(args) -> int:
 
 def _cmd_models(args) -> int:
     from .models.loading import fetch_model, list_models
+    from .pipeline import moefy
+
+    moefy.register()  # the builder of the derived MoE models, for `models fetch smollm2-135m-moe`
 
     if args.action == "fetch":
         if not args.name:

@@ -355,7 +355,7 @@ def _build_derived(entry: DerivedModel) -> Path:
     builder = BUILDERS.get(entry.builder)
     if builder is None:
         raise PrunewiseError(f"{entry.name} is built by '{entry.builder}', which is not loaded; import prunewise.api "
-                             "(the command line does) before asking for it")
+                             "(or prunewise.pipeline.moefy) before asking for it; the command line does")
     base = fetch_model(entry.base)
     with locked(cache_dir("locks") / f"{target.name}.lock"):
         if _is_converted(target):

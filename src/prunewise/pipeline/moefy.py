@@ -108,4 +108,9 @@ def build_moe(entry, base: Path, out: Path, progress: bool = True) -> None:
     log.info("built %s in %.0f s", entry.name, time.perf_counter() - t0)
 
 
-BUILDERS["moefy"] = build_moe
+def register() -> None:
+    """Make ``fetch_model`` able to build the derived MoE models (done on import; the command line calls it too)."""
+    BUILDERS["moefy"] = build_moe
+
+
+register()
