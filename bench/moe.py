@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cells import add_cell_args, run_missing, start  # noqa: E402
+from _cells import add_cell_args, add_window_args, run_missing, start  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MOE = "smollm2-135m-moe"
@@ -153,9 +153,7 @@ def write_table(results: dict, out: Path, args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-tokens", type=int, default=8192)
+    add_window_args(ap, nsamples=32, eval_tokens=8192)
     ap.add_argument("--eval", nargs="+", default=["wiki-test", "code", "legal-test"])
     ap.add_argument("--scores", nargs="+", default=["frequency", "reap", "ean"])
     ap.add_argument("--levels", nargs="+", default=["0.5"])
@@ -167,7 +165,7 @@ def main() -> None:
         return
     out = Path(args.out)
     cells = args.cells or grid(args)
-    keys = ("nsamples", "seqlen", "eval_tokens")
+    keys = ("nsamples", "seqlen", "eval_tokens", "eval")  # the children evaluate on the sets asked here
     run_missing(results, out, cells, __file__, args, keys, lambda r: r["cell"])
     write_table(results, out, args)
     print(out.with_suffix(".md").read_text())

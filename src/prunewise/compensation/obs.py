@@ -52,16 +52,15 @@ class OBSCompensation(Compensation):
     def compensate(self, weight: torch.Tensor, stats, structure, sparsity, mask: torch.Tensor | None = None,
                    saliency=None, module: str = "?") -> PruneOutcome:
         """The OBS-updated weight for ``mask``, or for the mask ``structure`` chooses with ``saliency`` during the sweep."""
-        W = weight.detach().float().clone()
-        rows, cols = W.shape
+        rows, cols = weight.shape
         U, dead, damp_used = hessian_factor(stats, self.config.damp, module)
-        W[:, dead] = 0.0
         blocksize = structure.tile_width(self.config.blocksize)
         tiles = _FixedTiles(mask) if mask is not None else structure.tiles(rows, cols, sparsity)
 
         # the sweep runs on the transposed weight (a contiguous row per input column): each column's rank-1 update
         # covers a contiguous block, 0.6-0.7x the time of the same update on a column slice here
-        WT = W.t().contiguous()
+        WT = weight.detach().float().t().contiguous()  # a copy: the source weight is never written
+        WT[dead] = 0.0
         maskT = torch.zeros(cols, rows, dtype=torch.bool)
         for c0 in range(0, cols, blocksize):
             c1 = min(c0 + blocksize, cols)
