@@ -24,10 +24,11 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # ---- registries and recipes ------------------------------------------------------------------------------------
 
 def test_every_axis_has_its_parts_and_the_listing_names_them():
-    expected = {"score": {"magnitude", "wanda", "sparsegpt", "gblm", "fluctuation", "taylor", "frequency", "reap", "ean"},
+    expected = {"score": {"magnitude", "wanda", "sparsegpt", "gblm", "fluctuation", "taylor", "frequency", "reap", "ean",
+                          "ria"},
                 "structure": {"unstructured", "n:m", "channels", "heads", "width", "sublayers", "blocks", "experts"},
                 "allocation": {"uniform", "global", "owl", "profile", "search"},
-                "compensation": {"obs", "bias", "dsnot", "eora"}, "recovery": {"lora", "distill"}}
+                "compensation": {"obs", "bias", "dsnot", "eora", "alps", "admm"}, "recovery": {"lora", "distill"}}
     for axis, names in expected.items():
         assert set(REGISTRIES[axis].names()) == names, axis
     text = listing()
@@ -45,7 +46,7 @@ def test_every_axis_has_its_parts_and_the_listing_names_them():
                                                    "width, not 2:4"),
     ({"allocation": {"name": "owl", "lambda": 0.7}}, "allocation owl: lambda: Input should be less than 0.5"),
     ({"score": {"name": "wanda", "damp": 0.1}}, "score wanda: damp: Extra inputs are not permitted"),
-    ({"compensation": ["lora"]}, "unknown compensation 'lora'; choose one of: bias, dsnot, eora, obs"),
+    ({"compensation": ["lora"]}, "unknown compensation 'lora'; choose one of: admm, alps, bias, dsnot, eora, obs"),
     ({"structure": "width", "compensation": ["dsnot"]}, "compensation dsnot works with structure unstructured, n:m, not width"),
     ({"compensation": ["dsnot:7"]}, "write options as dsnot:OPTION=VALUE"),
 ])
@@ -190,6 +191,8 @@ def test_sparsegpt_alone_equals_sparsegpt_score_with_obs_compensation():
 @pytest.mark.parametrize("fields", [
     {"score": "wanda", "sparsity": 0.5},
     {"score": "sparsegpt", "structure": "2:4"},
+    {"score": "wanda", "compensation": ["alps"], "allocation": "owl", "sparsity": 0.6},
+    {"score": "ria", "compensation": ["admm"], "structure": "2:4"},
     {"score": "wanda", "structure": "width", "sparsity": 0.3, "width_multiple": 8},
     {"score": "wanda", "structure": "blocks", "sparsity": 0.5},
 ])

@@ -17,6 +17,9 @@ class Compensation(Part):
 
     needs: Needs = NONE
     reconstructs = False
+    sweeps = False  # chooses the mask inside its own column sweep from a score's saliency (OBS, for SparseGPT)
+    chooses_mask = False  # starts from a mask on the dense weight and returns the one it converged to (ALPS, ADMM)
+    default_group: str | None = None  # the unstructured comparison group its reference uses, when the recipe names none
     refines_mask = False  # turns a selected mask into a better one before any reconstruction (DSnoT)
     adds_lowrank = False  # after everything, a low-rank correction kept beside the pruned weight (EoRA)
 

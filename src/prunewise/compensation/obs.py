@@ -46,6 +46,7 @@ class OBSCompensation(Compensation):
     Config = OBSConfig
     needs = Needs(hessian=True)
     reconstructs = True
+    sweeps = True
     works_with = {"structure": ("unstructured", "n:m")}
     hint = "OBS updates single weights; structured runs compensate with bias"
 

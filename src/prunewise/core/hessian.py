@@ -51,3 +51,23 @@ def hessian_factor(stats: LinearStats, damp: float, module: str = "?"):
     if found is None or found[0] != damp:
         stats.cache["factor"] = found = (damp, *inverse_hessian_factor(stats.hessian, damp, module))
     return found[1:]
+
+
+def normalized_hessian(stats: LinearStats, damp: float, module: str = "?"):
+    """``(Hn, scale, dead)``: the Hessian with ``damp * mean(diag H)`` added, scaled to a unit diagonal,
+    ``Hn = D^-1 H D^-1`` with ``D = diag(scale)``, ``scale = sqrt(diag H)``; dead inputs (a zero diagonal) get a unit
+    diagonal and are reported. In these coordinates a weight is ``W D`` and a penalty is relative to one input's
+    energy (ALPS and ADMM work there). Kept on ``stats`` per dampening: linears reading one input share it."""
+    key = ("normalized", damp)
+    found = stats.cache.get(key)
+    if found is None:
+        H = stats.hessian.to(torch.float64, copy=True)
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1.0
+        H.diagonal().add_(damp * H.diagonal().mean())
+        scale = H.diagonal().sqrt()
+        if not torch.isfinite(H).all():
+            raise PrunewiseError(f"the Hessian of {module} is not finite; check the calibration data")
+        Hn = H / scale.unsqueeze(0) / scale.unsqueeze(1)
+        stats.cache[key] = found = (Hn, scale, dead)
+    return found

@@ -89,7 +89,7 @@ class Pruner:
             outcome = self.reconstruct[0].compensate(weight, stats, structure, sparsity,
                                                      saliency=self.score.sweep_saliency, module=module)
             if not self.refine:
-                return self._rest(outcome, stats, structure, sparsity, module)
+                return self._rest(outcome, stats, structure, sparsity, module, weight)
             mask, notes = outcome.mask, outcome.notes
         else:
             importance = self.importance(weight, stats, module)
@@ -103,13 +103,19 @@ class Pruner:
         first = self.reconstruct[0]
         outcome = first.compensate(weight, stats, structure, sparsity, mask=mask, module=module)
         outcome.notes = {**notes, **outcome.notes}
-        return self._rest(outcome, stats, structure, sparsity, module)
+        return self._rest(outcome, stats, structure, sparsity, module, weight)
 
-    def _rest(self, outcome: PruneOutcome, stats, structure, sparsity, module: str) -> PruneOutcome:
+    def _rest(self, outcome: PruneOutcome, stats, structure, sparsity, module: str,
+              dense: torch.Tensor | None = None) -> PruneOutcome:
         rest = self.reconstruct[1:]
-        for comp in rest:  # later reconstructions keep the mask the first one produced
+        for comp in rest:
             notes = outcome.notes
-            outcome = comp.compensate(outcome.weight, stats, structure, sparsity, mask=outcome.mask, module=module)
+            if getattr(comp, "chooses_mask", False):
+                # ALPS/ADMM: start from the mask so far, reconstruct the dense weight, return the mask they converge to
+                outcome = comp.compensate(dense, stats, structure, sparsity, mask=outcome.mask, module=module)
+            else:  # later reconstructions keep the mask the one before produced
+                outcome = comp.compensate(outcome.weight, stats, structure, sparsity, mask=outcome.mask,
+                                          module=module)
             outcome.notes = {**notes, **outcome.notes}
         return outcome
 
@@ -117,12 +123,16 @@ class Pruner:
 def sweeps(score, compensation) -> bool:
     """Whether the score's mask is chosen inside an OBS sweep: a sweep score (SparseGPT) with a reconstructing
     compensation. Without one (SparseGPT under DSnoT alone) it ranks the weights as they are."""
-    return score.sweep_saliency is not None and any(c.reconstructs for c in compensation)
+    first = next((c for c in compensation if c.reconstructs), None)
+    return score.sweep_saliency is not None and first is not None and first.sweeps
 
 
 def default_group(score, compensation) -> str:
     """The comparison group of unstructured pruning when the recipe names none: the score's, except that a sweep
     score outside its sweep ranks per row, as DSnoT's reference does with SparseGPT's saliency."""
+    chosen = next((c.default_group for c in compensation if getattr(c, "default_group", None)), None)
+    if chosen:  # a reconstruction that chooses the final mask compares as its reference does (ALPS: the layer)
+        return chosen
     return "row" if score.sweep_saliency is not None and not sweeps(score, compensation) else score.default_group
 
 

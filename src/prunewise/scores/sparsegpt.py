@@ -42,7 +42,7 @@ class SparseGPTScore(Score):
     needs = Needs(hessian=True)
     default_group = "layer"
     works_with = {"structure": WEIGHT_LEVEL}
-    requires = {"compensation": ("obs", "dsnot")}  # dsnot alone: DSnoT's SparseGPT initialisation, no weight update
+    requires = {"compensation": ("obs", "dsnot", "alps", "admm")}  # dsnot alone: DSnoT's SparseGPT initialisation, no weight update
     hint = "sparsegpt reconstructs single weights; structured pruning scores units with magnitude, wanda, gblm, " \
            "fluctuation or taylor"
 
