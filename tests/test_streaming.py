@@ -52,8 +52,11 @@ def test_meta_tree_holds_no_memory_and_the_reader_finds_every_tensor(sharded):
                                     {"score": "wanda", "allocation": "owl", "sparsity": 0.6},
                                     {"score": "wanda", "compensation": ["alps"], "allocation": "owl", "sparsity": 0.6},
                                     {"score": "fluctuation", "structure": "width", "sparsity": 0.25,
-                                     "allocation": "global", "compensation": ["bias"]}],
-                         ids=["wanda", "sparsegpt", "wanda-2of4", "wanda-owl", "wanda-alps-owl", "flap-width-global-bias"])
+                                     "allocation": "global", "compensation": ["bias"]},
+                                    {"score": "fluctuation", "structure": "width", "sparsity": 0.25,
+                                     "allocation": "global", "compensation": ["refit"]}],
+                         ids=["wanda", "sparsegpt", "wanda-2of4", "wanda-owl", "wanda-alps-owl", "flap-width-global-bias",
+                                                   "width-global-refit"])
 def test_streamed_prune_is_bit_identical_to_the_in_memory_prune(sharded, fields):
     root = sharded["root"]
     reports = {off: run(_recipe(sharded, off, str(root / f"out-{off}"), **fields), progress=False)

@@ -195,6 +195,47 @@ def test_bias_compensation_keeps_the_mean_output_of_the_pruned_mlp(windows):
             assert (got - want).abs().max() > 1e-3
 
 
+def _mlp_outputs(model, windows, block=0):
+    outs = []
+    h = model.model.layers[block].mlp.register_forward_hook(lambda m, a, o: outs.append(o.reshape(-1, o.shape[-1])))
+    with torch.no_grad():
+        model(input_ids=windows)
+    h.remove()
+    return torch.cat(outs).double()
+
+
+def test_refit_reconstructs_the_pruned_mlp_better_than_flaps_bias_and_keeps_its_mean(windows):
+    """Block 0's MLP output over the calibration tokens (its inputs unchanged by pruning): the least-squares refit
+    with intercept is exact in the mean as FLAP's bias is, and its error is well below the bias's."""
+    want = _mlp_outputs(tiny_model("llama"), windows)
+    errors = {}
+    for comp in ("bias", "refit"):
+        model = tiny_model("llama")
+        prune_structured(model, get_adapter(model), _recipe(structure="channels", compensation=[comp]), windows,
+                         progress=False)
+        got = _mlp_outputs(model, windows)
+        torch.testing.assert_close(got.mean(0), want.mean(0), atol=1e-4, rtol=1e-4)
+        errors[comp] = float((got - want).square().sum())
+    assert errors["refit"] < 0.75 * errors["bias"], errors
+
+
+def test_refit_is_the_least_squares_fit_with_an_intercept():
+    from prunewise.compensation.refit import RefitCompensation
+    from prunewise.core.stats import LinearStats, Needs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 12, generator=g) @ torch.randn(12, 12, generator=g) + torch.randn(12, generator=g)
+    w, b = torch.randn(5, 12, generator=g), torch.randn(5, generator=g)
+    stats = LinearStats.for_needs(12, Needs(hessian=True, mean=True))
+    stats.add(x.unsqueeze(0))
+    kept = torch.tensor([0, 2, 3, 7, 8, 11])
+    fw, fb = RefitCompensation(RefitCompensation.Config(damp=0.0)).fit(w, b, kept, stats)
+    design = torch.cat([x[:, kept], torch.ones(400, 1)], 1).double()
+    sol = torch.linalg.lstsq(design, (x @ w.t() + b).double()).solution  # (kept + 1, out)
+    torch.testing.assert_close(fw, sol[:-1].t(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fb, sol[-1], atol=1e-6, rtol=1e-6)
+
+
 # One fresh process without prunewise loads every saved folder (importing transformers costs ~10 s a process):
 # it reads "path flag" lines and answers each with one line.
 RELOAD = """
@@ -251,13 +292,13 @@ def _save_and_reload(model, tmp_path, files, flag, reload):
     return cls, out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
-def test_per_block_widths_with_bias_reload_with_remote_code_and_same_logits(family, windows, tmp_path, _reload):
+@pytest.mark.parametrize("family, comp", [("llama", "bias"), ("qwen2", "bias"), ("gemma3", "bias"), ("llama", "refit")])
+def test_per_block_widths_with_bias_reload_with_remote_code_and_same_logits(family, comp, windows, tmp_path, _reload):
     from prunewise.export.register import MODELING_FILE
 
     model = tiny_model(family, layers=4)
     _, info, _ = prune_structured(model, get_adapter(model), _recipe(score="fluctuation", allocation="global",
-                                                                  bias_compensation=True), windows, progress=False)
+                                                                  compensation=[comp]), windows, progress=False)
     assert info["config"] == "custom" and any(r["down_proj_bias"] for r in info["layers"])
     cls, out = _save_and_reload(model, tmp_path, {"modeling_prunewise.py": MODELING_FILE.read_text()}, "remote",
                                 _reload)

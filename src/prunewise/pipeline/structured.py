@@ -117,7 +117,8 @@ def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, 
     Returns what each block keeps and the output-projection input means for compensation."""
     parts = recipe.parts()
     score, structure = parts.score, parts.structure
-    compensate = parts.compensation_named("bias") is not None
+    refit = parts.compensation_named("refit")
+    compensate = parts.compensation_named("bias") is not None or refit is not None
     blocks = adapter.blocks(model)
     engine = SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="structured statistics",
                               sequential=False, placement=placement_for(model, recipe, parts), stream=stream)
@@ -130,12 +131,18 @@ def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, 
     # every linear's statistics (FLAP's means and variances, Wanda's norms) and gradients, one dense pass
     scores: dict[int, object] = {}
 
+    consumers = {adapter.roles["o"], adapter.roles["down"]}
+
     def score_block(i: int, block: nn.Module) -> None:  # while the block is resident (streamed: read from disk)
         stats = visitor.stats.get(i, {})
         scores[i] = unit_scores(score, adapter.roles_of(block), geoms[i],
                                 {r: stats[n] for r, n in adapter.roles.items() if n in stats})
+        for name, st in stats.items():  # the refit keeps only the Hessians of the projections it refits
+            if refit is not None and st is not None and name not in consumers:
+                st.hessian = None
 
-    visitor = StatsVisitor(Needs(sq_norm=True, mean=True, gradient=score.needs.gradient), on_block=score_block)
+    visitor = StatsVisitor(Needs(sq_norm=True, mean=True, gradient=score.needs.gradient, hessian=refit is not None),
+                           on_block=score_block)
     if windows is not None:  # group magnitude without compensation needs no data: scored in a walk without it
         engine.run(visitor)
     else:
@@ -153,8 +160,12 @@ def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, 
     keeps = choose_widths(geoms, scores, structure, budget, allocation=allocation,
                           heads_mode=structure.heads_mode, multiple=structure.width_multiple, shares=shares,
                           finish=score.unit_finish)
-    means = {i: (visitor.stats[i][adapter.roles["o"]].mean, visitor.stats[i][adapter.roles["down"]].mean)
-             for i in range(len(blocks))} if compensate else {}
+    if refit is not None:  # the statistics themselves: the refit reads their means and Hessians
+        means = {i: (visitor.stats[i][adapter.roles["o"]], visitor.stats[i][adapter.roles["down"]])
+                 for i in range(len(blocks))}
+    else:
+        means = {i: (visitor.stats[i][adapter.roles["o"]].mean, visitor.stats[i][adapter.roles["down"]].mean)
+                 for i in range(len(blocks))} if compensate else {}
     return keeps, means
 
 
@@ -165,6 +176,7 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
     (widths only) each block is read from the shards to be sliced, then written out and released."""
     parts = recipe.parts()
     structure = parts.structure
+    refit = parts.compensation_named("refit")
     if structure.kind == "experts":
         return _prune_experts(model, adapter, recipe, windows, progress)
     blocks = adapter.blocks(model)
@@ -194,9 +206,18 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
         if i not in drop_blocks:
             masks.units[i] = {"channels": keep.channels, "query_heads": keep.query_heads, "kv_heads": keep.kv_heads}
             o_mean, down_mean = means.get(i, (None, None))
+            fit = None
+            if refit is not None:  # least squares on the kept inputs, from the statistics of o_proj and down_proj
+                held = {"o": o_mean, "down": down_mean}
+                o_mean, down_mean = o_mean.mean, down_mean.mean
+
+                def fit(role, weight, bias, kept, held=held, i=i):
+                    return refit.fit(weight, bias, kept, held[role], module=f"block {i} {role}")
             if stream is not None:
                 stream.load(block, prefetch=blocks[i + 1] if i + 1 < len(blocks) else None)
-            specs_of[i] = shrink_block(block, keep, head_dim, adapter, o_mean, down_mean)
+            specs_of[i] = shrink_block(block, keep, head_dim, adapter, o_mean, down_mean, fit=fit)
+            if fit is not None:
+                means.pop(i)  # this block's Hessians are no longer needed
             if stream is not None:
                 stream.done(block, write=True)
     if drop_blocks:
@@ -226,6 +247,7 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
     method = "blocks" if structure.kind == "blocks" else (
         "sublayers" if structure.kind == "sublayers" else ("plan" if plan is not None else parts.allocation.key))
     result_plan = structure_plan({"bias_compensation": parts.compensation_named("bias") is not None,
+                                  "refit": refit is not None,
                                   "heads_mode": structure.heads_mode, "width_multiple": structure.width_multiple},
                                  keeps_info, prefix, float(recipe.sparsity), method, structure.name)
     return result_plan, info, masks

@@ -35,9 +35,11 @@ def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 @torch.no_grad()
 def shrink_block(block: nn.Module, keep: BlockKeep, head_dim: int, adapter, o_mean: torch.Tensor | None = None,
-                 down_mean: torch.Tensor | None = None) -> dict:
+                 down_mean: torch.Tensor | None = None, fit=None) -> dict:
     """Slice one block to ``keep``; with means given, removed inputs of o_proj/down_proj are folded into their bias
-    (FLAP: ``b += W[:, removed] @ mean(x[removed])``). Returns the block's ``prunewise_layers`` entry."""
+    (FLAP: ``b += W[:, removed] @ mean(x[removed])``). With ``fit`` (``fit(role, weight, bias, kept_columns)`` ->
+    ``(kept_weight, bias)``, a structured reconstruction) o_proj's and down_proj's kept columns and biases are what it
+    returns instead. Returns the block's ``prunewise_layers`` entry."""
     lin = adapter.roles_of(block)
     g = BlockGeometry.of(lin, head_dim)
     if keep.query_heads.numel():
@@ -52,6 +54,10 @@ def shrink_block(block: nn.Module, keep: BlockKeep, head_dim: int, adapter, o_me
     if down_mean is not None and removed_ch.numel():
         add = lin["down"].weight[:, removed_ch].double() @ down_mean.double()[removed_ch]
         down_bias = add if down_bias is None else down_bias + add
+    o_weight = down_weight = None
+    if fit is not None:
+        o_weight, o_bias = fit("o", lin["o"].weight, lin["o"].bias, _head_rows(keep.query_heads, head_dim))
+        down_weight, down_bias = fit("down", lin["down"].weight, lin["down"].bias, keep.channels)
     if not keep.query_heads.numel():  # a removed sublayer only keeps its compensation (the constant it added on average)
         o_bias = o_bias if o_mean is not None else None
     if not keep.channels.numel():
@@ -60,8 +66,8 @@ def shrink_block(block: nn.Module, keep: BlockKeep, head_dim: int, adapter, o_me
     q_rows, kv_rows = _head_rows(keep.query_heads, head_dim), _head_rows(keep.kv_heads, head_dim)
     rows = {"q": q_rows, "k": kv_rows, "v": kv_rows, "gate": keep.channels, "up": keep.channels}
     saved = {r: (lin[r].weight[i], None if lin[r].bias is None else lin[r].bias[i]) for r, i in rows.items()}
-    saved["o"] = (lin["o"].weight[:, q_rows], o_bias)
-    saved["down"] = (lin["down"].weight[:, keep.channels], down_bias)
+    saved["o"] = (lin["o"].weight[:, q_rows] if o_weight is None else o_weight, o_bias)
+    saved["down"] = (lin["down"].weight[:, keep.channels] if down_weight is None else down_weight, down_bias)
     resize_block(block, spec, g.hidden, head_dim)
     attention, feed_forward = adapter.sublayer(block, "attention"), adapter.sublayer(block, "mlp")
     if isinstance(attention, RemovedAttention):
