@@ -11,9 +11,17 @@ the exact least-squares solution with an intercept (``lam = damp * mean(diag S[K
 dense weights, so a poorly sampled input keeps its weights rather than blowing up). It is the closed form of the
 structured OBS update (ZipLM, OSSCAR's refit) for the set removed at once; with ``K`` empty it is FLAP's bias.
 The output stays a stock-loadable checkpoint: the kept columns are the same, only their values and the bias change.
+
+``select=obs`` also chooses which MLP channels a block loses (the count stays the allocation's): structured OBS as
+ZipLM does it, one channel at a time, the one whose removal costs least after the previous removals' updates,
+``dL_j = ||W[:, j]||^2 / [S^-1]_jj``, then ``W -= W[:, j] [S^-1]_j,: / [S^-1]_jj`` and the inverse downdated;
+the refit above then gives the kept columns their final values. Heads keep the score's choice (their removal
+must respect the key/value groups).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -26,6 +34,8 @@ from .base import Compensation
 
 class RefitConfig(PartConfig):
     damp: float = Field(0.01, ge=0, description="ridge towards the dense weights, a share of the mean kept variance")
+    select: Literal["score", "obs"] = Field("score", description="which MLP channels go: the score's choice, or "
+                                            "structured OBS (ZipLM's greedy removal, the same count per block)")
 
 
 @register("compensation")
@@ -68,3 +78,28 @@ class RefitCompensation(Compensation):
         if not torch.isfinite(Wk).all():
             raise PrunewiseError(f"refit of {module} produced non-finite weights; raise its damp")
         return Wk, b + W @ mu - Wk @ mu[kept]
+
+    def select_channels(self, weight: torch.Tensor, keep: int, stats, module: str = "?") -> torch.Tensor:
+        """Sorted indices of the ``keep`` input columns of ``weight`` that structured OBS keeps (greedy removal)."""
+        n = float(stats.tokens)
+        mu = stats.sum.double() / n
+        cov = stats.hessian.double() / n - torch.outer(mu, mu)
+        cov.diagonal().add_(self.config.damp * float(cov.diagonal().mean().clamp_min(1e-12)))
+        L, info = torch.linalg.cholesky_ex(cov)
+        if int(info):
+            raise PrunewiseError(f"structured OBS of {module}: the inputs' covariance is singular; raise refit's damp")
+        inv = torch.cholesky_inverse(L)
+        W = weight.detach().double().clone()
+        alive = torch.ones(W.shape[1], dtype=torch.bool)
+        for _ in range(W.shape[1] - keep):
+            d = inv.diagonal()
+            cost = W.square().sum(0) / d
+            cost[~alive] = float("inf")
+            j = int(torch.argmin(cost))
+            W -= torch.outer(W[:, j], inv[j]) / d[j]
+            inv -= torch.outer(inv[:, j], inv[j]) / inv[j, j]
+            alive[j] = False
+            inv[j, :] = 0.0
+            inv[:, j] = 0.0
+            inv[j, j] = 1.0  # a removed input stays out of every later update
+        return torch.nonzero(alive).flatten()

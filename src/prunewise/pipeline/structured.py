@@ -204,16 +204,23 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
     specs_of: dict[int, dict] = {}
     for i, (block, keep) in enumerate(zip(blocks, keeps)):
         if i not in drop_blocks:
-            masks.units[i] = {"channels": keep.channels, "query_heads": keep.query_heads, "kv_heads": keep.kv_heads}
             o_mean, down_mean = means.get(i, (None, None))
-            fit = None
+            fit, loaded = None, False
             if refit is not None:  # least squares on the kept inputs, from the statistics of o_proj and down_proj
                 held = {"o": o_mean, "down": down_mean}
+                if refit.config.select == "obs" and 0 < keep.channels.numel() < geoms[i].intermediate:
+                    down = adapter.roles_of(block)["down"]
+                    if stream is not None:  # the weights are needed now: the block is read here, once
+                        stream.load(block, prefetch=blocks[i + 1] if i + 1 < len(blocks) else None)
+                        loaded = True
+                    keep = BlockKeep(refit.select_channels(down.weight, int(keep.channels.numel()), down_mean,
+                                                           module=f"block {i} down"), keep.query_heads, keep.kv_heads)
                 o_mean, down_mean = o_mean.mean, down_mean.mean
 
                 def fit(role, weight, bias, kept, held=held, i=i):
                     return refit.fit(weight, bias, kept, held[role], module=f"block {i} {role}")
-            if stream is not None:
+            masks.units[i] = {"channels": keep.channels, "query_heads": keep.query_heads, "kv_heads": keep.kv_heads}
+            if stream is not None and not loaded:
                 stream.load(block, prefetch=blocks[i + 1] if i + 1 < len(blocks) else None)
             specs_of[i] = shrink_block(block, keep, head_dim, adapter, o_mean, down_mean, fit=fit)
             if fit is not None:
