@@ -39,6 +39,11 @@ VARIANTS = {
     "fluctuation-global": {**WIDTH, "score": "fluctuation", "allocation": "global"},
     "fluctuation-global-bias": {**WIDTH, "score": "fluctuation", "allocation": "global", "bias_compensation": True},
     "wanda-global-bias": {**WIDTH, "score": "wanda", "allocation": "global", "bias_compensation": True},
+    # structured reconstruction (issue 33): FLAP's widths, then o_proj/down_proj refit by least squares; with
+    # select=obs the MLP channels each block loses are chosen by structured OBS
+    "fluctuation-global-refit": {**WIDTH, "score": "fluctuation", "allocation": "global", "compensation": ["refit"]},
+    "fluctuation-global-refit-obs": {**WIDTH, "score": "fluctuation", "allocation": "global",
+                                     "compensation": [{"name": "refit", "select": "obs"}]},
     "blocks": {"structure": "blocks", "score": "wanda"},
     "sublayers": {"structure": "sublayers", "score": "wanda"},
 }
@@ -96,7 +101,8 @@ def run_cell(args, cell: str) -> dict:
         shutil.rmtree(root, ignore_errors=True)
     return {"cell": cell, "model": model_name, "variant": variant, "target": sparsity, "score": result.report["score"],
             "structure": result.report["structure"], "allocation": result.report["allocation"],
-            "bias_compensation": recipe.bias_compensation, "removed_share_of_decoder": info["removed_share_of_decoder"],
+            "bias_compensation": recipe.bias_compensation,
+            "compensation": [c["name"] if isinstance(c, dict) else c for c in recipe.compensation], "removed_share_of_decoder": info["removed_share_of_decoder"],
             "removed_share_of_targeted": info["removed_share_of_targeted"], "params_before": info["params_before"],
             "params_after": info["params_after"], "ideal_speedup": info["ideal_speedup"], "config": info["config"],
             "removed_blocks": info.get("removed_blocks", []), "layers": info["layers"],
