@@ -101,8 +101,8 @@ def run_cell(args, cell: str) -> dict:
         shutil.rmtree(root, ignore_errors=True)
     return {"cell": cell, "model": model_name, "variant": variant, "target": sparsity, "score": result.report["score"],
             "structure": result.report["structure"], "allocation": result.report["allocation"],
-            "bias_compensation": recipe.bias_compensation,
-            "compensation": [c["name"] if isinstance(c, dict) else c for c in recipe.compensation], "removed_share_of_decoder": info["removed_share_of_decoder"],
+            "bias_compensation": any(c["name"] == "bias" for c in recipe.compensation),
+            "compensation": [c["name"] for c in recipe.compensation], "removed_share_of_decoder": info["removed_share_of_decoder"],
             "removed_share_of_targeted": info["removed_share_of_targeted"], "params_before": info["params_before"],
             "params_after": info["params_after"], "ideal_speedup": info["ideal_speedup"], "config": info["config"],
             "removed_blocks": info.get("removed_blocks", []), "layers": info["layers"],
