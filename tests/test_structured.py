@@ -267,14 +267,30 @@ def test_structured_obs_removes_what_brute_force_removes():
 def test_refit_with_obs_selection_keeps_the_count_and_beats_the_scores_choice(windows):
     want = _mlp_outputs(tiny_model("llama"), windows)
     errors, widths = {}, {}
-    for select in ("score", "obs"):
+    for select in ("score", "obs", "leverage"):
         model = tiny_model("llama")
         _, info, masks = prune_structured(model, get_adapter(model), _recipe(
             structure="channels", compensation=[{"name": "refit", "select": select}]), windows, progress=False)
         widths[select] = [r["intermediate_size"] for r in info["layers"]]
         assert masks.units[0]["channels"].numel() == widths[select][0]
         errors[select] = float((_mlp_outputs(model, windows) - want).square().sum())
-    assert widths["obs"] == widths["score"] and errors["obs"] < errors["score"], errors
+    assert widths["obs"] == widths["score"] == widths["leverage"] and errors["obs"] < errors["score"], errors
+
+
+def test_leverage_selection_keeps_the_channels_of_largest_ridge_leverage():
+    """MoDeGPT's selection, computed here from samples: diag(C (C + lam I)^-1), lam = ridge * mean(diag C)."""
+    from prunewise.compensation.refit import RefitCompensation
+    from prunewise.core.stats import LinearStats, Needs
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 10, generator=g) @ torch.randn(10, 10, generator=g) * torch.rand(10, generator=g)
+    stats = LinearStats.for_needs(10, Needs(hessian=True, mean=True))
+    stats.add(x.unsqueeze(0))
+    C = (x.t() @ x).double() / 300
+    lam = 0.3 * float(C.diagonal().mean())
+    lev = (C @ torch.linalg.inv(C + lam * torch.eye(10, dtype=C.dtype))).diagonal()
+    part = RefitCompensation(RefitCompensation.Config(select="leverage", ridge=0.3))
+    assert part.select_channels(torch.randn(4, 10), 6, stats).tolist() == sorted(lev.topk(6).indices.tolist())
 
 
 # One fresh process without prunewise loads every saved folder (importing transformers costs ~10 s a process):

@@ -15,8 +15,11 @@ The output stays a stock-loadable checkpoint: the kept columns are the same, onl
 ``select=obs`` also chooses which MLP channels a block loses (the count stays the allocation's): structured OBS as
 ZipLM does it, one channel at a time, the one whose removal costs least after the previous removals' updates,
 ``dL_j = ||W[:, j]||^2 / [S^-1]_jj``, then ``W -= W[:, j] [S^-1]_j,: / [S^-1]_jj`` and the inverse downdated;
-the refit above then gives the kept columns their final values. Heads keep the score's choice (their removal
-must respect the key/value groups).
+the refit above then gives the kept columns their final values. ``select=leverage`` is MoDeGPT's MLP step (its
+Nystrom approximation): keep the channels of largest ridge leverage ``[C (C + lam I)^-1]_jj`` of the channels'
+correlation ``C`` (``lam = ridge * mean(diag C)``, the public reimplementation's 1e-2 made scale-free), then the
+same closed-form refit of down_proj (here with the intercept). Heads keep the score's choice (their removal must
+respect the key/value groups).
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from .base import Compensation
 
 class RefitConfig(PartConfig):
     damp: float = Field(0.01, ge=0, description="ridge towards the dense weights, a share of the mean kept variance")
-    select: Literal["score", "obs"] = Field("score", description="which MLP channels go: the score's choice, or "
-                                            "structured OBS (ZipLM's greedy removal, the same count per block)")
+    select: Literal["score", "obs", "leverage"] = Field(
+        "score", description="which MLP channels go (the same count per block): the score's choice, structured OBS "
+                             "(ZipLM's greedy removal), or MoDeGPT's Nystrom selection (ridge leverage scores)")
+    ridge: float = Field(0.01, gt=0, description="leverage: the ridge, a share of the mean channel energy")
 
 
 @register("compensation")
@@ -80,7 +85,13 @@ class RefitCompensation(Compensation):
         return Wk, b + W @ mu - Wk @ mu[kept]
 
     def select_channels(self, weight: torch.Tensor, keep: int, stats, module: str = "?") -> torch.Tensor:
-        """Sorted indices of the ``keep`` input columns of ``weight`` that structured OBS keeps (greedy removal)."""
+        """Sorted indices of the ``keep`` input columns of ``weight`` kept by structured OBS (greedy removal) or by
+        ridge leverage (``select``)."""
+        if self.config.select == "leverage":
+            C = stats.hessian.double() / float(stats.tokens)
+            lam = self.config.ridge * float(C.diagonal().mean().clamp_min(1e-12))
+            scores = torch.linalg.solve(C + lam * torch.eye(C.shape[0], dtype=C.dtype), C).diagonal()  # C sym.
+            return torch.sort(torch.topk(scores, keep).indices).values
         n = float(stats.tokens)
         mu = stats.sum.double() / n
         cov = stats.hessian.double() / n - torch.outer(mu, mu)

@@ -208,7 +208,7 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
             fit, loaded = None, False
             if refit is not None:  # least squares on the kept inputs, from the statistics of o_proj and down_proj
                 held = {"o": o_mean, "down": down_mean}
-                if refit.config.select == "obs" and 0 < keep.channels.numel() < geoms[i].intermediate:
+                if refit.config.select != "score" and 0 < keep.channels.numel() < geoms[i].intermediate:
                     down = adapter.roles_of(block)["down"]
                     if stream is not None:  # the weights are needed now: the block is read here, once
                         stream.load(block, prefetch=blocks[i + 1] if i + 1 < len(blocks) else None)
