@@ -66,17 +66,17 @@ class ADMMCompensation(Compensation):
         cfg = self.config
         t0 = time.perf_counter()
         device = weight.device
-        Hn, scale, dead = normalized_hessian(stats, 0.0, module)
         key = ("admm_inverse", cfg.damp, cfg.rho)
         found = stats.cache.get(key)
-        if found is None:
-            Hd = Hn.clone()
+        if found is None:  # once per statistics object: q/k/v (and gate/up) share it
+            Hd, scale, dead = normalized_hessian(stats, 0.0, module)
             Hd.diagonal().add_(cfg.damp)
             Hr = Hd.clone()
             Hr.diagonal().add_(cfg.rho)
             found = stats.cache[key] = (Hd.float().to(device), torch.linalg.inv(Hr).float().to(device),
-                                        scale.float().to(device))
-        Hd, inv, s = found
+                                        scale.float().to(device), dead)
+            del Hr
+        Hd, inv, s, dead = found
         W0 = weight.detach().float().clone()
         W0[:, dead.to(device)] = 0.0
         B0 = (W0 * s).t().contiguous()

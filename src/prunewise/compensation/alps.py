@@ -67,13 +67,14 @@ class ALPSCompensation(Compensation):
         cfg = self.config
         t0 = time.perf_counter()
         device = weight.device
-        Hn, scale, dead = normalized_hessian(stats, cfg.damp, module)
         eig = stats.cache.get(("alps_eig", cfg.damp))
-        if eig is None:
+        if eig is None:  # once per statistics object: q/k/v (and gate/up) share it
+            Hn, scale, dead = normalized_hessian(stats, cfg.damp, module)
             L, Q = torch.linalg.eigh(Hn)
             eig = stats.cache[("alps_eig", cfg.damp)] = (L.float().to(device), Q.float().to(device),
-                                                         Hn.float().to(device), scale.float().to(device))
-        L, Q, A, s = eig
+                                                         Hn.float().to(device), scale.float().to(device), dead)
+            del Hn
+        L, Q, A, s, dead = eig
         W0 = weight.detach().float().clone()
         W0[:, dead.to(device)] = 0.0
         B0 = (W0 * s).t().contiguous()  # (in, out): the normalised weight, one column per output
