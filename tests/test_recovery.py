@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -226,3 +227,48 @@ def test_a_sweep_cell_with_recovery_reports_one_shot_and_recovered(tiny_folder, 
     assert cell["recovery"]["parts"][0]["steps"] == 16
     name = tiny_folder["eval"]
     assert cell["perplexity"][name] < cell["one_shot"][name]
+
+
+def test_paser_spends_the_budget_on_the_clusters_pruning_hurt_most():
+    """Three well separated groups of candidates: the group that lost most gets most of the budget, its most degraded
+    windows first; a near duplicate of a chosen window is skipped; the count is exact."""
+    from prunewise.data.selection import cluster_budgets, paser_select
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.eye(3, 16) * 10
+    emb = torch.cat([centers[j] + 2.0 * torch.randn(20, 16, generator=g) for j in range(3)])
+    deg = torch.cat([torch.linspace(2.0, 1.0, 20), torch.linspace(0.5, 0.1, 20), torch.full((20,), -0.2)])
+    emb[1] = emb[0]  # the two most degraded windows of the first group mean the same
+    index, info = paser_select(emb, deg, 12, 3)
+    assert index.numel() == 12 and info["duplicates_dropped"] >= 1
+    assert 1 not in index.tolist() and 0 in index.tolist()
+    groups = [int(((index >= 20 * j) & (index < 20 * (j + 1))).sum()) for j in range(3)]
+    assert groups[0] > groups[1] > 0 and groups[2] == 0, groups
+    first = sorted(i for i in index.tolist() if i < 20)
+    assert first == [0] + list(range(2, 2 + len(first) - 1))  # most degraded first, the duplicate skipped
+    assert cluster_budgets([5.0, 1.0, 0.0], [2, 10, 10], 8) == [2, 6, 0]  # a full cluster's share moves on
+
+
+def test_paser_and_random_selection_train_on_the_budget_and_report_it(tiny_folder, tmp_path):
+    from prunewise.api import run
+
+    sizes = {}
+    for select in ("paser", "random"):
+        report = run(make_recipe(**_base(tiny_folder, tmp_path / select, score="wanda", sparsity=0.5,
+                                         recovery=[{"name": "lora", "seqlen": 16, "tokens": 128, "batch": 2,
+                                                    "select": select, "pool": 3}])), progress=False)
+        part = report["recovery"]["parts"][0]
+        assert part["windows"] == 8 and part["selection"]["selected"] == 8 and part["selection"]["candidates"] == 24
+        sizes[select] = part["selection"]["indices"]
+        saved = json.loads((tmp_path / select / "report.json").read_text())["recovery"]["parts"][0]["selection"]
+        assert saved["indices"] == part["selection"]["indices"]
+    assert len(set(sizes["paser"])) == 8 and sizes["paser"] != sizes["random"]
+
+
+def test_a_recovery_budget_smaller_than_pasers_clusters_is_refused_with_the_recipe(tiny_folder, tmp_path):
+    from prunewise.errors import PrunewiseError
+
+    with pytest.raises(PrunewiseError) as err:
+        make_recipe(**_base(tiny_folder, tmp_path / "x", score="wanda", sparsity=0.5,
+                            recovery=[{"name": "lora", "seqlen": 16, "tokens": 64, "select": "paser", "clusters": 6}]))
+    assert "smaller than the 6 clusters PASER splits it over" in str(err.value) and "\n" not in str(err.value)

@@ -108,8 +108,8 @@ def _recipe_from_args(args, **extra):
         fields["compensation"] = [c for c in fields["compensation"].split(",") if c.strip()]
     if isinstance(fields.get("recovery"), str):
         fields["recovery"] = _recovery_entries(fields["recovery"], args)
-    elif any(getattr(args, f"recover_{k}", None) is not None for k in ("data", "tokens", "lr")):
-        raise PrunewiseError("--recover-data/--recover-tokens/--recover-lr set a recovery part's options; "
+    elif any(getattr(args, f"recover_{k}", None) is not None for k in ("data", "tokens", "lr", "select")):
+        raise PrunewiseError("--recover-data/--recover-tokens/--recover-lr/--recover-select set a recovery part's options; "
                              "name the part with --recover lora or --recover distill")
     if getattr(args, "ray", None):
         fields["ray"] = args.ray
@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recovery data: corpus, mixture SOURCE:WEIGHT,... or prompt/completion .jsonl (default: calibration)")
     p.add_argument("--recover-tokens", dest="recover_tokens", type=int, default=None, help="recovery training tokens")
     p.add_argument("--recover-lr", dest="recover_lr", type=float, default=None, help="recovery peak learning rate")
+    p.add_argument("--recover-select", dest="recover_select", default=None, choices=["none", "paser", "random"],
+                   help="which windows the budget trains on: PASER's (the clusters pruning hurt most, from a pool 5x "
+                        "the budget), a random share of the same pool, or all drawn (none, default)")
     p.add_argument("--eval", nargs="*", default=None, help="evaluation data (default wiki-test); none (or no name) to skip")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     p.add_argument("--rowwise", action="store_true", default=None,
@@ -376,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--recover-data", dest="recover_data", default=None, help="recovery data (default: calibration)")
     rc.add_argument("--recover-tokens", dest="recover_tokens", type=int, default=None, help="training tokens")
     rc.add_argument("--recover-lr", dest="recover_lr", type=float, default=None, help="peak learning rate")
+    rc.add_argument("--recover-select", dest="recover_select", default=None, choices=["none", "paser", "random"],
+                    help="which windows the budget trains on (PASER, random, none)")
     rc.add_argument("--eval", nargs="*", default=None, help="perplexity data before and after (default: the recipe's)")
     rc.add_argument("--eval-tokens", type=int, default=None)
     rc.add_argument("--output", required=True, help="folder for the recovered model")
@@ -415,7 +420,7 @@ def _cmd_parts(args) -> int:
 
 def _recovery_entries(text: str, args) -> list:
     entries = [c for c in text.split(",") if c.strip()]
-    shared = {k: getattr(args, f"recover_{k}", None) for k in ("data", "tokens", "lr")}
+    shared = {k: getattr(args, f"recover_{k}", None) for k in ("data", "tokens", "lr", "select")}
     if any(v is not None for v in shared.values()):
         from .recipe import _choice
 

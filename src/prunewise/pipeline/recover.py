@@ -89,9 +89,15 @@ def _one(part, model, tok, recipe, linears, mask_of, progress) -> dict:
     if n_train < cfg.batch:
         raise PrunewiseError(f"recovery budget {cfg.tokens} tokens is {n_train} windows of {cfg.seqlen}, fewer than "
                              f"one step of {cfg.batch}; raise the tokens or lower batch/seqlen")
-    check_token_memory(cfg.tokens, n_train, cfg.val_windows, cfg.seqlen)
-    win = recovery_windows(tok, spec, n_train, cfg.val_windows, cfg.seqlen, cfg.seed, calibration=recipe.calibration,
+    drawn, clusters = cfg.drawn, cfg.paser_clusters  # the recipe refused a budget smaller than the clusters
+    check_token_memory(cfg.tokens * (cfg.pool if cfg.select != "none" else 1), drawn, cfg.val_windows, cfg.seqlen)
+    win = recovery_windows(tok, spec, drawn, cfg.val_windows, cfg.seqlen, cfg.seed, calibration=recipe.calibration,
                            cal_nsamples=recipe.nsamples, cal_seqlen=recipe.seqlen, cal_seed=recipe.seed)
+    selection = None
+    if cfg.select != "none":
+        index, selection = _select(model, win, n_train, cfg, clusters, recipe, progress)
+        win = win._replace(train=win.train[index],
+                           train_mask=None if win.train_mask is None else win.train_mask[index])
     teacher = None
     if part.teacher:
         teacher, _ = load_model(recipe.model, recipe.dtype)
@@ -157,7 +163,54 @@ def _one(part, model, tok, recipe, linears, mask_of, progress) -> dict:
             "tokens": int(win.train.shape[0] * cfg.seqlen), "steps": settings.steps, "val_windows": int(win.val.shape[0]),
             "val_loss_before": before, "history": log.history, "seconds": log.seconds,
             "resumed_from": log.resumed_from, "trained_parameters": int(sum(p.numel() for p in params.values())),
-            "adapter": adapter}
+            "adapter": adapter, "selection": selection}
+
+
+@torch.no_grad()
+def _window_losses(model, ids: torch.Tensor, masks, desc: str, progress: bool, hidden: bool = False):
+    """Per-window mean token loss of ``model`` (and its mean last hidden state with ``hidden``)."""
+    from tqdm.auto import tqdm
+
+    from ..recovery.base import token_loss
+
+    device = next(model.parameters()).device
+    losses, states = [], []
+    for i in tqdm(range(ids.shape[0]), desc=desc, unit="window", disable=not progress, leave=False):
+        row = ids[i:i + 1].to(device)
+        out = model(input_ids=row, output_hidden_states=hidden)
+        mask = masks[i:i + 1].to(device) if masks is not None else None
+        losses.append(float(token_loss(out.logits, row, mask)))
+        if hidden:
+            states.append(out.hidden_states[-1][0].float().mean(0).cpu())
+    return torch.tensor(losses), (torch.stack(states) if hidden else None)
+
+
+def _select(model, win, budget: int, cfg, clusters: int, recipe, progress: bool) -> tuple[torch.Tensor, dict]:
+    """The ``budget`` training windows of the candidates in ``win``: PASER's or a random share (same pool, same seed).
+    PASER scores every candidate with the pruned model (loss and embedding) and the dense one (loss)."""
+    import time
+
+    from ..data.selection import paser_select
+
+    t0 = time.perf_counter()
+    n = win.train.shape[0]
+    if cfg.select == "random":
+        index = torch.sort(torch.randperm(n, generator=torch.Generator().manual_seed(int(cfg.seed)))[:budget]).values
+        return index, {"method": "random", "candidates": n, "selected": budget, "indices": index.tolist(),
+                       "seconds": time.perf_counter() - t0}
+    was_training = model.training
+    model.eval()
+    pruned, emb = _window_losses(model, win.train, win.train_mask, "selection: pruned model", progress, hidden=True)
+    model.train(was_training)
+    dense_model, _ = load_model(recipe.model, recipe.dtype)
+    dense_model.eval()
+    dense, _ = _window_losses(dense_model, win.train, win.train_mask, "selection: dense model", progress)
+    del dense_model
+    index, info = paser_select(emb, pruned - dense, budget, clusters, seed=cfg.seed)
+    info.update({"indices": index.tolist(), "degradation": [round(float(d), 5) for d in (pruned - dense)],
+                 "clustering": "cosine k-means on the pruned model's mean last hidden state",
+                 "seconds": time.perf_counter() - t0})
+    return index, info
 
 
 def adapter_files(section: dict, dtype) -> dict:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..core.registry import Part, PartConfig
@@ -30,6 +31,33 @@ class RecoveryConfig(PartConfig):
     eval_every: int = Field(8, ge=1, description="steps between held-out evaluations")
     checkpoint_every: int = Field(8, ge=1, description="steps between checkpoints")
     seed: int = Field(0, description="seed of the data order and the LoRA initialisation")
+    select: Literal["none", "paser", "random"] = Field(
+        "none", description="which windows the token budget trains on: all drawn (none), PASER's (the clusters the "
+                            "pruning hurt most, their most degraded windows first), or a random share of the same pool")
+    pool: int = Field(5, ge=1, description="with select: candidate windows drawn per budget window (5: the budget is "
+                                           "20% of the pool)")
+    clusters: int = Field(0, ge=0, description="PASER's clusters (0: round(sqrt(candidates / 2)))")
+
+    @property
+    def windows(self) -> int:
+        """Training windows of the budget."""
+        return max(1, self.tokens // self.seqlen)
+
+    @property
+    def drawn(self) -> int:
+        """Candidate windows drawn: the budget's, or the pool the selection chooses the budget from."""
+        return self.windows * (self.pool if self.select != "none" else 1)
+
+    @property
+    def paser_clusters(self) -> int:
+        return (self.clusters or max(1, round(math.sqrt(self.drawn / 2)))) if self.select == "paser" else 0
+
+    @model_validator(mode="after")
+    def _budget_covers_the_clusters(self):
+        if self.paser_clusters > self.windows:  # refused with the recipe, before any work
+            raise ValueError(f"the budget of {self.windows} windows is smaller than the {self.paser_clusters} "
+                             "clusters PASER splits it over; raise tokens or lower clusters")
+        return self
 
 
 def token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
