@@ -79,8 +79,8 @@ class ADMMCompensation(Compensation):
         Hd, inv, s, dead = found
         W0 = weight.detach().float().clone()
         W0[:, dead.to(device)] = 0.0
-        B0 = (W0 * s).t().contiguous()
-        XY = Hd @ B0
+        B0 = W0 * s  # weight-shaped (out, in): the selections read contiguous rows, the products are right-hand
+        XY = B0 @ Hd
         nm = structure.level_quantum
         target = structure.n / structure.m if nm else sparsity
         pruned = mask.to(device=device, dtype=torch.bool)
@@ -88,16 +88,16 @@ class ADMMCompensation(Compensation):
         steps = min(cfg.prune_iters, cfg.iters)  # the schedule reaches the target within the iterations run
         for t in range(cfg.iters):
             if cfg.mask != "fixed" and t < steps and not (cfg.mask == "final" and t == 0):
-                imp = (W + U).t().abs()
+                imp = (W + U).abs()
                 if cfg.mask == "final":
                     pruned = structure.mask(imp, sparsity)
                 else:
                     pruned = _scheduled(structure, imp, target, sparsity, 1 - (1 - (t + 1) / steps) ** 3)
-            Z = (W + U).masked_fill_(pruned.t(), 0.0)
+            Z = (W + U).masked_fill_(pruned, 0.0)
             U.add_(W - Z)
-            W = inv @ (XY + cfg.rho * (Z - U))
-        Z = (W + U).masked_fill_(pruned.t(), 0.0)
-        out = Z.t() / s
+            W = (XY + cfg.rho * (Z - U)) @ inv
+        Z = (W + U).masked_fill_(pruned, 0.0)
+        out = Z / s
         if not torch.isfinite(out).all():
             raise PrunewiseError(f"ADMM produced non-finite weights for {module}; raise its damp or use more "
                                  "calibration samples")
