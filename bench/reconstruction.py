@@ -84,7 +84,7 @@ def write_table(results: dict, path: Path) -> str:
              "cell of the same structure, level and allocation in this run.", "",
              "| cell | " + " | ".join(sets) + " | " + " | ".join(f"x SparseGPT ({s})" for s in sets)
              + " | zeros | prune s | x SparseGPT time | peak RSS MB | ALPS iterations |",
-             "|---" * (2 * len(sets) + 6) + "|---|"]
+             "|---" * (2 * len(sets) + 5) + "|---|"]
     lines.append("| dense | " + " | ".join(f"{dense[s]:.2f}" for s in sets) + " |" + " - |" * (len(sets) + 5))
     for cell, row in cells.items():
         if cell == "dense":
