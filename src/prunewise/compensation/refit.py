@@ -62,16 +62,12 @@ class RefitCompensation(Compensation):
     def fit(self, weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, stats,
             module: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
         """``(W_K', b')`` in float64 for ``weight`` (out, in) keeping input columns ``kept``."""
-        if stats is None or stats.hessian is None or stats.sum is None or not stats.tokens:
-            raise PrunewiseError(f"refit of {module} needs input statistics from calibration data")
-        n = float(stats.tokens)
-        mu = (stats.sum.double() / n)
-        cov = stats.hessian.double() / n - torch.outer(mu, mu)
+        mu, cov = _moments(stats, module)
         W = weight.detach().double()
         b = torch.zeros(W.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
         if not kept.numel():
             return W[:, kept], b + W @ mu
-        Skk = cov[kept][:, kept]
+        Skk = cov[kept][:, kept]  # a copy: the cached covariance is not written
         lam = self.config.damp * float(Skk.diagonal().mean().clamp_min(1e-12))
         rhs = W @ cov[:, kept] + lam * W[:, kept]
         Skk.diagonal().add_(lam)
@@ -87,14 +83,13 @@ class RefitCompensation(Compensation):
     def select_channels(self, weight: torch.Tensor, keep: int, stats, module: str = "?") -> torch.Tensor:
         """Sorted indices of the ``keep`` input columns of ``weight`` kept by structured OBS (greedy removal) or by
         ridge leverage (``select``)."""
-        if self.config.select == "leverage":
-            C = stats.hessian.double() / float(stats.tokens)
+        mu, cov = _moments(stats, module)
+        if self.config.select == "leverage":  # MoDeGPT's correlation: the second moment, not centred
+            C = cov + torch.outer(mu, mu)
             lam = self.config.ridge * float(C.diagonal().mean().clamp_min(1e-12))
             scores = torch.linalg.solve(C + lam * torch.eye(C.shape[0], dtype=C.dtype), C).diagonal()  # C sym.
             return torch.sort(torch.topk(scores, keep).indices).values
-        n = float(stats.tokens)
-        mu = stats.sum.double() / n
-        cov = stats.hessian.double() / n - torch.outer(mu, mu)
+        cov = cov.clone()
         cov.diagonal().add_(self.config.damp * float(cov.diagonal().mean().clamp_min(1e-12)))
         L, info = torch.linalg.cholesky_ex(cov)
         if int(info):
@@ -114,3 +109,15 @@ class RefitCompensation(Compensation):
             inv[:, j] = 0.0
             inv[j, j] = 1.0  # a removed input stays out of every later update
         return torch.nonzero(alive).flatten()
+
+
+def _moments(stats, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs' mean and covariance (float64), computed once per statistics object (selection and refit share them)."""
+    found = stats.cache.get("moments") if stats is not None else None
+    if found is None:
+        if stats is None or stats.hessian is None or stats.sum is None or not stats.tokens:
+            raise PrunewiseError(f"refit of {module} needs input statistics from calibration data")
+        n = float(stats.tokens)
+        mu = stats.sum.double() / n
+        found = stats.cache["moments"] = (mu, stats.hessian.double() / n - torch.outer(mu, mu))
+    return found

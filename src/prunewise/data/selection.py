@@ -45,21 +45,16 @@ def cluster_budgets(mass: list[float], sizes: list[int], budget: int) -> list[in
     """Windows per cluster: ``budget`` split in proportion to ``mass``, no cluster given more than it has (what a full
     cluster cannot take goes to the others, in proportion again; with no mass left, in proportion to size)."""
     out = [0] * len(sizes)
-    left = budget
-    while left > 0:
+    left = min(budget, sum(sizes))
+    while left > 0:  # each round fills at least one cluster or places the whole rest
         room = [s - o for s, o in zip(sizes, out)]
         weights = [m if r > 0 else 0.0 for m, r in zip(mass, room)]
         if sum(weights) <= 0:
             weights = [float(r) for r in room]
-            if sum(weights) <= 0:
-                break
-        share = mixture_counts(weights, left)
-        for j, n in enumerate(share):
+        for j, n in enumerate(mixture_counts(weights, left)):
             add = min(n, room[j])
             out[j] += add
             left -= add
-        if all(min(n, r) == n for n, r in zip(share, room)):
-            break
     return out
 
 
@@ -93,7 +88,8 @@ def paser_select(embeddings: torch.Tensor, degradation: torch.Tensor, budget: in
             picked.append(idx)
         chosen += picked
     if len(chosen) < budget:  # duplicates left some cluster short: the most degraded of the rest fill it
-        rest = [i for i in torch.argsort(-degradation.double(), stable=True).tolist() if i not in set(chosen)]
+        taken = set(chosen)
+        rest = [i for i in torch.argsort(-degradation.double(), stable=True).tolist() if i not in taken]
         chosen += rest[:budget - len(chosen)]
     index = torch.tensor(sorted(chosen), dtype=torch.long)
     info = {"method": "paser", "candidates": n, "selected": int(index.numel()), "clusters": clusters,

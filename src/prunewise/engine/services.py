@@ -21,13 +21,14 @@ class StatsVisitor:
 
     modifies_weights = False
 
-    def __init__(self, needs: Needs | None = None, on_block=None) -> None:
+    def __init__(self, needs: Needs | None = None, on_block=None, more: dict[str, Needs] | None = None) -> None:
         self.stats: dict[int, dict[str, LinearStats]] = {}
         self._needs = needs or Needs(sq_norm=True, mean=True)
         self.on_block = on_block  # called with (i, block) while the block is still resident (streamed walks)
+        self.more = more or {}  # linear name -> what it needs beyond ``needs`` (a Hessian for one projection only)
 
     def needs(self, i: int, name: str) -> Needs:
-        return self._needs
+        return self._needs | self.more.get(name)
 
     def visit(self, i: int, name: str, linear: nn.Linear, stats: LinearStats | None) -> None:
         check_weight(f"block {i} {name}", linear.weight)

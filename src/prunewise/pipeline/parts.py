@@ -110,7 +110,7 @@ class Pruner:
         rest = self.reconstruct[1:]
         for comp in rest:
             notes = outcome.notes
-            if getattr(comp, "chooses_mask", False):
+            if comp.chooses_mask:
                 # ALPS/ADMM: start from the mask so far, reconstruct the dense weight, return the mask they converge to
                 outcome = comp.compensate(dense, stats, structure, sparsity, mask=outcome.mask, module=module)
             else:  # later reconstructions keep the mask the one before produced
@@ -130,7 +130,7 @@ def sweeps(score, compensation) -> bool:
 def default_group(score, compensation) -> str:
     """The comparison group of unstructured pruning when the recipe names none: the score's, except that a sweep
     score outside its sweep ranks per row, as DSnoT's reference does with SparseGPT's saliency."""
-    chosen = next((c.default_group for c in compensation if getattr(c, "default_group", None)), None)
+    chosen = next((c.default_group for c in compensation if c.default_group), None)
     if chosen:  # a reconstruction that chooses the final mask compares as its reference does (ALPS: the layer)
         return chosen
     return "row" if score.sweep_saliency is not None and not sweeps(score, compensation) else score.default_group

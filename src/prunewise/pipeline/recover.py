@@ -85,23 +85,23 @@ def _one(part, model, tok, recipe, linears, mask_of, progress) -> dict:
 
         if not str(spec).lower().endswith(".jsonl"):
             check_calibration_overlap(spec, get_corpus(name, "evaluation"))
-    n_train = max(1, cfg.tokens // cfg.seqlen)
+    n_train = cfg.windows
     if n_train < cfg.batch:
         raise PrunewiseError(f"recovery budget {cfg.tokens} tokens is {n_train} windows of {cfg.seqlen}, fewer than "
                              f"one step of {cfg.batch}; raise the tokens or lower batch/seqlen")
     drawn, clusters = cfg.drawn, cfg.paser_clusters  # the recipe refused a budget smaller than the clusters
-    check_token_memory(cfg.tokens * (cfg.pool if cfg.select != "none" else 1), drawn, cfg.val_windows, cfg.seqlen)
+    check_token_memory(drawn * cfg.seqlen, drawn, cfg.val_windows, cfg.seqlen)
     win = recovery_windows(tok, spec, drawn, cfg.val_windows, cfg.seqlen, cfg.seed, calibration=recipe.calibration,
                            cal_nsamples=recipe.nsamples, cal_seqlen=recipe.seqlen, cal_seed=recipe.seed)
-    selection = None
-    if cfg.select != "none":
-        index, selection = _select(model, win, n_train, cfg, clusters, recipe, progress)
-        win = win._replace(train=win.train[index],
-                           train_mask=None if win.train_mask is None else win.train_mask[index])
     teacher = None
     if part.teacher:
         teacher, _ = load_model(recipe.model, recipe.dtype)
         teacher.eval().requires_grad_(False)
+    selection = None
+    if cfg.select != "none":  # PASER scores the candidates with the dense model too: the teacher when there is one
+        index, selection = _select(model, teacher, win, n_train, cfg, clusters, recipe, progress)
+        win = win._replace(train=win.train[index],
+                           train_mask=None if win.train_mask is None else win.train_mask[index])
     settings = TrainSettings(steps=n_train // cfg.batch, batch=cfg.batch, lr=cfg.lr, micro=cfg.micro,
                              eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
     model.requires_grad_(False)
@@ -185,7 +185,8 @@ def _window_losses(model, ids: torch.Tensor, masks, desc: str, progress: bool, h
     return torch.tensor(losses), (torch.stack(states) if hidden else None)
 
 
-def _select(model, win, budget: int, cfg, clusters: int, recipe, progress: bool) -> tuple[torch.Tensor, dict]:
+def _select(model, dense_model, win, budget: int, cfg, clusters: int, recipe,
+            progress: bool) -> tuple[torch.Tensor, dict]:
     """The ``budget`` training windows of the candidates in ``win``: PASER's or a random share (same pool, same seed).
     PASER scores every candidate with the pruned model (loss and embedding) and the dense one (loss)."""
     import time
@@ -202,10 +203,13 @@ def _select(model, win, budget: int, cfg, clusters: int, recipe, progress: bool)
     model.eval()
     pruned, emb = _window_losses(model, win.train, win.train_mask, "selection: pruned model", progress, hidden=True)
     model.train(was_training)
-    dense_model, _ = load_model(recipe.model, recipe.dtype)
-    dense_model.eval()
+    loaded = dense_model is None
+    if loaded:
+        dense_model, _ = load_model(recipe.model, recipe.dtype)
+        dense_model.eval()
     dense, _ = _window_losses(dense_model, win.train, win.train_mask, "selection: dense model", progress)
-    del dense_model
+    if loaded:
+        del dense_model
     index, info = paser_select(emb, pruned - dense, budget, clusters, seed=cfg.seed)
     info.update({"indices": index.tolist(), "degradation": [round(float(d), 5) for d in (pruned - dense)],
                  "clustering": "cosine k-means on the pruned model's mean last hidden state",

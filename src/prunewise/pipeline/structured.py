@@ -114,7 +114,7 @@ def _depth_keeps(model, adapter, recipe, windows, geoms, budget, info, timings, 
 
 def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, progress, stream=None):
     """Channels and heads: unit scores from one dense statistics pass (and gradients for taylor), then widths.
-    Returns what each block keeps and the output-projection input means for compensation."""
+    Returns what each block keeps and, for compensation, the statistics of each block's o_proj and down_proj inputs."""
     parts = recipe.parts()
     score, structure = parts.score, parts.structure
     refit = parts.compensation_named("refit")
@@ -131,18 +131,15 @@ def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, 
     # every linear's statistics (FLAP's means and variances, Wanda's norms) and gradients, one dense pass
     scores: dict[int, object] = {}
 
-    consumers = {adapter.roles["o"], adapter.roles["down"]}
-
     def score_block(i: int, block: nn.Module) -> None:  # while the block is resident (streamed: read from disk)
         stats = visitor.stats.get(i, {})
         scores[i] = unit_scores(score, adapter.roles_of(block), geoms[i],
                                 {r: stats[n] for r, n in adapter.roles.items() if n in stats})
-        for name, st in stats.items():  # the refit keeps only the Hessians of the projections it refits
-            if refit is not None and st is not None and name not in consumers:
-                st.hessian = None
 
-    visitor = StatsVisitor(Needs(sq_norm=True, mean=True, gradient=score.needs.gradient, hessian=refit is not None),
-                           on_block=score_block)
+    # the refit reads the Hessians of the two projections it refits, and only theirs
+    more = {adapter.roles[r]: Needs(hessian=True) for r in ("o", "down")} if refit is not None else None
+    visitor = StatsVisitor(Needs(sq_norm=True, mean=True, gradient=score.needs.gradient), on_block=score_block,
+                           more=more)
     if windows is not None:  # group magnitude without compensation needs no data: scored in a walk without it
         engine.run(visitor)
     else:
@@ -160,13 +157,9 @@ def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, 
     keeps = choose_widths(geoms, scores, structure, budget, allocation=allocation,
                           heads_mode=structure.heads_mode, multiple=structure.width_multiple, shares=shares,
                           finish=score.unit_finish)
-    if refit is not None:  # the statistics themselves: the refit reads their means and Hessians
-        means = {i: (visitor.stats[i][adapter.roles["o"]], visitor.stats[i][adapter.roles["down"]])
-                 for i in range(len(blocks))}
-    else:
-        means = {i: (visitor.stats[i][adapter.roles["o"]].mean, visitor.stats[i][adapter.roles["down"]].mean)
-                 for i in range(len(blocks))} if compensate else {}
-    return keeps, means
+    held = {i: (visitor.stats[i][adapter.roles["o"]], visitor.stats[i][adapter.roles["down"]])
+            for i in range(len(blocks))} if compensate else {}
+    return keeps, held
 
 
 def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | None, progress: bool = True,
@@ -197,7 +190,8 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
     if structure.depth:
         keeps, drop_blocks, means = _depth_keeps(model, adapter, recipe, windows, geoms, budget, info, timings, progress)
     else:
-        keeps, means = _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, progress, stream)
+        keeps, held = _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, progress, stream)
+        means = {i: (o.mean, down.mean) for i, (o, down) in held.items()}
         drop_blocks = []
     masks = MaskSet(structure=structure.name, removed_blocks=list(drop_blocks),
                     made_for={"blocks": len(blocks), "widths": [[g.intermediate, g.heads, g.kv_heads] for g in geoms]})
@@ -205,26 +199,20 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
     for i, (block, keep) in enumerate(zip(blocks, keeps)):
         if i not in drop_blocks:
             o_mean, down_mean = means.get(i, (None, None))
-            fit, loaded = None, False
-            if refit is not None:  # least squares on the kept inputs, from the statistics of o_proj and down_proj
-                held = {"o": o_mean, "down": down_mean}
-                if refit.config.select != "score" and 0 < keep.channels.numel() < geoms[i].intermediate:
-                    down = adapter.roles_of(block)["down"]
-                    if stream is not None:  # the weights are needed now: the block is read here, once
-                        stream.load(block, prefetch=blocks[i + 1] if i + 1 < len(blocks) else None)
-                        loaded = True
-                    keep = BlockKeep(refit.select_channels(down.weight, int(keep.channels.numel()), down_mean,
-                                                           module=f"block {i} down"), keep.query_heads, keep.kv_heads)
-                o_mean, down_mean = o_mean.mean, down_mean.mean
-
-                def fit(role, weight, bias, kept, held=held, i=i):
-                    return refit.fit(weight, bias, kept, held[role], module=f"block {i} {role}")
-            masks.units[i] = {"channels": keep.channels, "query_heads": keep.query_heads, "kv_heads": keep.kv_heads}
-            if stream is not None and not loaded:
+            if stream is not None:  # read before the refit's channel selection, which reads down_proj's weights
                 stream.load(block, prefetch=blocks[i + 1] if i + 1 < len(blocks) else None)
+            fit = None
+            if refit is not None:  # least squares on the kept inputs, from the statistics of o_proj and down_proj
+                stats = dict(zip(("o", "down"), held.pop(i)))  # released with the block: the Hessians are large
+                if refit.config.select != "score" and 0 < keep.channels.numel() < geoms[i].intermediate:
+                    kept = refit.select_channels(adapter.roles_of(block)["down"].weight, int(keep.channels.numel()),
+                                                 stats["down"], module=f"block {i} down")
+                    keep = BlockKeep(kept, keep.query_heads, keep.kv_heads)
+
+                def fit(role, weight, bias, kept, stats=stats, i=i):
+                    return refit.fit(weight, bias, kept, stats[role], module=f"block {i} {role}")
+            masks.units[i] = {"channels": keep.channels, "query_heads": keep.query_heads, "kv_heads": keep.kv_heads}
             specs_of[i] = shrink_block(block, keep, head_dim, adapter, o_mean, down_mean, fit=fit)
-            if fit is not None:
-                means.pop(i)  # this block's Hessians are no longer needed
             if stream is not None:
                 stream.done(block, write=True)
     if drop_blocks:

@@ -48,16 +48,17 @@ def shrink_block(block: nn.Module, keep: BlockKeep, head_dim: int, adapter, o_me
     removed_ch = _complement(keep.channels, g.intermediate)
     o_bias = lin["o"].bias.detach().double().clone() if lin["o"].bias is not None else None
     down_bias = lin["down"].bias.detach().double().clone() if lin["down"].bias is not None else None
-    if o_mean is not None and removed_cols.numel():
-        add = lin["o"].weight[:, removed_cols].double() @ o_mean.double()[removed_cols]
-        o_bias = add if o_bias is None else o_bias + add
-    if down_mean is not None and removed_ch.numel():
-        add = lin["down"].weight[:, removed_ch].double() @ down_mean.double()[removed_ch]
-        down_bias = add if down_bias is None else down_bias + add
     o_weight = down_weight = None
-    if fit is not None:
+    if fit is not None:  # the reconstruction gives the kept columns and the bias (FLAP's is its zeroth-order part)
         o_weight, o_bias = fit("o", lin["o"].weight, lin["o"].bias, _head_rows(keep.query_heads, head_dim))
         down_weight, down_bias = fit("down", lin["down"].weight, lin["down"].bias, keep.channels)
+    else:
+        if o_mean is not None and removed_cols.numel():
+            add = lin["o"].weight[:, removed_cols].double() @ o_mean.double()[removed_cols]
+            o_bias = add if o_bias is None else o_bias + add
+        if down_mean is not None and removed_ch.numel():
+            add = lin["down"].weight[:, removed_ch].double() @ down_mean.double()[removed_ch]
+            down_bias = add if down_bias is None else down_bias + add
     if not keep.query_heads.numel():  # a removed sublayer only keeps its compensation (the constant it added on average)
         o_bias = o_bias if o_mean is not None else None
     if not keep.channels.numel():
