@@ -24,22 +24,24 @@ def smollm():
 
 def test_wanda_2of4_on_smollm2_is_exact_and_costs_perplexity(smollm):
     model, tok = load_model("smollm2-135m")
-    dense = evaluate(model, tok, ["wiki-test"], eval_tokens=2048, progress=False)["wiki-test"]
-    assert 10 < dense < 40  # SmolLM2-135M on Wikipedia paragraphs: ~22 at 32k tokens
+    dense = evaluate(model, tok, ["wiki-test"], eval_tokens=1024, progress=False)["wiki-test"]
+    assert 10 < dense < 40  # SmolLM2-135M on Wikipedia passages: ~26 at 16k tokens
     recipe = make_recipe(score="wanda", structure="2:4", nsamples=4, seqlen=128)
     result = prune(recipe, model, tok, progress=False)
     for name, w in prunable_weights(model).items():  # 2 pruned per group; a few weights were 0 already in the GGUF
         zeros = (w == 0).reshape(w.shape[0], -1, 4).sum(-1)
         assert torch.all(zeros >= 2) and (zeros > 2).float().mean() < 1e-3, name
-    pruned = evaluate(model, tok, ["wiki-test"], eval_tokens=2048, progress=False)["wiki-test"]
+    pruned = evaluate(model, tok, ["wiki-test"], eval_tokens=1024, progress=False)["wiki-test"]
     assert dense < pruned < 20 * dense
     assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4)
 
 
 def test_sparsegpt_owl_on_smollm2_meets_budget_with_a_non_uniform_plan(smollm):
     model, tok = load_model("smollm2-135m")
-    result = prune(make_recipe(score="sparsegpt", allocation="owl", sparsity=0.6, nsamples=4, seqlen=128), model, tok,
-                   progress=False)
+    # the first ten of the 30 blocks (SparseGPT on all of them is 45 s on one core): OWL still spreads its levels over them
+    recipe = make_recipe(score="sparsegpt", allocation="owl", sparsity=0.6, nsamples=4, seqlen=128,
+                         targets=r"model\.layers\.[0-9]\.")
+    result = prune(recipe, model, tok, progress=False)
     assert result.report["achieved_sparsity"] == pytest.approx(0.6, abs=1e-6)
     levels = sorted(set(round(v, 4) for v in result.plan.modules.values()))
     assert len(levels) > 5 and levels[0] < 0.6 < levels[-1]
@@ -72,9 +74,9 @@ def test_gemma3_prunes_through_its_adapter():
         assert torch.isfinite(model(input_ids=torch.arange(10, 40)[None]).logits).all()
 
 
-# Items per task (the suite's items are whole passages, ~700 tokens each, four orders each): `make test` compares 3 + 3
-# items (24 choices, each within 2e-3; about two minutes on two cores); `make test-all` every item of the suite's windows.
-@pytest.mark.parametrize("n_agree", [(3, 3), pytest.param((None, None), marks=pytest.mark.slow)],
+# Items per task (the suite's items are whole passages, ~700 tokens each, four orders each): `make test` compares 1 + 1
+# items (8 choices, each within 2e-3; about 40 s on one core); `make test-all` every item of the suite's windows.
+@pytest.mark.parametrize("n_agree", [(1, 1), pytest.param((None, None), marks=pytest.mark.slow)],
                          ids=["small", "full"])
 def test_accuracy_agrees_exactly_with_lm_evaluation_harness(tmp_path, n_agree):
     """Dense smollm2-135m on the tasks of the default suite: the same correct counts (acc and acc_norm) as lm-eval 0.4.13,

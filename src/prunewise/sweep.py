@@ -236,6 +236,9 @@ def _run_cell(recipe: Recipe, progress: bool, model_dir: Path | None, inputs: di
     return cell
 
 
+REPORT_EVERY_S = 30.0  # the shortest time between two partial reports of a running sweep
+
+
 def write_sweep_report(out: Path, sweep: dict) -> None:
     from .report.build import report_files, sweep_sections
 
@@ -310,13 +313,19 @@ def _run_sweep(base: Recipe, cells: dict[str, Recipe], scores, sparsities, alloc
     def summary() -> dict:
         return _summary(base, scores, sparsities, allocations, dense, [done[n] for n in cells if n in done], failed)
 
+    last_report = [-float("inf")]
+
     def finished(name: str, cell: dict, files: dict | None = None) -> None:
         if files:
             _write_model(out / "models" / name, files)
         _write_json(out / "cells" / f"{name}.json", cell)
         (out / "cells" / f"{name}.failed.json").unlink(missing_ok=True)
         done[name] = cell
-        write_sweep_report(out, summary())  # a partial report after every cell
+        # a partial report after a cell, at most every REPORT_EVERY_S: a real model's cell takes minutes, so each one
+        # refreshes it; a grid of second-long cells does not spend most of its time drawing figures
+        if time.monotonic() - last_report[0] >= REPORT_EVERY_S:
+            write_sweep_report(out, summary())
+            last_report[0] = time.monotonic()
         if on_cell:
             on_cell(name, f"finished in {cell['seconds']:.0f} s")
 
