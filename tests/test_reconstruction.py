@@ -222,3 +222,28 @@ def test_alps_and_admm_take_the_layer_group_and_compose_with_a_sparsegpt_start()
     direct = ALPSCompensation().compensate(w, _stats(x), structure, 0.7, mask=gpt.mask)
     assert torch.equal(chained.mask, direct.mask) and torch.allclose(chained.weight, direct.weight)
     assert _error(x, w, chained.weight) < _error(x, w, gpt.weight)
+
+
+def test_alps_warm_selection_removes_what_the_layer_selection_removes(monkeypatch):
+    """ALPS's projection starts from its last threshold; over iterates that move a little (the band holds the
+    threshold) and a lot (it misses and falls back), it removes exactly the layer selection's entries, and with ties
+    at the threshold its count stays exact."""
+    from prunewise.compensation.alps import _WarmSmallest
+    from prunewise.structures.masks import smallest_overall
+
+    sizes = []
+    kthvalue = torch.kthvalue
+    monkeypatch.setattr(torch, "kthvalue", lambda x, k: sizes.append(x.numel()) or kthvalue(x, k))
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 96, generator=g)
+    k = int(0.7 * z.numel())
+    select = _WarmSmallest(k)
+    for step in range(12):
+        z = z + (0.02 if step % 4 else 1.0) * torch.randn(z.shape, generator=g)
+        got = select(z.square())
+        assert torch.equal(got, smallest_overall(z.square(), k)), step
+    assert 0 < sizes.count(z.numel()) < 6 and max(n for n in sizes if n < z.numel()) < z.numel() // 2  # mostly a band
+    tied = (torch.arange(64 * 96) // 500).float().view(64, 96)  # the threshold falls inside a run of 500 equal values
+    for _ in range(2):
+        got = select(tied)
+        assert int(got.sum()) == k and tied[got].max() <= tied[~got].min()
