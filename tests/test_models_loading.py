@@ -405,6 +405,12 @@ def test_list_models() -> None:
 
 @pytest.mark.integration
 def test_smollm2_fetch_load_and_matches_gguf() -> None:
+    """The converted folder against the GGUF read by the `gguf` package's own dequantizer (not transformers', which
+    converted it): embedding, attention (llama.cpp's rotary row order undone for q and k) and MLP tensors exactly."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file
+
     folder = fetch_model("smollm2-135m")
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config
@@ -418,14 +424,40 @@ def test_smollm2_fetch_load_and_matches_gguf() -> None:
     assert not hasattr(model.config, "quantization_config")
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
+    saved = load_file(str(folder / "model.safetensors"))
+    names = {"token_embd.weight": ("model.embed_tokens.weight", 0), "blk.0.attn_q.weight": (
+        "model.layers.0.self_attn.q_proj.weight", 9), "blk.11.attn_k.weight": ("model.layers.11.self_attn.k_proj.weight", 3),
+        "blk.7.attn_v.weight": ("model.layers.7.self_attn.v_proj.weight", 0),
+        "blk.29.ffn_down.weight": ("model.layers.29.mlp.down_proj.weight", 0)}
+    seen = set()
+    for tensor in GGUFReader(loading.fetch_gguf("smollm2-135m")).tensors:
+        if tensor.name not in names:
+            continue
+        name, heads = names[tensor.name]
+        w = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type))
+        if heads:  # llama.cpp interleaves each head's rotary halves; transformers' loader undoes it
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+        assert torch.equal(w, saved[name]), name
+        seen.add(tensor.name)
+    assert seen == set(names)
+    text = "The capital of France is"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.tolist() == [[504, 3575, 282, 4649, 314]]  # SmolLM2's tokenizer (as the GGUF's own builds it)
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_smollm2_conversion_gives_the_logits_and_tokens_of_the_gguf_loaded_directly() -> None:
+    model, tokenizer = load_model("smollm2-135m")
     direct, direct_tok = _direct_gguf(loading.fetch_gguf("smollm2-135m"))
     text = "The capital of France is"
     ids = tokenizer(text, return_tensors="pt").input_ids
     assert ids.tolist() == direct_tok(text, return_tensors="pt").input_ids.tolist()
     with torch.no_grad():
-        logits = model(ids).logits
-        torch.testing.assert_close(logits, direct(ids).logits, rtol=0, atol=1e-4)
-    assert tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
+        torch.testing.assert_close(model(ids).logits, direct(ids).logits, rtol=0, atol=1e-4)
 
 
 @pytest.mark.integration

@@ -58,38 +58,56 @@ RELOAD = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 assert "prunewise" not in sys.modules
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
-ids = torch.tensor(json.loads(sys.argv[2]))
-with torch.no_grad():
-    torch.save(model(input_ids=ids).logits, sys.argv[3])
-print(json.dumps(model.config.to_dict()))
+ids = torch.tensor(json.loads(sys.argv[1]))
+for folder, out in json.loads(sys.argv[2]):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.save(model(input_ids=ids).logits, out)
+    print(json.dumps(model.config.to_dict()))
 """
+RELOADED = [("mixtral", "reap"), ("qwen2_moe", "ean"), ("qwen3_moe", "frequency"), ("olmoe", "reap")]
 
 
-@pytest.mark.parametrize("moe_folder, score", [("mixtral", "reap"), ("qwen2_moe", "ean"), ("qwen3_moe", "frequency"),
-                                              ("olmoe", "reap")], indirect=["moe_folder"])
-def test_half_the_experts_removed_reload_with_stock_transformers_and_give_the_same_logits(moe_folder, score, tmp_path):
+@pytest.fixture(scope="module")
+def half_the_experts(tmp_path_factory):
+    """Each family pruned to half its experts (saved as `prunewise prune --output` does, and in memory), and every
+    saved folder reloaded by stock transformers in one fresh process (one import of torch for the four)."""
     from prunewise.api import prune, run
 
-    out = tmp_path / "out"
-    recipe = make_recipe(model=moe_folder["model"], calibration=moe_folder["calib"], nsamples=4, seqlen=32,
-                         evaluation=[], structure="experts", score=score, sparsity=0.5, output=str(out))
-    run(recipe, progress=False)  # what `prunewise prune --output` writes
-    result = prune(recipe, progress=False)  # the same prune, in memory
+    ids = torch.randint(4, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    cases, jobs = {}, []
+    for family, score in RELOADED:
+        tmp = tmp_path_factory.mktemp(family)
+        folder, out = tmp / family, tmp / "out"
+        tiny_moe(family).save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+        recipe = make_recipe(model=str(folder), calibration=write_paragraphs(tmp / "calib.txt", 1), nsamples=4,
+                             seqlen=32, evaluation=[], structure="experts", score=score, sparsity=0.5, output=str(out))
+        run(recipe, progress=False)  # what `prunewise prune --output` writes
+        result = prune(recipe, progress=False)  # the same prune, in memory
+        cases[family] = {"result": result, "want": _logits(result.model, ids), "got": tmp / "l.pt"}
+        jobs.append([str(out), str(tmp / "l.pt")])
+    done = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(ids.tolist()), json.dumps(jobs)],
+                          capture_output=True, text=True, check=True)
+    for (family, _), line in zip(RELOADED, done.stdout.strip().splitlines()[-len(RELOADED):]):
+        cases[family]["config"] = json.loads(line)
+    return cases
+
+
+@pytest.mark.xdist_group("moe-reload")  # one worker builds the module fixture once for the four
+@pytest.mark.parametrize("family, score", RELOADED)
+def test_half_the_experts_removed_reload_with_stock_transformers_and_give_the_same_logits(half_the_experts, family,
+                                                                                        score):
+    case = half_the_experts[family]
+    result = case["result"]
     adapter = get_adapter(result.model)
     assert adapter.expert_count(result.model) == 4
     for block in adapter.blocks(result.model):
         experts = adapter.experts_of(block)
         assert experts.gate_up_proj.shape[0] == experts.down_proj.shape[0] == 4
         assert adapter.router_of(block).weight.shape[0] == 4
-    ids = torch.randint(4, 256, (2, 24), generator=torch.Generator().manual_seed(3))
-    want = _logits(result.model, ids)
-    done = subprocess.run([sys.executable, "-c", RELOAD, str(out), json.dumps(ids.tolist()), str(tmp_path / "l.pt")],
-                          capture_output=True, text=True, check=True)
-    config = json.loads(done.stdout.strip().splitlines()[-1])
-    assert config[COUNT_KEY[moe_folder["family"]]] == 4
-    got = torch.load(tmp_path / "l.pt")
-    assert (got - want).abs().max().item() < 1e-5
+    assert case["config"][COUNT_KEY[family]] == 4
+    assert (torch.load(case["got"]) - case["want"]).abs().max().item() < 1e-5
     layers = result.report["structured"]["experts"]["layers"]
     assert len(layers) == 2 and all(len(layer["removed"]) == 4 for layer in layers)
     assert result.report["achieved_sparsity"] == pytest.approx(0.5)
