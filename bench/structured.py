@@ -44,6 +44,8 @@ VARIANTS = {
     "fluctuation-global-refit": {**WIDTH, "score": "fluctuation", "allocation": "global", "compensation": ["refit"]},
     "fluctuation-global-refit-obs": {**WIDTH, "score": "fluctuation", "allocation": "global",
                                      "compensation": [{"name": "refit", "select": "obs"}]},
+    "fluctuation-global-refit-swaps": {**WIDTH, "score": "fluctuation", "allocation": "global",
+                                       "compensation": [{"name": "refit", "swaps": 64}]},
     "fluctuation-global-nystrom": {**WIDTH, "score": "fluctuation", "allocation": "global",
                                    "compensation": [{"name": "refit", "select": "leverage"}]},
     "blocks": {"structure": "blocks", "score": "wanda"},

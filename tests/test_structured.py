@@ -264,17 +264,54 @@ def test_structured_obs_removes_what_brute_force_removes():
     assert cost(chosen) <= 1.05 * best
 
 
+def test_osscar_swaps_lower_the_refit_error_at_every_step():
+    """The swaps' objective is the refit's: least-squares error (with an intercept) per token plus ``explained`` is
+    the same for every kept set; from the worst 5 of 10 channels each swap lowers the error until none does, and
+    here they reach the best of all 252 sets."""
+    from itertools import combinations
+
+    from prunewise.compensation.refit import RefitCompensation
+    from prunewise.core.stats import LinearStats, Needs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 10, generator=g) @ torch.randn(10, 10, generator=g) + torch.randn(10, generator=g)
+    w = torch.randn(6, 10, generator=g)
+    stats = LinearStats.for_needs(10, Needs(hessian=True, mean=True))
+    stats.add(x.unsqueeze(0))
+    y = (x @ w.t()).double()
+
+    def cost(kept):
+        design = torch.cat([x[:, list(kept)], torch.ones(600, 1)], 1).double()
+        return float((design @ torch.linalg.lstsq(design, y).solution - y).square().sum()) / 600
+
+    subsets = list(combinations(range(10), 5))
+    part = RefitCompensation(RefitCompensation.Config(damp=0.0, swaps=1))
+    total = [cost(k) + part.explained(w, torch.tensor(k), stats) for k in subsets[::25]]
+    assert max(total) - min(total) < 1e-6 * max(total)
+    kept, costs = torch.tensor(max(subsets, key=cost)), []
+    for _ in range(12):
+        costs.append(cost(kept.tolist()))
+        after = part.select_channels(w, 5, stats, start=kept)
+        if after.tolist() == kept.tolist():
+            break
+        assert cost(after.tolist()) < costs[-1]
+        kept = after
+    assert len(costs) > 2 and tuple(kept.tolist()) == min(subsets, key=cost)
+
+
 def test_refit_with_obs_selection_keeps_the_count_and_beats_the_scores_choice(windows):
     want = _mlp_outputs(tiny_model("llama"), windows)
     errors, widths = {}, {}
-    for select in ("score", "obs", "leverage"):
+    for select in ("score", "obs", "leverage", "swaps"):
         model = tiny_model("llama")
+        refit = {"name": "refit", "select": select} if select != "swaps" else {"name": "refit", "swaps": 16}
         _, info, masks = prune_structured(model, get_adapter(model), _recipe(
-            structure="channels", compensation=[{"name": "refit", "select": select}]), windows, progress=False)
+            structure="channels", compensation=[refit]), windows, progress=False)
         widths[select] = [r["intermediate_size"] for r in info["layers"]]
         assert masks.units[0]["channels"].numel() == widths[select][0]
         errors[select] = float((_mlp_outputs(model, windows) - want).square().sum())
-    assert widths["obs"] == widths["score"] == widths["leverage"] and errors["obs"] < errors["score"], errors
+    assert widths["obs"] == widths["score"] == widths["leverage"] == widths["swaps"], widths
+    assert errors["obs"] < errors["score"] and errors["swaps"] < errors["score"], errors
 
 
 def test_leverage_selection_keeps_the_channels_of_largest_ridge_leverage():

@@ -20,6 +20,11 @@ Nystrom approximation): keep the channels of largest ridge leverage ``[C (C + la
 correlation ``C`` (``lam = ridge * mean(diag C)``, the public reimplementation's 1e-2 made scale-free), then the
 same closed-form refit of down_proj (here with the intercept). Heads keep the score's choice (their removal must
 respect the key/value groups).
+
+``swaps=N`` adds OSSCAR's local search (Meng et al., 2024) after any selection: the refit's error is a constant minus
+``tr(P_K S_KK^-1 P_K^T)`` (``P = W S``); a step removes the kept channel that costs least (structured OBS on the kept
+set) and adds the removed channel whose Schur complement then explains most, when the pair lowers the error; at most
+``N`` steps, stopping at the first that would not lower it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class RefitConfig(PartConfig):
         "score", description="which MLP channels go (the same count per block): the score's choice, structured OBS "
                              "(ZipLM's greedy removal), or MoDeGPT's Nystrom selection (ridge leverage scores)")
     ridge: float = Field(0.01, gt=0, description="leverage: the ridge, a share of the mean channel energy")
+    swaps: int = Field(0, ge=0, description="OSSCAR-style local search after the selection: at most this many "
+                                          "kept/removed channel swaps, each lowering the refit's error (0: none)")
 
 
 @register("compensation")
@@ -80,9 +87,69 @@ class RefitCompensation(Compensation):
             raise PrunewiseError(f"refit of {module} produced non-finite weights; raise its damp")
         return Wk, b + W @ mu - Wk @ mu[kept]
 
-    def select_channels(self, weight: torch.Tensor, keep: int, stats, module: str = "?") -> torch.Tensor:
-        """Sorted indices of the ``keep`` input columns of ``weight`` kept by structured OBS (greedy removal) or by
-        ridge leverage (``select``)."""
+    def select_channels(self, weight: torch.Tensor, keep: int, stats, module: str = "?",
+                        start: torch.Tensor | None = None) -> torch.Tensor:
+        """Sorted indices of the ``keep`` input columns of ``weight`` kept by structured OBS (greedy removal), by
+        ridge leverage, or the score's ``start`` (``select``), then improved by ``swaps`` local-search swaps."""
+        if self.config.select == "score":
+            if start is None:
+                raise PrunewiseError(f"refit of {module}: select=score needs the score's kept channels")
+            kept = torch.sort(start.flatten().long()).values
+        else:
+            kept = self._select(weight, keep, stats, module)
+        if self.config.swaps:
+            kept = self.swap(weight, kept, stats, module)
+        return kept
+
+    def explained(self, weight: torch.Tensor, kept: torch.Tensor, stats, module: str = "?") -> float:
+        """What the refit on ``kept`` recovers of the dense output's (ridge) energy, ``tr(P_K S_KK^-1 P_K^T)`` with
+        ``P = W S`` (``S`` the covariance plus the ridge): the refit's error is a constant minus it."""
+        S, P = self._swap_terms(weight, stats, module)
+        K = kept.long()
+        L = torch.linalg.cholesky(S[K][:, K])
+        Y = torch.linalg.solve_triangular(L, P[:, K].t(), upper=False)
+        return float(Y.square().sum())
+
+    def _swap_terms(self, weight, stats, module):
+        _, cov = _moments(stats, module)
+        S = cov.clone()
+        S.diagonal().add_(self.config.damp * float(cov.diagonal().mean().clamp_min(1e-12)))
+        return S, weight.detach().double() @ S
+
+    def swap(self, weight: torch.Tensor, kept: torch.Tensor, stats, module: str = "?") -> torch.Tensor:
+        """OSSCAR's local search (Meng et al., 2024) on the refit's objective: each step removes the kept channel
+        whose loss costs least (structured OBS on the kept set) and adds the removed channel that then explains most
+        (its Schur complement), when the pair gains; it stops at the first step that would not."""
+        S, P = self._swap_terms(weight, stats, module)
+        n = S.shape[0]
+        inside = torch.zeros(n, dtype=torch.bool)
+        inside[kept.long()] = True
+        for _ in range(self.config.swaps):
+            K = torch.nonzero(inside).flatten()
+            R = torch.nonzero(~inside).flatten()
+            if not K.numel() or not R.numel():
+                break
+            M = torch.cholesky_inverse(torch.linalg.cholesky(S[K][:, K]))
+            Z = P[:, K] @ M
+            loss = Z.square().sum(0) / M.diagonal()
+            i = int(torch.argmin(loss))
+            M2 = M - torch.outer(M[:, i], M[i]) / M[i, i]  # the inverse without channel K[i] (its row/column unused)
+            rest = torch.ones(K.numel(), dtype=torch.bool)
+            rest[i] = False
+            K2, M2 = K[rest], M2[rest][:, rest]
+            Z2 = P[:, K2] @ M2
+            C = S[K2][:, R]  # covariance of the kept with each candidate
+            residual = P[:, R] - Z2 @ C
+            schur = S.diagonal()[R] - (C * (M2 @ C)).sum(0)
+            gain = residual.square().sum(0) / schur.clamp_min(1e-30)
+            j = int(torch.argmax(gain))
+            if not float(gain[j]) > float(loss[i]) * (1 + 1e-9):
+                break
+            inside[K[i]] = False
+            inside[R[j]] = True
+        return torch.nonzero(inside).flatten()
+
+    def _select(self, weight: torch.Tensor, keep: int, stats, module: str = "?") -> torch.Tensor:
         mu, cov = _moments(stats, module)
         if self.config.select == "leverage":  # MoDeGPT's correlation: the second moment, not centred
             C = cov + torch.outer(mu, mu)

@@ -204,9 +204,10 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
             fit = None
             if refit is not None:  # least squares on the kept inputs, from the statistics of o_proj and down_proj
                 stats = dict(zip(("o", "down"), held.pop(i)))  # released with the block: the Hessians are large
-                if refit.config.select != "score" and 0 < keep.channels.numel() < geoms[i].intermediate:
+                if (refit.config.select != "score" or refit.config.swaps) and \
+                        0 < keep.channels.numel() < geoms[i].intermediate:
                     kept = refit.select_channels(adapter.roles_of(block)["down"].weight, int(keep.channels.numel()),
-                                                 stats["down"], module=f"block {i} down")
+                                                 stats["down"], module=f"block {i} down", start=keep.channels)
                     keep = BlockKeep(kept, keep.query_heads, keep.kv_heads)
 
                 def fit(role, weight, bias, kept, stats=stats, i=i):
