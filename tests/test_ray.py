@@ -82,6 +82,7 @@ def test_a_sweep_on_ray_matches_the_single_process_sweep_and_survives_a_killed_w
 
 
 @pytest.mark.xdist_group("ray")
+@pytest.mark.slow  # 30 s of Ray actors starting on two cores: make test-all (the sweep on Ray stays in make test)
 def test_a_search_on_two_ray_actors_finds_the_single_process_plan(tiny_folder):
     from prunewise.pipeline.prune import prune
 
