@@ -100,7 +100,7 @@ def format_task_table(dense: dict, pruned: dict | None = None) -> list[str]:
     head = "| task | n | chance | dense acc [95% CI] | dense acc_norm |"
     rule = "|---|---|---|---|---|"
     if pruned:
-        head += " pruned acc | pruned acc_norm | retention (acc) |"
+        head += " pruned acc [95% CI] | pruned acc_norm | retention (acc) |"
         rule += "---|---|---|"
     lines = [head, rule]
     for name, d in dense.items():
@@ -109,6 +109,8 @@ def format_task_table(dense: dict, pruned: dict | None = None) -> list[str]:
         if pruned:
             p = pruned[name]
             r = retention(d, p)
-            row += f" {p['acc']:.3f} | {p['acc_norm']:.3f} | {'' if r is None else f'{r:.0%}'} |"
+            plo, phi = p["acc_ci95"]
+            row += (f" {p['acc']:.3f} [{plo:.3f}, {phi:.3f}] | {p['acc_norm']:.3f} | "
+                    f"{'' if r is None else f'{r:.0%}'} |")
         lines.append(row)
     return lines
