@@ -51,6 +51,8 @@ def _comparable(folder) -> dict:
 
 
 @pytest.mark.xdist_group("ray")  # one local Ray instance for the tests that start one
+@pytest.mark.slow  # a real Ray instance, two workers and a retried one: 50 s on two cores, in make test-all; make test
+# checks the sweep driver's Ray path with a stand-in (test_a_failing_cell_is_recorded_...)
 def test_a_sweep_on_ray_matches_the_single_process_sweep_and_survives_a_killed_worker(tiny_folder, tmp_path):
     import torch
 
@@ -82,7 +84,7 @@ def test_a_sweep_on_ray_matches_the_single_process_sweep_and_survives_a_killed_w
 
 
 @pytest.mark.xdist_group("ray")
-@pytest.mark.slow  # 30 s of Ray actors starting on two cores: make test-all (the sweep on Ray stays in make test)
+@pytest.mark.slow  # 30 s of Ray actors starting on two cores: make test-all
 def test_a_search_on_two_ray_actors_finds_the_single_process_plan(tiny_folder):
     from prunewise.pipeline.prune import prune
 

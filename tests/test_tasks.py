@@ -308,7 +308,8 @@ def test_cli_harness_prints_both_counts(tiny_setup, capsys):
     assert row[1] == row[2] and row[3] == row[4] and row[1].endswith("/12")  # prunewise == lm-eval, acc and norm
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [pytest.param("SIGTERM", marks=pytest.mark.slow), "SIGINT"])  # SIGINT: the harder one
+# (ignored by a background shell's children); SIGTERM takes the same handler, in make test-all
 def test_sweep_command_stops_cleanly_on_a_signal(tiny_setup, tmp_path, sig, capsys):
     """Even started in the background (where a shell ignores SIGINT), the command stops with its own message,
     keeps the finished cells and leaves no partial file; the rerun finishes the rest."""
