@@ -224,20 +224,20 @@ def test_alps_and_admm_take_the_layer_group_and_compose_with_a_sparsegpt_start()
     assert _error(x, w, chained.weight) < _error(x, w, gpt.weight)
 
 
-def test_alps_warm_selection_removes_what_the_layer_selection_removes(monkeypatch):
-    """ALPS's projection starts from its last threshold; over iterates that move a little (the band holds the
-    threshold) and a lot (it misses and falls back), it removes exactly the layer selection's entries, and with ties
-    at the threshold its count stays exact."""
-    from prunewise.compensation.alps import _WarmSmallest
-    from prunewise.structures.masks import smallest_overall
+def test_warm_layer_selection_removes_what_the_layer_selection_removes(monkeypatch):
+    """The selection ALPS and ADMM repeat on their iterates starts from its last threshold; over iterates that move a
+    little (the band holds the threshold) and a lot (it misses and falls back), it removes exactly the layer
+    selection's entries, and with ties at the threshold its count stays exact. Row groups keep the structure's mask."""
+    from prunewise.structures.masks import Unstructured, smallest_overall
 
     sizes = []
     kthvalue = torch.kthvalue
     monkeypatch.setattr(torch, "kthvalue", lambda x, k: sizes.append(x.numel()) or kthvalue(x, k))
     g = torch.Generator().manual_seed(0)
     z = torch.randn(64, 96, generator=g)
-    k = int(0.7 * z.numel())
-    select = _WarmSmallest(k)
+    k = round(0.7 * z.numel())
+    select = Unstructured("layer").selector(z.shape, 0.7)
+    assert select.count == k
     for step in range(12):
         z = z + (0.02 if step % 4 else 1.0) * torch.randn(z.shape, generator=g)
         got = select(z.square())
@@ -247,3 +247,5 @@ def test_alps_warm_selection_removes_what_the_layer_selection_removes(monkeypatc
     for _ in range(2):
         got = select(tied)
         assert int(got.sum()) == k and tied[got].max() <= tied[~got].min()
+    by_row = Unstructured("row")
+    assert torch.equal(by_row.selector(z.shape, 0.7)(z.square()), by_row.mask(z.square(), 0.7))

@@ -313,9 +313,10 @@ def _run_sweep(base: Recipe, cells: dict[str, Recipe], scores, sparsities, alloc
     def summary() -> dict:
         return _summary(base, scores, sparsities, allocations, dense, [done[n] for n in cells if n in done], failed)
 
-    last_report = [-float("inf")]
+    last_report = -float("inf")
 
     def finished(name: str, cell: dict, files: dict | None = None) -> None:
+        nonlocal last_report
         if files:
             _write_model(out / "models" / name, files)
         _write_json(out / "cells" / f"{name}.json", cell)
@@ -323,9 +324,9 @@ def _run_sweep(base: Recipe, cells: dict[str, Recipe], scores, sparsities, alloc
         done[name] = cell
         # a partial report after a cell, at most every REPORT_EVERY_S: a real model's cell takes minutes, so each one
         # refreshes it; a grid of second-long cells does not spend most of its time drawing figures
-        if time.monotonic() - last_report[0] >= REPORT_EVERY_S:
+        if time.monotonic() - last_report >= REPORT_EVERY_S:
             write_sweep_report(out, summary())
-            last_report[0] = time.monotonic()
+            last_report = time.monotonic()
         if on_cell:
             on_cell(name, f"finished in {cell['seconds']:.0f} s")
 

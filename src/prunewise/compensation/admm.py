@@ -86,11 +86,12 @@ class ADMMCompensation(Compensation):
         pruned = mask.to(device=device, dtype=torch.bool)
         W, U = B0.clone(), torch.zeros_like(B0)
         steps = min(cfg.prune_iters, cfg.iters)  # the schedule reaches the target within the iterations run
+        final = structure.selector(weight.shape, sparsity) if cfg.mask == "final" else None
         for t in range(cfg.iters):
             if cfg.mask != "fixed" and t < steps and not (cfg.mask == "final" and t == 0):
                 imp = (W + U).abs()
-                if cfg.mask == "final":
-                    pruned = structure.mask(imp, sparsity)
+                if final is not None:
+                    pruned = final(imp)
                 else:
                     pruned = _scheduled(structure, imp, target, sparsity, 1 - (1 - (t + 1) / steps) ** 3)
             Z = (W + U).masked_fill_(pruned, 0.0)

@@ -110,10 +110,14 @@ class RefitCompensation(Compensation):
         Y = torch.linalg.solve_triangular(L, P[:, K].t(), upper=False)
         return float(Y.square().sum())
 
-    def _swap_terms(self, weight, stats, module):
-        _, cov = _moments(stats, module)
+    def _damped(self, cov: torch.Tensor) -> torch.Tensor:
+        """A copy of ``cov`` with ``damp`` of its mean diagonal added (structured OBS's and the swaps' covariance)."""
         S = cov.clone()
         S.diagonal().add_(self.config.damp * float(cov.diagonal().mean().clamp_min(1e-12)))
+        return S
+
+    def _swap_terms(self, weight, stats, module):
+        S = self._damped(_moments(stats, module)[1])
         return S, weight.detach().double() @ S
 
     def swap(self, weight: torch.Tensor, kept: torch.Tensor, stats, module: str = "?") -> torch.Tensor:
@@ -121,33 +125,35 @@ class RefitCompensation(Compensation):
         whose loss costs least (structured OBS on the kept set) and adds the removed channel that then explains most
         (its Schur complement), when the pair gains; it stops at the first step that would not."""
         S, P = self._swap_terms(weight, stats, module)
-        n = S.shape[0]
-        inside = torch.zeros(n, dtype=torch.bool)
+        inside = torch.zeros(S.shape[0], dtype=torch.bool)
         inside[kept.long()] = True
+        K = torch.nonzero(inside).flatten()
+        M = torch.cholesky_inverse(torch.linalg.cholesky(S[K][:, K]))  # (S_KK)^-1, kept in K's order by the swaps
         for _ in range(self.config.swaps):
-            K = torch.nonzero(inside).flatten()
             R = torch.nonzero(~inside).flatten()
             if not K.numel() or not R.numel():
                 break
-            M = torch.cholesky_inverse(torch.linalg.cholesky(S[K][:, K]))
-            Z = P[:, K] @ M
-            loss = Z.square().sum(0) / M.diagonal()
+            loss = (P[:, K] @ M).square().sum(0) / M.diagonal()
             i = int(torch.argmin(loss))
-            M2 = M - torch.outer(M[:, i], M[i]) / M[i, i]  # the inverse without channel K[i] (its row/column unused)
             rest = torch.ones(K.numel(), dtype=torch.bool)
             rest[i] = False
-            K2, M2 = K[rest], M2[rest][:, rest]
-            Z2 = P[:, K2] @ M2
+            K2 = K[rest]
+            M2 = (M - torch.outer(M[:, i], M[i]) / M[i, i])[rest][:, rest]  # the inverse without channel K[i]
             C = S[K2][:, R]  # covariance of the kept with each candidate
-            residual = P[:, R] - Z2 @ C
-            schur = S.diagonal()[R] - (C * (M2 @ C)).sum(0)
+            MC = M2 @ C
+            residual = P[:, R] - P[:, K2] @ MC
+            schur = S.diagonal()[R] - (C * MC).sum(0)
             gain = residual.square().sum(0) / schur.clamp_min(1e-30)
             j = int(torch.argmax(gain))
             if not float(gain[j]) > float(loss[i]) * (1 + 1e-9):
                 break
+            u, sj = MC[:, j], schur[j]  # the inverse with channel R[j] appended (block inverse by its Schur complement)
+            M = torch.cat([torch.cat([M2 + torch.outer(u, u) / sj, (-u / sj).unsqueeze(1)], 1),
+                           torch.cat([-u / sj, (1 / sj).reshape(1)]).unsqueeze(0)], 0)
             inside[K[i]] = False
             inside[R[j]] = True
-        return torch.nonzero(inside).flatten()
+            K = torch.cat([K2, R[j].reshape(1)])
+        return torch.sort(K).values
 
     def _select(self, weight: torch.Tensor, keep: int, stats, module: str = "?") -> torch.Tensor:
         mu, cov = _moments(stats, module)
@@ -156,9 +162,7 @@ class RefitCompensation(Compensation):
             lam = self.config.ridge * float(C.diagonal().mean().clamp_min(1e-12))
             scores = torch.linalg.solve(C + lam * torch.eye(C.shape[0], dtype=C.dtype), C).diagonal()  # C sym.
             return torch.sort(torch.topk(scores, keep).indices).values
-        cov = cov.clone()
-        cov.diagonal().add_(self.config.damp * float(cov.diagonal().mean().clamp_min(1e-12)))
-        L, info = torch.linalg.cholesky_ex(cov)
+        L, info = torch.linalg.cholesky_ex(self._damped(cov))
         if int(info):
             raise PrunewiseError(f"structured OBS of {module}: the inputs' covariance is singular; raise refit's damp")
         inv = torch.cholesky_inverse(L)

@@ -14,3 +14,8 @@ class Structure(Part):
 
     def tile_width(self, blocksize: int) -> int:
         return blocksize
+
+    def selector(self, shape: tuple[int, int], sparsity):
+        """A callable ``importance -> mask`` for many selections at one level on matrices of ``shape`` (the iterates
+        of an ADMM loop); the default is :meth:`mask` each time."""
+        return lambda importance: self.mask(importance, sparsity)
