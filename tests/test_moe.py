@@ -108,8 +108,9 @@ def test_half_the_experts_removed_reload_with_stock_transformers_and_give_the_sa
         assert adapter.router_of(block).weight.shape[0] == 4
     assert case["config"][COUNT_KEY[family]] == 4
     assert (torch.load(case["got"]) - case["want"]).abs().max().item() < 1e-5
-    layers = result.report["structured"]["experts"]["layers"]
-    assert len(layers) == 2 and all(len(layer["removed"]) == 4 for layer in layers)
+    experts = result.report["structured"]["experts"]
+    assert experts["score"] == score and len(experts["layers"]) == 2
+    assert all(len(layer["removed"]) == 4 for layer in experts["layers"])
     assert result.report["achieved_sparsity"] == pytest.approx(0.5)
 
 
