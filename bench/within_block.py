@@ -1,5 +1,6 @@
 """Within-block order, measured: sequential (each linear sees its pruned predecessors) vs parallel (every linear
-of a block sees the dense block: the Wanda and SparseGPT reference code), across seeds and domains.
+of a block sees the dense block: the Wanda and SparseGPT reference code) vs dense (every linear sees the dense
+model: ``--propagate dense``, one pass per block), across seeds and domains.
 
 A cell is SCORE/STRUCTURE/SPARSITY/ORDER/SEED/CALIBRATION, e.g. ``wanda/unstructured/0.5/sequential/0/wiki``; each
 runs in its own process, prunes smollm2-135m with ``--nsamples`` x ``--seqlen`` windows of the calibration corpus drawn
@@ -27,7 +28,7 @@ from _cells import add_cell_args, run_missing, start  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OWN_TEST = {"wiki": "wiki-test", "code": "code", "legal": "legal-test"}  # the calibration corpus's own test set
-ORDERS = ("sequential", "parallel")
+ORDERS = ("sequential", "parallel", "dense")  # dense: parallel statistics of the dense model, no pruned outputs fed forward
 
 
 def grid(args) -> list[str]:
@@ -49,7 +50,9 @@ def run_cell(args, cell: str) -> dict:
     score, structure, sparsity, order, seed, calibration = cell.split("/")
     recipe = make_recipe(model=args.model, score=score, structure=structure,
                          sparsity=None if ":" in structure else float(sparsity), calibration=calibration,
-                         nsamples=args.nsamples, seqlen=args.seqlen, seed=int(seed), within_block=order,
+                         nsamples=args.nsamples, seqlen=args.seqlen, seed=int(seed),
+                         within_block="parallel" if order == "dense" else order,
+                         propagate="dense" if order == "dense" else "pruned",
                          evaluation=args.eval, eval_tokens=args.eval_tokens)
     model, tok = load_model(recipe.model)
     t0 = time.perf_counter()

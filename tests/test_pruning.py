@@ -68,14 +68,16 @@ def test_unstructured_layer_group_is_exact_overall_not_per_row():
     assert max(spreads) > 1  # a per-layer threshold does not equalise rows
 
 
-def _reference_wanda(model, windows, sparsity, sequential):
+def _reference_wanda(model, windows, sparsity, sequential, dense=False):
     """Wanda as its paper defines it, written independently with whole-model forwards: block by block
     (inputs = outputs of the already pruned blocks), |W| * ||X_j||_2 ranked per output row. Sequential:
     linears pruned in forward order, each measured after its predecessors were pruned; parallel: all
-    linears of a block measured on the dense block (the reference code's order)."""
+    linears of a block measured on the dense block (the reference code's order); ``dense``: every linear
+    measured on the dense model (one forward before anything is pruned)."""
     adapter = get_adapter(model)
-    for block in adapter.blocks(model):
-        linears = list(adapter.linears(block).values())
+    every = [lin for block in adapter.blocks(model) for lin in adapter.linears(block).values()]
+    for block in ([None] if dense else adapter.blocks(model)):
+        linears = every if dense else list(adapter.linears(block).values())
         groups = [[lin] for lin in linears] if sequential else [linears]
         for group in groups:
             acts = {id(lin): [] for lin in group}
@@ -122,6 +124,26 @@ def test_wanda_matches_an_independent_reference_implementation(within_block):
     for (name, a), b in zip(prunable_weights(ours).items(), prunable_weights(ref).values()):
         assert torch.equal(a == 0, b == 0), name
         torch.testing.assert_close(a, b)
+
+
+def test_dense_propagation_is_wanda_on_the_dense_models_statistics_in_one_pass_per_block():
+    """``propagate="dense"``: every linear's statistics from the dense model (no pruned outputs fed forward), in one
+    block pass each; it differs from the reference order after block 0 (whose inputs are the same in both)."""
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
+    model, adapter, visitor = _tiny_half_prune("wanda")
+    engine = SequentialEngine(model, adapter, windows, progress=False, sequential=False, propagate="dense")
+    engine.run(visitor)
+    assert engine.passes == len(adapter.blocks(model))
+    ref = _reference_wanda(tiny_model("llama"), windows, 0.5, sequential=False, dense=True)
+    for (name, a), b in zip(prunable_weights(model).items(), prunable_weights(ref).values()):
+        assert torch.equal(a == 0, b == 0), name
+        torch.testing.assert_close(a, b)
+    parallel = _reference_wanda(tiny_model("llama"), windows, 0.5, sequential=False)
+    ours, theirs = prunable_weights(model), prunable_weights(parallel)
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours if n.startswith("model.layers.0."))
+    assert any(not torch.equal(ours[n], theirs[n]) for n in ours if not n.startswith("model.layers.0."))
+    with pytest.raises(ValueError, match="propagate"):
+        SequentialEngine(model, adapter, windows, progress=False, sequential=True, propagate="dense")
 
 
 def test_wanda_statistics_are_input_column_norms():

@@ -305,6 +305,8 @@ def test_a_compensation_string_is_read_as_part_names(tmp_path):
     (["--budget", "remove_params=nan"], "must be a finite number of parameters or bytes"),
     (["--budget", "keep_params=inf"], "must be a finite number of parameters or bytes"),
     (["--budget", "keep_params=-5"], "must be a finite number of parameters or bytes"),
+    (["--propagate", "dense", "--within-block", "sequential"], "cannot be combined with --within-block sequential"),
+    (["--propagate", "pruned-ish"], "propagate: Input should be 'pruned' or 'dense'"),
 ])
 def test_duplicated_parts_or_options_and_non_finite_numbers_are_refused_at_validation(made, tmp_path, capsys, flags,
                                                                                       expected):

@@ -45,6 +45,8 @@ PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--seed": ("seed", int, "seed of the calibration windows"),
     "--damp": ("damp", float, "SparseGPT dampening (share of the mean Hessian diagonal)"),
     "--within-block": ("within_block", str, "sequential (default) | parallel (statistics from the dense block, as the reference code)"),
+    "--propagate": ("propagate", str, "pruned (default: the pruned block's outputs feed the next block) | dense (one "
+                                      "dense pass: every statistic from the dense model)"),
     "--chunk-size": ("chunk_size", int, "calibration windows per forward chunk (lower = less memory)"),
     "--device": ("device", str, "where blocks compute, one at a time: auto (first GPU, else CPU) | cpu | cuda | cuda:N | mps"),
     "--offload": ("offload", str, "disk: stream blocks from the source shards to the output shards, never the whole "

@@ -216,6 +216,10 @@ class Recipe(BaseModel):
     within_block: Literal["sequential", "parallel"] | None = Field(
         None, description="sequential: each linear sees its pruned predecessors; parallel: all see the dense block "
                           "(default: sequential with a reconstructing compensation such as obs, else parallel)")
+    propagate: Literal["pruned", "dense"] = Field(
+        "pruned", description="what feeds the next block: the pruned block's outputs (the reference codes: two passes per "
+                              "block in the parallel order) or the dense block's (every statistic from the dense model, "
+                              "one pass per block; parallel order only)")
     chunk_size: int | None = Field(None, ge=1, description="calibration windows per forward chunk; default all")
     device: str = Field("auto", description="where blocks compute, one at a time: auto (the first GPU, else the CPU) | "
                                             "cpu | cuda | cuda:N | mps")
@@ -334,6 +338,9 @@ class Recipe(BaseModel):
             if struct.fixed_sparsity:
                 raise ValueError("a parameter or byte budget needs unstructured sparsity (N:M fixes the sparsity)")
             parse_budget(self.budget, self.budget_dtype)
+        if self.propagate == "dense" and self.within_block == "sequential":
+            raise ValueError("--propagate dense gives every linear the dense block's inputs; it cannot be combined with "
+                             "--within-block sequential (drop one of them)")
         if self.sparsity is None:
             self.sparsity = 0.5
         if not 0 <= self.sparsity < 1:
@@ -388,6 +395,8 @@ class Recipe(BaseModel):
         """Within-block order: the recipe's choice, else sequential only with a reconstruction (obs)."""
         if self.within_block:
             return self.within_block == "sequential"
+        if self.propagate == "dense":
+            return False
         return any(c["name"] == "obs" for c in self.compensation)
 
     @property

@@ -150,7 +150,8 @@ class SequentialEngine:
 
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, windows: torch.Tensor | None,
                  chunk_size: int | None = None, progress: bool = True, desc: str = "pruning",
-                 sequential: bool = True, placement: Placement | None = None, stream=None) -> None:
+                 sequential: bool = True, placement: Placement | None = None, stream=None,
+                 propagate: str = "pruned") -> None:
         self.model = model
         self.placement = placement or Placement.of(model)
         self.stream = stream  # out of core: blocks read from the shards on arrival, written and released after
@@ -161,6 +162,10 @@ class SequentialEngine:
         self.progress = progress
         self.desc = desc
         self.sequential = sequential  # False: every linear of a block sees the dense block (reference Wanda/SparseGPT)
+        if propagate not in ("pruned", "dense") or (propagate == "dense" and sequential):
+            raise ValueError(f"propagate={propagate!r} with sequential={sequential}")
+        # "dense" (parallel order only): the dense block's outputs feed the next block, one pass per block
+        self.propagate_dense = propagate == "dense"
         # seconds by phase of the last run() (see :meth:`breakdown`); on a GPU the phase boundaries wait for the device
         self.timings: dict[str, float] = {}
 
@@ -512,8 +517,10 @@ class SequentialEngine:
 
         handles = [m.register_forward_pre_hook(pre_hook) for m in linears.values()]
         # A parallel statistics pass throws its outputs away (the weights change after it), so the
-        # last linear of the block, whose output feeds no other linear, need not compute at all.
-        skip = list(linears.values())[-1] if (not self.sequential and pending and visitor.modifies_weights) else None
+        # last linear of the block, whose output feeds no other linear, need not compute at all; unless the
+        # dense block's outputs are what feeds the next block.
+        skip = list(linears.values())[-1] if (not self.sequential and pending and visitor.modifies_weights
+                                              and not self.propagate_dense) else None
         if skip is not None:
             skip.forward = lambda x, _m=skip: x.new_zeros(*x.shape[:-1], _m.out_features)
         outs = []
@@ -539,7 +546,7 @@ class SequentialEngine:
                 stats[name].check_finite(f"block {index} {name}")
                 self._visit(visitor, index, name, linears[name], stats[name], pending[name])
                 del pending[name]
-        stale = bool(stale_in_pass) and visitor.modifies_weights
+        stale = bool(stale_in_pass) and visitor.modifies_weights and not self.propagate_dense
         assert skip is None or stale, "outputs of a pass that skipped a linear must not be used"
         return (outs[0] if len(outs) == 1 else torch.cat(outs)), stale  # one chunk: no copy of the outputs
 

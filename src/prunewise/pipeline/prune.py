@@ -218,7 +218,8 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
         visitor.masks.spill = stream.mask_spill
     t0 = time.perf_counter()
     engine = SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc=f"{parts.score.name} prune",
-                              sequential=recipe.sequential, placement=placement, stream=stream)
+                              sequential=recipe.sequential, placement=placement, stream=stream,
+                              propagate=recipe.propagate)
     if pruner.needs.gradient:
         engine.gradients = loss_gradients(model, adapter, windows, pruner.needs.gradient,
                                           chunk_size=min(recipe.chunk_size or 4, 4), progress=progress)
@@ -236,7 +237,7 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
     report = _weight_report(recipe, parts, measured, numels, plan, visitor, timings)
     # how the walk went: block passes in all (one per block is the floor), windows per chunk, chunks taking turns
     report["walk"] = {"passes": engine.passes, "chunk_size": engine.chunk_size, "turns": engine.turns,
-                      "within_block": "sequential" if recipe.sequential else "parallel"}
+                      "within_block": "sequential" if recipe.sequential else "parallel", "propagate": recipe.propagate}
     lowrank = visitor.lowrank if len(visitor.lowrank) else None
     if lowrank is not None:
         report["adapter"] = {"kind": "lora", "folder": ADAPTER_FOLDER, **lowrank.summary(next(model.parameters()).dtype)}
