@@ -63,6 +63,7 @@ class OBSCompensation(Compensation):
         WT = weight.detach().float().t().contiguous()  # a copy: the source weight is never written
         WT[dead] = 0.0
         maskT = torch.zeros(cols, rows, dtype=torch.bool)
+        per_column = tiles.per_column
         for c0 in range(0, cols, blocksize):
             c1 = min(c0 + blocksize, cols)
             W1T = WT[c0:c1]
@@ -72,14 +73,17 @@ class OBSCompensation(Compensation):
             mask1T = maskT[c0:c1]
             W1, mask1 = W1T.t(), mask1T.t()  # the tile as (rows, columns) views, for the selector
             mask1.copy_(tiles.begin(saliency, W1, d1, c0, c1))
+            # the tile's rows as views, taken once (indexing in the loop costs more than the arithmetic at these sizes)
+            w_rows, err_rows, mask_rows = W1T.unbind(0), ErrT.unbind(0), mask1T.unbind(0)
+            u_rows, diag = U1.unbind(0), d1.unbind(0)
             for i in range(c1 - c0):
-                if tiles.per_column:
+                if per_column:
                     tiles.at_column(saliency, i, W1, d1, mask1)
-                w = W1T[i]
+                err = err_rows[i]
                 # w - q: the removed part of column i (q is w with the masked weights zeroed), divided by U_ii
-                torch.div(w * mask1T[i], d1[i], out=ErrT[i])
+                torch.mul(w_rows[i], mask_rows[i], out=err).div_(diag[i])
                 # w_i - err * U_ii leaves column i at its pruned value q, the columns right of it updated
-                W1T[i:].addr_(U1[i, i:], ErrT[i], alpha=-1)
+                W1T[i:].addr_(u_rows[i][i:], err, alpha=-1)
             W1T.masked_fill_(mask1T, 0.0)
             if c1 < cols:
                 WT[c1:].addmm_(U[c0:c1, c1:].t(), ErrT, alpha=-1)
