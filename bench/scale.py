@@ -15,6 +15,7 @@ head are about 50% larger here, under 4% of the 7B and 13B models).
     python bench/scale.py --sizes 0.5b 1.5b            # JSON + table in bench/results/scale.*
     python bench/scale.py --sizes 13b --drop-fixtures  # about 26 GB in, 26 GB out
     python bench/scale.py --cells qwen-wanda-exact qwen-sparsegpt-exact qwen-flap-exact
+    python bench/scale.py --sizes 7b-4l --memory                   # the 7B block, streamed, in minutes
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads
     "3b": (2048, 11008, 36, 16, 2),      # Qwen2.5-3B
     "7b": (4096, 11008, 32, 32, 32),     # Llama-2-7B
     "13b": (5120, 13824, 40, 40, 40),    # Llama-2-13B
+    "7b-4l": (4096, 11008, 4, 32, 32),   # Llama-2-7B's block shape, 4 blocks: the per-block time without 13.8 GB
 }
 SHARD_BYTES = 2 << 30
 
