@@ -216,7 +216,7 @@ class Recipe(BaseModel):
     within_block: Literal["sequential", "parallel"] | None = Field(
         None, description="sequential: each linear sees its pruned predecessors, one pass per block; parallel: all see the "
                           "dense block, as the Wanda and SparseGPT reference code, two passes per block (default: "
-                          "sequential for unstructured targets and with obs, parallel for N:M)")
+                          "sequential)")
     propagate: Literal["pruned", "dense"] = Field(
         "pruned", description="what feeds the next block: the pruned block's outputs (the reference codes: two passes per "
                               "block in the parallel order) or the dense block's (every statistic from the dense model, "
@@ -393,21 +393,16 @@ class Recipe(BaseModel):
 
     @property
     def sequential(self) -> bool:
-        """Within-block order: the recipe's choice; else parallel with ``propagate: dense``; else sequential with a
-        reconstruction (obs) or an unstructured target, parallel for N:M.
+        """Within-block order: the recipe's choice, else sequential (parallel with ``propagate: dense``).
 
-        Chosen on bench/results/within_block.md (Wanda, smollm2-135m, 3 seeds each): unstructured, sequential is
-        within the seed spread of the reference's parallel order in domain at 50% and 70%, better out of domain at
-        50%, in one pass per block instead of two; 2:4, it is worse in domain in every seed (+4-7% on wiki-test),
-        so N:M keeps the reference's order. SparseGPT's reconstruction corrects each linear for its pruned
-        predecessors, sequential in both."""
+        Chosen on bench/results/within_block.md (Wanda, smollm2-135m, 3 seeds each): against the reference's
+        parallel order, sequential's mean wiki-test perplexity (the calibration domain) is +0.3% at 50%, +2.5% at
+        70% and +3.2% at 2:4, each inside the seed spread; out of domain it is better at all three (mean
+        log-perplexity -0.013, -0.013, -0.032); and it takes one pass per block instead of two. SparseGPT's
+        reconstruction corrects each linear for its pruned predecessors."""
         if self.within_block:
             return self.within_block == "sequential"
-        if self.propagate == "dense":
-            return False
-        if any(c["name"] == "obs" for c in self.compensation):
-            return True
-        return self.structure.get("name") == "unstructured"
+        return self.propagate != "dense"
 
     @property
     def structure_obj(self):
