@@ -264,14 +264,15 @@ def test_windows_whose_one_chunk_pass_would_not_fit_the_budget_go_in_chunks(monk
 
 @pytest.mark.parametrize("fields, sequential", [
     ({"score": "wanda"}, True), ({"score": "magnitude"}, True), ({"score": "sparsegpt"}, True),
-    ({"score": "wanda", "structure": "2:4"}, True), ({"score": "sparsegpt", "structure": "2:4"}, True),
+    ({"score": "wanda", "structure": "2:4"}, False), ({"score": "sparsegpt", "structure": "2:4"}, True),
     ({"score": "wanda", "within_block": "parallel"}, False), ({"score": "wanda", "structure": "2:4", "within_block":
-                                                               "parallel"}, False),
+                                                               "sequential"}, True),
     ({"score": "wanda", "propagate": "dense"}, False), ({"score": "sparsegpt", "within_block": "parallel"}, False),
 ])
-def test_the_within_block_order_is_sequential_unless_the_recipe_asks_otherwise(fields, sequential):
-    """The default order is one pass per block for every score and structure (bench/results/within_block.md); the
-    recipe's choice wins; ``propagate: dense`` implies parallel."""
+def test_the_within_block_order_is_chosen_by_structure_and_reconstruction(fields, sequential):
+    """Default: sequential (one pass per block) for unstructured targets and with obs, the reference's parallel order
+    for N:M without a reconstruction (bench/results/within_block.md); the recipe's choice wins; ``propagate: dense``
+    implies parallel."""
     from prunewise.recipe import make_recipe
 
     assert make_recipe(**fields).sequential is sequential

@@ -216,7 +216,7 @@ class Recipe(BaseModel):
     within_block: Literal["sequential", "parallel"] | None = Field(
         None, description="sequential: each linear sees its pruned predecessors, one pass per block; parallel: all see the "
                           "dense block, as the Wanda and SparseGPT reference code, two passes per block (default: "
-                          "sequential)")
+                          "sequential for unstructured targets and with obs, parallel for N:M)")
     propagate: Literal["pruned", "dense"] = Field(
         "pruned", description="what feeds the next block: the pruned block's outputs (the reference codes: two passes per "
                               "block in the parallel order) or the dense block's (every statistic from the dense model, "
@@ -393,16 +393,22 @@ class Recipe(BaseModel):
 
     @property
     def sequential(self) -> bool:
-        """Within-block order: the recipe's choice, else sequential (parallel with ``propagate: dense``).
+        """Within-block order: the recipe's choice; else parallel with ``propagate: dense``; else sequential with a
+        reconstruction (obs) or an unstructured target, and the reference's parallel order for N:M.
 
-        Chosen on bench/results/within_block.md (Wanda, smollm2-135m, 3 seeds each): against the reference's
-        parallel order, sequential's mean wiki-test perplexity (the calibration domain) is +0.3% at 50%, +2.5% at
-        70% and +3.2% at 2:4, each inside the seed spread; out of domain it is better at all three (mean
-        log-perplexity -0.013, -0.013, -0.032); and it takes one pass per block instead of two. SparseGPT's
-        reconstruction corrects each linear for its pruned predecessors."""
+        Chosen on bench/results/within_block.md (Wanda, smollm2-135m, 3 seeds each) and the calibration domain
+        first (the user's own data): unstructured, sequential's mean wiki-test perplexity against parallel is +0.3%
+        at 50% and +2.5% at 70% (per seed +29%, -3%, -13%), inside the seed spread, better out of domain, in one
+        pass per block instead of two; at 2:4 it is worse in domain in the median seed and on average (+4.3%, +7.3%,
+        -1.6%; +7.5% at 8 x 512 in bench/identity.py) though better out of domain, so N:M keeps the reference's
+        order. SparseGPT's reconstruction corrects each linear for its pruned predecessors: sequential in both."""
         if self.within_block:
             return self.within_block == "sequential"
-        return self.propagate != "dense"
+        if self.propagate == "dense":
+            return False
+        if any(c["name"] == "obs" for c in self.compensation):
+            return True
+        return self.structure.get("name") == "unstructured"
 
     @property
     def structure_obj(self):
