@@ -264,14 +264,16 @@ def test_windows_whose_one_chunk_pass_would_not_fit_the_budget_go_in_chunks(monk
 
 @pytest.mark.parametrize("fields, sequential", [
     ({"score": "wanda"}, True), ({"score": "magnitude"}, True), ({"score": "sparsegpt"}, True),
+    ({"score": "wanda", "sparsity": 0.7}, False), ({"score": "sparsegpt", "sparsity": 0.7}, True),
+    ({"score": "wanda", "budget": "remove_params=1000"}, False),
     ({"score": "wanda", "structure": "2:4"}, False), ({"score": "sparsegpt", "structure": "2:4"}, True),
     ({"score": "wanda", "within_block": "parallel"}, False), ({"score": "wanda", "structure": "2:4", "within_block":
                                                                "sequential"}, True),
     ({"score": "wanda", "propagate": "dense"}, False), ({"score": "sparsegpt", "within_block": "parallel"}, False),
 ])
 def test_the_within_block_order_is_chosen_by_structure_and_reconstruction(fields, sequential):
-    """Default: sequential (one pass per block) for unstructured targets and with obs, the reference's parallel order
-    for N:M without a reconstruction (bench/results/within_block.md); the recipe's choice wins; ``propagate: dense``
+    """Default: sequential (one pass per block) with obs and for unstructured sparsities up to 50%, the reference's
+    parallel order above and for N:M (bench/results/within_block.md); the recipe's choice wins; ``propagate: dense``
     implies parallel."""
     from prunewise.recipe import make_recipe
 

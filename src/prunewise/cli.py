@@ -44,7 +44,7 @@ PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--seqlen": ("seqlen", int, "tokens per calibration window"),
     "--seed": ("seed", int, "seed of the calibration windows"),
     "--damp": ("damp", float, "SparseGPT dampening (share of the mean Hessian diagonal)"),
-    "--within-block": ("within_block", str, "sequential (one pass per block; default for unstructured and obs) | parallel (statistics from the dense block, as the reference code; two passes; default for N:M)"),
+    "--within-block": ("within_block", str, "sequential (one pass per block; default with obs and for unstructured up to 0.5) | parallel (statistics from the dense block, as the reference code; two passes; the default otherwise)"),
     "--propagate": ("propagate", str, "pruned (default: the pruned block's outputs feed the next block) | dense (one "
                                       "dense pass: every statistic from the dense model)"),
     "--chunk-size": ("chunk_size", int, "calibration windows per forward chunk (lower = less memory)"),

@@ -216,7 +216,7 @@ class Recipe(BaseModel):
     within_block: Literal["sequential", "parallel"] | None = Field(
         None, description="sequential: each linear sees its pruned predecessors, one pass per block; parallel: all see the "
                           "dense block, as the Wanda and SparseGPT reference code, two passes per block (default: "
-                          "sequential for unstructured targets and with obs, parallel for N:M)")
+                          "sequential with obs and for unstructured sparsities up to 0.5, else parallel)")
     propagate: Literal["pruned", "dense"] = Field(
         "pruned", description="what feeds the next block: the pruned block's outputs (the reference codes: two passes per "
                               "block in the parallel order) or the dense block's (every statistic from the dense model, "
@@ -394,21 +394,23 @@ class Recipe(BaseModel):
     @property
     def sequential(self) -> bool:
         """Within-block order: the recipe's choice; else parallel with ``propagate: dense``; else sequential with a
-        reconstruction (obs) or an unstructured target, and the reference's parallel order for N:M.
+        reconstruction (obs) or an unstructured target of at most 50% given as a sparsity; else the reference's
+        parallel order.
 
-        Chosen on bench/results/within_block.md (Wanda, smollm2-135m, 3 seeds each) and the calibration domain
-        first (the user's own data): unstructured, sequential's mean wiki-test perplexity against parallel is +0.3%
-        at 50% and +2.5% at 70% (per seed +29%, -3%, -13%), inside the seed spread, better out of domain, in one
-        pass per block instead of two; at 2:4 it is worse in domain in the median seed and on average (+4.3%, +7.3%,
-        -1.6%; +7.5% at 8 x 512 in bench/identity.py) though better out of domain, so N:M keeps the reference's
-        order. SparseGPT's reconstruction corrects each linear for its pruned predecessors: sequential in both."""
+        Chosen on bench/results/within_block.md (Wanda, smollm2-135m, 3 seeds each) and bench/identity.py, the
+        calibration domain (the user's own data) first: at 50% unstructured sequential is within the seed spread in
+        domain (+0.3% mean; -0.3% in the 8 x 512 identity cell) and better out of domain, in one pass per block
+        instead of two; at 70% it is +29%, -3%, -13% per seed and +14.6% in the OWL identity cell, at 2:4 +4.3%,
+        +7.3%, -1.6% and +7.5%, so those keep the reference's order. SparseGPT's reconstruction corrects each linear
+        for its pruned predecessors: sequential always."""
         if self.within_block:
             return self.within_block == "sequential"
         if self.propagate == "dense":
             return False
         if any(c["name"] == "obs" for c in self.compensation):
             return True
-        return self.structure.get("name") == "unstructured"
+        return (self.structure.get("name") == "unstructured" and self.budget is None
+                and self.sparsity is not None and self.sparsity <= 0.5 + 1e-9)
 
     @property
     def structure_obj(self):
