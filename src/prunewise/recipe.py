@@ -409,8 +409,8 @@ class Recipe(BaseModel):
             return False
         if any(c["name"] == "obs" for c in self.compensation):
             return True
-        return (self.structure.get("name") == "unstructured" and self.budget is None
-                and self.sparsity is not None and self.sparsity <= 0.5 + 1e-9)
+        # (validation always sets ``sparsity``; with a budget it is not the level pruned)
+        return self.structure.get("name") == "unstructured" and self.budget is None and self.sparsity <= 0.5 + 1e-9
 
     @property
     def structure_obj(self):
