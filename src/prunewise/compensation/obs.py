@@ -16,7 +16,7 @@ from pydantic import Field
 from ..core.hessian import hessian_factor
 from ..core.masks import PruneOutcome
 from ..core.registry import PartConfig, register
-from ..core.stats import Needs
+from ..core.stats import Needs, all_finite
 from ..errors import PrunewiseError
 from .base import Compensation
 
@@ -29,7 +29,7 @@ class OBSConfig(PartConfig):
 class _FixedTiles:
     """A mask chosen before the sweep, handed out tile by tile."""
 
-    per_column = False
+    every = 0
 
     def __init__(self, mask: torch.Tensor) -> None:
         self.mask = mask
@@ -63,36 +63,40 @@ class OBSCompensation(Compensation):
         WT = weight.detach().float().t().contiguous()  # a copy: the source weight is never written
         WT[dead] = 0.0
         maskT = torch.zeros(cols, rows, dtype=torch.bool)
-        per_column = tiles.per_column
+        every = tiles.every  # 0: a tile's mask is whole when it begins; k: chosen k columns at a time as the sweep goes
+        inf = torch.tensor(float("inf"))
         for c0 in range(0, cols, blocksize):
             c1 = min(c0 + blocksize, cols)
             W1T = WT[c0:c1]
             ErrT = torch.empty(c1 - c0, rows)  # the tile's errors, a contiguous row per column
+            # per column, U_ii where the weight is removed and inf where it is kept, so that one division gives the
+            # error (w * mask) / U_ii bit for bit: w / U_ii where removed, w / inf = +-0 (w's sign, as w * 0) where kept
+            DT = torch.empty(c1 - c0, rows)
             U1 = U[c0:c1, c0:c1]
             d1 = torch.diag(U1)
             mask1T = maskT[c0:c1]
             W1, mask1 = W1T.t(), mask1T.t()  # the tile as (rows, columns) views, for the selector
             mask1.copy_(tiles.begin(saliency, W1, d1, c0, c1))
+            if not every:
+                torch.where(mask1T, d1.unsqueeze(1), inf, out=DT)
             # the tile's rows as views, taken once (indexing in the loop costs more than the arithmetic at these sizes)
-            w_rows, err_rows, mask_rows = W1T.unbind(0), ErrT.unbind(0), mask1T.unbind(0)
-            u_rows, diag = U1.unbind(0), d1.unbind(0)
+            w_rows, err_rows, d_rows, u_rows = W1T.unbind(0), ErrT.unbind(0), DT.unbind(0), U1.unbind(0)
             for i in range(c1 - c0):
-                if per_column:
+                if every and i % every == 0:
                     tiles.at_column(saliency, i, W1, d1, mask1)
-                err = err_rows[i]
-                # w - q: the removed part of column i (q is w with the masked weights zeroed), divided by U_ii
-                torch.mul(w_rows[i], mask_rows[i], out=err).div_(diag[i])
+                    torch.where(mask1T[i:i + every], d1[i:i + every].unsqueeze(1), inf, out=DT[i:i + every])
+                # the removed part of column i (w - q, q being w with the masked weights zeroed), divided by U_ii
+                err = torch.div(w_rows[i], d_rows[i], out=err_rows[i])
                 # w_i - err * U_ii leaves column i at its pruned value q, the columns right of it updated
                 W1T[i:].addr_(u_rows[i][i:], err, alpha=-1)
-            W1T.masked_fill_(mask1T, 0.0)
+            W1T.masked_fill_(mask1T, 0.0)  # removed weights stay exactly zero: later updates only reach columns >= c1
             if c1 < cols:
                 WT[c1:].addmm_(U[c0:c1, c1:].t(), ErrT, alpha=-1)
         W = WT.t().contiguous()
         out_mask = maskT.t().contiguous()
-        if not torch.isfinite(W).all():
+        if not all_finite(W):
             raise PrunewiseError(f"OBS reconstruction produced non-finite weights for {module}; raise --damp or use "
                                  "more calibration samples")
-        W[out_mask] = 0.0
         notes = {"damp": damp_used} if damp_used != self.config.damp else {}
         if int(dead.sum()):
             notes["dead_inputs"] = int(dead.sum())

@@ -225,10 +225,13 @@ def wanda_metric(weight: torch.Tensor, stats: LinearStats) -> torch.Tensor:
     return weight.abs().float() * stats.sq_norm.sqrt().float().unsqueeze(0)
 
 
-def all_finite(t: torch.Tensor, band: int = 1 << 22) -> bool:
-    """``torch.isfinite(t).all()`` a band of ~4M elements at a time: no temporaries the size of a vocabulary."""
-    flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
-    return all(bool(torch.isfinite(flat[i:i + band]).all()) for i in range(0, flat.numel(), band))
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite: one min/max reduction (NaN propagates through both), no
+    temporary of ``t``'s size (an order of magnitude faster than ``torch.isfinite(t).all()`` on a CPU)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = t.aminmax()
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def check_weight(module: str, weight: torch.Tensor) -> None:

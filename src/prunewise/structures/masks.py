@@ -214,12 +214,13 @@ class NM(Structure):
 class TileSelector:
     """How a structure chooses its mask inside a reconstruction sweep (SparseGPT), tile by tile.
 
-    ``begin`` returns the mask of a new tile of columns ``[c0, c1)`` from the tile's saliency;
-    ``at_column`` may extend it as the sweep reaches column ``i`` of the tile (N:M groups); a selector that
-    does sets ``per_column`` (the sweep calls ``at_column`` only then).
+    ``begin`` returns the mask of a new tile of columns ``[c0, c1)`` from the tile's saliency. A selector whose
+    mask is chosen as the sweep goes (N:M groups, from the weights updated so far) sets ``every`` to its period
+    ``k``: the sweep then calls ``at_column`` as it reaches columns ``0, k, 2k, ...`` of the tile, and that call
+    sets the mask of columns ``[i, i + k)``.
     """
 
-    per_column = False
+    every = 0
 
     def begin(self, saliency, W1: torch.Tensor, d1: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
         raise NotImplementedError
@@ -247,16 +248,15 @@ class _UnstructuredTiles(TileSelector):
 class _NMTiles(TileSelector):
     """N:M groups are chosen when the sweep reaches their first column, from the weights updated so far."""
 
-    per_column = True
-
     def __init__(self, m: int, n_zero: int) -> None:
         self.m, self.n_zero = m, n_zero
+        self.every = m
 
     def begin(self, saliency, W1, d1, c0, c1):
         return torch.zeros_like(W1, dtype=torch.bool)
 
     def at_column(self, saliency, i, W1, d1, mask1):
-        if i % self.m == 0 and self.n_zero:
+        if self.n_zero:
             sal = saliency(W1[:, i:i + self.m], d1[i:i + self.m])
             idx = torch.topk(sal, self.n_zero, dim=1, largest=False).indices
             mask1.scatter_(1, i + idx, True)
