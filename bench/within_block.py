@@ -2,7 +2,8 @@
 of a block sees the dense block: the Wanda and SparseGPT reference code) vs dense (every linear sees the dense
 model: ``--propagate dense``, one pass per block), across seeds and domains.
 
-A cell is SCORE/STRUCTURE/SPARSITY/ORDER/SEED/CALIBRATION, e.g. ``wanda/unstructured/0.5/sequential/0/wiki``; each
+A cell is SCORE/STRUCTURE/SPARSITY/ORDER/SEED/CALIBRATION, e.g. ``wanda/unstructured/0.5/sequential/0/wiki``
+(CALIBRATION:starts draws the windows from document starts instead, see ``document_start_windows``); each
 runs in its own process, prunes smollm2-135m with ``--nsamples`` x ``--seqlen`` windows of the calibration corpus drawn
 with that seed, and reports perplexity on every evaluation set (wiki-test, code, legal-test by default: the
 calibration domain's own test set and two sets from other domains) and its prune seconds. The table gives, per
@@ -42,12 +43,42 @@ def grid(args) -> list[str]:
             for order in ORDERS]
 
 
+def document_start_windows(tokenizer, corpus, nsamples: int, seqlen: int, seed: int = 0):
+    """Windows that begin where a document of the corpus begins (a seeded choice of documents), running on into the
+    next documents to fill ``seqlen`` tokens of the same token stream: the drawing of calibration tools that take
+    each sample from a document's start (llm-compressor's datasets), against prunewise's any-offset windows."""
+    import numpy as np
+    import torch
+    from prunewise.data.windows import tokenize_corpus
+
+    tokens = tokenize_corpus(tokenizer, corpus)
+    enc = tokenizer(corpus.text(), add_special_tokens=False, return_offsets_mapping=True)
+    if not torch.equal(torch.as_tensor(enc["input_ids"], dtype=torch.long), tokens.long()):
+        raise SystemExit("within_block.py: the tokenizer's offsets do not describe the corpus's token stream")
+    first_char = np.array([start for start, _ in enc["offset_mapping"]])
+    doc_chars = np.cumsum([0] + [len(d) + 2 for d in corpus.documents[:-1]])  # documents are joined by "\n\n"
+    starts = np.searchsorted(first_char, doc_chars)
+    starts = torch.as_tensor(starts[starts + seqlen <= tokens.numel()])
+    if starts.numel() < nsamples:
+        raise SystemExit(f"within_block.py: only {starts.numel()} documents start a full window; need {nsamples}")
+    pick = starts[torch.randperm(starts.numel(), generator=torch.Generator().manual_seed(int(seed)))[:nsamples]]
+    return tokens[pick[:, None] + torch.arange(seqlen)[None, :]].contiguous()
+
+
+DRAWINGS = {"starts": document_start_windows}  # CALIBRATION:DRAWING; without one, prunewise's own windows
+
+
 def run_cell(args, cell: str) -> dict:
     from prunewise.api import evaluate, prune
     from prunewise.models.loading import load_model
     from prunewise.recipe import make_recipe
 
     score, structure, sparsity, order, seed, calibration = cell.split("/")
+    calibration, _, drawing = calibration.partition(":")
+    if drawing:  # this cell's windows drawn another way: the one function that draws them, replaced in this process
+        import prunewise.data.mixture as mixture
+
+        mixture.calibration_windows = DRAWINGS[drawing]
     recipe = make_recipe(model=args.model, score=score, structure=structure,
                          sparsity=None if ":" in structure else float(sparsity), calibration=calibration,
                          nsamples=args.nsamples, seqlen=args.seqlen, seed=int(seed),
@@ -79,7 +110,7 @@ def summarise(results: dict, args) -> list[dict]:
         groups.setdefault((score, structure, sparsity, cal, order), []).append(r)
     rows = []
     for (score, structure, sparsity, cal, order), rs in sorted(groups.items()):
-        own = OWN_TEST.get(cal)
+        own = OWN_TEST.get(cal.partition(":")[0])
         others = [s for s in args.eval if s != own]
         row = {"score": score, "structure": structure, "sparsity": sparsity, "calibration": cal, "order": order,
                "seeds": len(rs), "prune_s": sum(r["prune_s"] for r in rs) / len(rs)}
