@@ -49,6 +49,7 @@ def document_start_windows(tokenizer, corpus, nsamples: int, seqlen: int, seed: 
     each sample from a document's start (llm-compressor's datasets), against prunewise's any-offset windows."""
     import numpy as np
     import torch
+
     from prunewise.data.windows import tokenize_corpus
 
     tokens = tokenize_corpus(tokenizer, corpus)
