@@ -335,9 +335,10 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(structure):
     assert err["sparsegpt"] < err["wanda"] < err["magnitude"]
 
 
-def _reference_sparsegpt(w, hessian, sparsity, blocksize=32, damp=0.01):
+def _reference_sparsegpt(w, hessian, sparsity, blocksize=32, damp=0.01, nm=None):
     """SparseGPT as the paper's code shapes it (Cholesky, inverse, upper Cholesky; a column loop on column slices),
-    with prunewise's per-tile count (the reference prunes ``int(numel * s)`` plus ties per tile)."""
+    with prunewise's per-tile count (the reference prunes ``int(numel * s)`` plus ties per tile); with ``nm=(n, m)``
+    the reference's N:M branch: at every m-th column of a tile, the n smallest ``w^2 / d^2`` of the next m columns."""
     W = w.clone()
     H = hessian.clone()
     H += damp * H.diagonal().mean() * torch.eye(H.shape[0])
@@ -349,12 +350,18 @@ def _reference_sparsegpt(w, hessian, sparsity, blocksize=32, damp=0.01):
         i2 = min(i1 + blocksize, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
-        tmp = W1 ** 2 / torch.diag(Hinv1).reshape(1, -1) ** 2
-        k = round(total * i2 / cols) - round(total * i1 / cols)
-        mask1 = torch.zeros(tmp.numel(), dtype=torch.bool)
-        mask1[torch.argsort(tmp.flatten())[:k]] = True
-        mask1 = mask1.view_as(tmp)
+        if nm is None:
+            tmp = W1 ** 2 / torch.diag(Hinv1).reshape(1, -1) ** 2
+            k = round(total * i2 / cols) - round(total * i1 / cols)
+            mask1 = torch.zeros(tmp.numel(), dtype=torch.bool)
+            mask1[torch.argsort(tmp.flatten())[:k]] = True
+            mask1 = mask1.view_as(tmp)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                tmp = W1[:, i:i + nm[1]] ** 2 / torch.diag(Hinv1)[i:i + nm[1]].reshape(1, -1) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, nm[0], dim=1, largest=False).indices, True)
             w_i, d = W1[:, i], Hinv1[i, i]
             q = w_i.clone()
             q[mask1[:, i]] = 0
@@ -380,6 +387,21 @@ def test_sparsegpt_equals_the_papers_column_loop():
     Hd = stats.hessian + 0.01 * stats.hessian.diagonal().mean() * torch.eye(96)
     assert torch.equal(U, U.triu())
     torch.testing.assert_close(U.t() @ U, torch.linalg.inv(Hd), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_sparsegpt_nm_equals_the_papers_column_loop(n, m):
+    """N:M inside the sweep: each group chosen when the sweep reaches it, from the weights updated so far, as the
+    reference's N:M branch does; a group chosen early, late or from stale weights changes the mask."""
+    w, x, stats = _layer_problem(rows=48, cols=96, tokens=512)
+    out = get_score("sparsegpt", blocksize=32).prune(w, stats, NM(n, m), n / m)
+    ref_w, ref_mask = _reference_sparsegpt(w, stats.hessian, n / m, nm=(n, m))
+    assert torch.equal(out.mask, ref_mask)
+    assert torch.equal(out.mask.view(48, -1, m).sum(-1), torch.full((48, 96 // m), n))
+    torch.testing.assert_close(out.weight, ref_w, rtol=1e-4, atol=1e-5)
+    assert not out.weight[out.mask].any()
+    # the groups' choice follows the updates: selecting every group from the dense weights gives another mask
+    assert not torch.equal(out.mask, NM(n, m).mask(w.pow(2) / torch.linalg.inv(stats.hessian).diagonal()))
 
 
 def test_sparsegpt_retries_cholesky_with_more_dampening_and_reports_it():
