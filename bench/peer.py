@@ -13,6 +13,7 @@ perplexity, the default evaluation sets), so speed is never bought with quality.
     python bench/peer.py --cells wanda/0.5    # one cell
     python bench/peer.py --table              # the table of the results so far
     python bench/peer.py --cells sparsegpt/0.5 --variant within_block=parallel   # prunewise with a recipe change
+    python bench/peer.py --cells sparsegpt/2:4 --rerun both   # the cell again, both tools (earlier runs kept aside)
 
 A ``--variant`` (recipe fields for prunewise's side) is a row of its own, ``prunewise[within_block=parallel]``,
 beside the same cell's llm-compressor and default prunewise rows: differences removed one at a time.
@@ -125,6 +126,13 @@ def variant_fields(pairs: list[str] | None) -> dict:
     return out
 
 
+def set_aside(runs: dict, key: str) -> None:
+    """Keep a finished run under ``KEY (earlier run N)`` so that the cell runs again (the table shows the new one)."""
+    if key in runs:
+        n = 1 + sum(k.startswith(f"{key} (earlier run ") for k in runs)
+        runs[f"{key} (earlier run {n})"] = runs.pop(key)
+
+
 def tool_label(args) -> str:
     return "prunewise" + (f"[{','.join(args.variant)}]" if args.variant else "")
 
@@ -210,6 +218,9 @@ def main() -> None:
                                    "(default: <cache>/peer/work)")
     ap.add_argument("--variant", nargs="+", metavar="KEY=VALUE",
                     help="recipe fields for prunewise's side (a row of its own; llm-compressor runs only if missing)")
+    ap.add_argument("--rerun", choices=("llm-compressor", "prunewise", "both"),
+                    help="run these tools' cells again: their finished runs are kept in the JSON as '(earlier run N)', "
+                         "out of the table")
     ap.add_argument("--table", action="store_true", help="print the table of the results so far")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -238,6 +249,12 @@ def main() -> None:
         results["forward_s"] = plain_forward_seconds(model, torch.load(work / "windows.pt"))
         print(f"plain forward over the windows: {results['forward_s']:.1f} s", flush=True)
         del model
+    if args.rerun:
+        again = {TOOLS[0], tool_label(args)} if args.rerun == "both" else \
+            {TOOLS[0] if args.rerun == TOOLS[0] else tool_label(args)}
+        for cell in args.cells or CELLS:
+            for tool in again:
+                set_aside(results["runs"], f"{tool}/{cell}")
     for i, cell in enumerate(args.cells or CELLS):
         tools = (TOOLS[0], tool_label(args))
         order = tools if i % 2 == 0 else tools[::-1]  # alternate which tool runs first
@@ -259,7 +276,7 @@ def main() -> None:
         results["dense"] = evaluate_folder(work / "dense", args)
         out.write_text(json.dumps(results, indent=1))
     for key, r in results["runs"].items():
-        if "perplexity" not in r:
+        if "perplexity" not in r and "earlier run" not in key:
             r.update(evaluate_folder(work / "exports" / key.replace("/", "_").replace(":", "of"), args))
             print(f"  {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["perplexity"].items()), flush=True)
             out.write_text(json.dumps(results, indent=1))
