@@ -9,7 +9,13 @@ Cells:
 - ``dense/MODEL``: perplexity of ``smollm2-135m`` or ``smollm2-135m-moe`` unpruned;
 - ``SCORE/LEVEL/CALIBRATION``, e.g. ``reap/0.5/code``: ``--structure experts`` with that score removing LEVEL of the
   routed experts of every layer, calibrated on ``--nsamples`` x ``--seqlen`` windows of that corpus; perplexity on
-  every evaluation set and prune seconds.
+  every evaluation set and prune seconds;
+- ``inside/SCORE/STRUCTURE/CALIBRATION``, e.g. ``inside/wanda/0.5/code`` or ``inside/sparsegpt/2:4/wiki``: a
+  weight-level prune of every linear, the routed experts' matrices included (each expert from the tokens routed to
+  it), at 50% (N:M: its own share);
+- ``stun/EXPERT_SCORE/E+W/CALIBRATION``, e.g. ``stun/frequency/0.25+0.5/code``: STUN's order, E of the routed experts
+  removed first, then Wanda at W inside every remaining linear; the share of the original model's prunable weights
+  removed is reported beside it.
 
 Each cell runs in its own process; JSON after every cell (an interrupted run resumes), markdown table beside it.
 
@@ -92,6 +98,8 @@ def run_cell(args, cell: str) -> dict:
     if cell.startswith("dense/"):
         model, tok = load_model(cell.split("/", 1)[1])
         return {"cell": cell, "perplexity": evaluate(model, tok, args.eval, args.eval_tokens, 512, progress=False)}
+    if cell.startswith(("inside/", "stun/")):
+        return _weight_level_cell(args, cell)
     score, level, calibration = cell.split("/")
     recipe = make_recipe(model=MOE, score=score, structure="experts", sparsity=float(level), calibration=calibration,
                          nsamples=args.nsamples, seqlen=args.seqlen, evaluation=args.eval, eval_tokens=args.eval_tokens)
@@ -103,6 +111,41 @@ def run_cell(args, cell: str) -> dict:
     experts = result.report["structured"]["experts"]
     return {"cell": cell, "prune_s": seconds, "perplexity": ppl, "achieved": result.report["achieved_sparsity"],
             "experts_after": experts["per_layer_after"], "unreached": sum(x["unreached"] for x in experts["layers"])}
+
+
+def _weight_level_cell(args, cell: str) -> dict:
+    """``inside/...`` (a weight-level prune reaching into the experts) or ``stun/...`` (experts, then inside)."""
+    from prunewise.api import evaluate, prune
+    from prunewise.models.adapters import prunable_weights
+    from prunewise.models.loading import load_model
+    from prunewise.recipe import make_recipe
+
+    kind, score, what, calibration = cell.split("/")
+    common = dict(model=MOE, calibration=calibration, nsamples=args.nsamples, seqlen=args.seqlen,
+                  evaluation=args.eval, eval_tokens=args.eval_tokens)
+    model, tok = load_model(MOE)
+    before = sum(w.numel() for w in prunable_weights(model).values())
+    t0 = time.perf_counter()
+    out = {"cell": cell}
+    if kind == "stun":
+        experts_level, inside_level = (float(x) for x in what.split("+"))
+        first = prune(make_recipe(**common, score=score, structure="experts", sparsity=experts_level), model, tok,
+                      progress=False)
+        out["experts_after"] = first.report["structured"]["experts"]["per_layer_after"]
+        recipe = make_recipe(**common, score="wanda", sparsity=inside_level)
+    else:
+        recipe = make_recipe(**common, score=score, structure=what, sparsity=0.5)
+    result = prune(recipe, model, tok, progress=False)
+    seconds = time.perf_counter() - t0
+    weights = prunable_weights(model)
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    expert = [w for n, w in weights.items() if ".experts." in n]
+    ppl = evaluate(model, tok, args.eval, args.eval_tokens, 512, progress=False)
+    return {**out, "prune_s": seconds, "perplexity": ppl, "achieved": result.report["achieved_sparsity"],
+            "removed_of_original": 1 - (sum(w.numel() for w in weights.values()) - zeros) / before,
+            "expert_sparsity": sum(int((w == 0).sum()) for w in expert) / sum(w.numel() for w in expert),
+            "unreached": len(result.report.get("walk", {}).get("unreached", [])),
+            "passes": result.report.get("walk", {}).get("passes")}
 
 
 def write_table(results: dict, out: Path, args) -> None:
@@ -120,7 +163,7 @@ def write_table(results: dict, out: Path, args) -> None:
         lines += [f"| {k} | {v['js_mean']:.4f} | {v['js_max']:.4f} | {v['share_2x']:.1%} |"
                   for k, v in build["routing"].items()]
         lines.append("")
-    head = ["cell", "experts kept"] + [f"ppl {e}" for e in args.eval] + ["own test", "prune s"]
+    head = ["cell", "experts kept"] + [f"ppl {e}" for e in args.eval] + ["own test", "removed of prunable", "prune s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in cells.items():
         if "perplexity" not in r:
@@ -129,7 +172,8 @@ def write_table(results: dict, out: Path, args) -> None:
         calib = name.split("/")[-1]
         own = ppl.get(OWN_TEST.get(calib, ""), float("nan"))
         lines.append(f"| {name} | {r.get('experts_after', '-')} | " + " | ".join(f"{ppl[e]:.2f}" for e in args.eval)
-                     + f" | {own:.2f} | " + (f"{r['prune_s']:.0f}" if "prune_s" in r else "-") + " |")
+                     + f" | {own:.2f} | " + _removed(r) + " | "
+                     + (f"{r['prune_s']:.0f}" if "prune_s" in r else "-") + " |")
     lines += ["", "Task-calibrated vs wiki-calibrated on the task's own test set, and REAP vs frequency:", ""]
     for level in args.levels:
         for score in args.scores:
@@ -149,6 +193,13 @@ def write_table(results: dict, out: Path, args) -> None:
                              f"{sum(math.log(v) for v in r['perplexity'].values()) / len(r['perplexity']):.4f}, frequency "
                              f"{sum(math.log(v) for v in f['perplexity'].values()) / len(f['perplexity']):.4f}")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _removed(r: dict) -> str:
+    """The share of the unpruned MoE's prunable weights (linears and expert matrices) a cell removed."""
+    if "removed_of_original" in r:
+        return f"{r['removed_of_original']:.1%}"
+    return "-"
 
 
 def main() -> None:

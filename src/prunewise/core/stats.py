@@ -89,11 +89,25 @@ class LinearStats:
         self._samples: list[torch.Tensor] = []
         self.gradient: torch.Tensor | None = None
         self.cache: dict = {}  # what parts derive from the statistics once (SparseGPT's inverse-Hessian factor)
+        self.reached = True  # False: no calibration token reached the linear (see :meth:`unreached`)
 
     @classmethod
     def for_needs(cls, in_features: int, needs: Needs, device: torch.device | str = "cpu") -> LinearStats:
         return cls(in_features, hessian=needs.hessian, samples_per_window=4 if needs.samples else 0,
                    mean=needs.mean or needs.window_variance, device=device, window_variance=needs.window_variance)
+
+    @classmethod
+    def unreached(cls, in_features: int, needs: Needs, device: torch.device | str = "cpu") -> LinearStats:
+        """Statistics for a linear no calibration token reaches (a routed expert the router never chose): isotropic
+        inputs, ``sum x_j^2 = 1`` and ``X X^T = I``, zero mean and variance within windows, no samples. Wanda, RIA and
+        the other input-aware scores then rank its weights by magnitude, and an OBS/SparseGPT reconstruction, whose
+        inverse Hessian is diagonal, leaves its kept weights unchanged. ``reached`` is False."""
+        stats = cls.for_needs(in_features, needs, device=device)
+        stats.sq_norm = torch.ones_like(stats.sq_norm)
+        if stats._upper is not None:
+            stats._upper = torch.eye(in_features, dtype=stats._upper.dtype, device=device)
+        stats.reached = False
+        return stats
 
     @property
     def hessian(self) -> torch.Tensor | None:

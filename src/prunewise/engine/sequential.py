@@ -168,6 +168,7 @@ class SequentialEngine:
         self.propagate_dense = propagate == "dense"
         # seconds by phase of the last run() (see :meth:`breakdown`); on a GPU the phase boundaries wait for the device
         self.timings: dict[str, float] = {}
+        self.unreached = []
 
     def _clock(self, sync: bool = True) -> float:
         if sync and self.placement.device.type == "cuda":
@@ -244,6 +245,9 @@ class SequentialEngine:
         return Captured(hidden_parts[0] if len(hidden_parts) == 1 else torch.cat(hidden_parts), kwargs)
 
     passes = 0
+    unreached: list  # (block, linear) of the last run no calibration token reached (routed experts), in order
+    _called: set = frozenset()  # linears called in the current pass
+    _stale: set = frozenset()   # linears that computed with weights not yet final in the last pass
     turning: _Turns | None = None  # the chunks of the turn pass running now
     turns = False  # the last run's sequential passes: chunks taking turns in one pass (see _Turns)
     gradients: dict | None = None  # (block, linear) -> gradient, from compute_gradients, given to the visitors
@@ -313,6 +317,7 @@ class SequentialEngine:
             self.chunk_size = min(self._default_chunk(), n)
         self.turns = one_pass and self.chunk_size < n
         self.passes = 0  # block passes of this run (one per block is the floor)
+        self.unreached = []
         self.timings = {}
         t0 = self._clock()
         cap = self.capture()
@@ -442,12 +447,14 @@ class SequentialEngine:
         passes = 0
         while True:
             passes += 1
+            self._called, self._stale = set(), set()
             try:
                 out, stale = self._pass(index, block, linears, hidden, kwargs, pending, n_chunks, visitor, turns)
             except _Diverged:  # the linears pruned so far stay pruned; the rest in passes of chunks one by one
                 log.info("block %d: chunks took different paths through the block; passes of chunks in turn", index)
                 turns = False
                 continue
+            self._visit_unreached(index, linears, pending, visitor)
             if not pending and not stale:
                 self.passes += passes
                 if passes > 2:
@@ -455,6 +462,31 @@ class SequentialEngine:
                 return out
             if passes > 2 * len(linears) + 2:
                 raise RuntimeError(f"block {index}: linears {sorted(pending)} never saw clean inputs")
+
+    def _visit_unreached(self, index, linears, pending, visitor) -> None:
+        """Visit the pending linears no calibration token reached in the last pass (a routed expert the router never
+        chose), once that is final: in the parallel order always (the pass was the dense block's), in the sequential
+        order when nothing outside the linear's own expert changed during the pass (the routing stays as it was).
+        They get :meth:`LinearStats.unreached` statistics: every input-aware score ranks their weights by magnitude and
+        a reconstruction leaves their kept weights as they are. The engine lists them in ``unreached``."""
+        group = self.adapter.expert_group
+        for name in [n for n in pending if n not in self._called]:
+            if self.sequential and any(group(p) is None or group(p) == group(name) for p in self._stale):
+                continue
+            linear = linears[name]
+            log.info("block %d %s: no calibration token reaches it; pruned by weight magnitude", index, name)
+            self.unreached.append((index, name))
+            self._visit(visitor, index, name, linear,
+                        LinearStats.unreached(linear.in_features, pending[name], device=linear.weight.device),
+                        pending[name])
+            del pending[name]
+
+    def _clean(self, name: str, called: list[str], stale: set[str]) -> bool:
+        """Whether ``name``'s inputs are final: no linear it depends on (called before it in this chunk, not of
+        another expert of the layer: experts read the same input, never each other's outputs) is still stale."""
+        group = self.adapter.expert_group(name)
+        return not any(p in stale for p in called
+                       if group is None or (other := self.adapter.expert_group(p)) is None or other == group)
 
     @staticmethod
     def _share_or_open(name, x, sibling, stats, owner, asked, pending) -> None:
@@ -489,13 +521,14 @@ class SequentialEngine:
             name = by_module[id(module)]
             x = args[0]
             chunk = state["chunk"]
+            self._called.add(name)
             if name in pending:
-                if chunk == 0:
+                if name not in collecting:  # decided where it is first called (chunk 0 unless tokens skip it)
                     sibling = next((n for t, n in seen_inputs if t() is x), None)
                     if sibling is not None and sibling in collecting:
                         collecting[name] = collecting[sibling]   # same input: same cleanliness
                     else:
-                        collecting[name] = not self.sequential or not any(p in stale_in_pass for p in called)
+                        collecting[name] = not self.sequential or self._clean(name, called, stale_in_pass)
                     if collecting[name]:
                         # (a sequential sibling may be visited and out of ``pending`` already: compare what it asked)
                         self._share_or_open(name, x, sibling, stats, owner, asked, pending)
@@ -541,11 +574,13 @@ class SequentialEngine:
             if skip is not None:
                 del skip.forward
             seen_inputs.clear()
-        if not self.sequential:  # prune after the pass, from statistics of the dense block
-            for name in [n for n in pending if collecting.get(n)]:
-                stats[name].check_finite(f"block {index} {name}")
-                self._visit(visitor, index, name, linears[name], stats[name], pending[name])
-                del pending[name]
+        # prune after the pass: every linear in the parallel order (statistics of the dense block); in the sequential
+        # order the clean ones the last chunk did not call (a routed expert none of its tokens reached)
+        for name in [n for n in pending if collecting.get(n)]:
+            stats[name].check_finite(f"block {index} {name}")
+            self._visit(visitor, index, name, linears[name], stats[name], pending[name])
+            del pending[name]
+        self._stale = stale_in_pass if visitor.modifies_weights else set()
         stale = bool(stale_in_pass) and visitor.modifies_weights and not self.propagate_dense
         assert skip is None or stale, "outputs of a pass that skipped a linear must not be used"
         return (outs[0] if len(outs) == 1 else torch.cat(outs)), stale  # one chunk: no copy of the outputs
@@ -564,6 +599,7 @@ class SequentialEngine:
                 raise RuntimeError(f"block {index} ran a linear outside its chunks' turns")
             name = by_module[id(module)]
             x = args[0]
+            self._called.add(name)
             if name in pending:
                 sibling = next((n for t, n in seen[c] if t() is x), None)
                 if name not in stats:  # the first chunk to arrive: share a sibling's statistics, or open its own

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunewiseError
+from .experts import EXPERT_LINEARS, UnfusedExperts, expert_views, refuse, unfuse
 
 LLAMA_LINEARS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -144,7 +145,60 @@ class ArchitectureAdapter:
             found[name] = module
         if not found:
             raise PrunewiseError(f"no prunable linears found in a {self.family} block (looked for {self.linear_names})")
+        experts = _get_path(block, self.moe.experts) if self.moe is not None else None
+        if isinstance(experts, UnfusedExperts):  # inside unfused(): the routed experts' linears, expert by expert
+            for e, expert in enumerate(experts):
+                for part in EXPERT_LINEARS:
+                    found[f"{self.moe.experts}.{e}.{part}"] = getattr(expert, part)
         return found
+
+    def weights(self, block: nn.Module) -> dict[str, torch.Tensor]:
+        """Prunable weights of one block by name: the linears', and each routed expert's matrices as views of the fused
+        tensors (``mlp.experts.{e}.gate_proj`` ...: the names its linears have inside :meth:`unfused`)."""
+        out = {name: linear.weight for name, linear in self.linears(block).items()}
+        experts = self.experts_of(block)
+        if experts is not None and not isinstance(experts, UnfusedExperts) and experts.gate_up_proj.numel():
+            out.update(expert_views(experts, self.moe.experts))
+        return out
+
+    @contextlib.contextmanager
+    def unfused(self, model: nn.Module) -> Iterator[None]:
+        """Within: every MoE layer's routed experts are linears (:class:`~.experts.UnfusedExperts`), so the engine and
+        every weight-level part reach them; on leaving (an error too) they are fused back into the stock modules."""
+        swapped = []
+        try:
+            for block in self.blocks(model):
+                experts = self.experts_of(block)
+                if experts is None or isinstance(experts, UnfusedExperts):
+                    continue
+                if experts.gate_up_proj.is_meta:
+                    raise PrunewiseError("pruning inside the routed experts of a model on the meta device (--offload "
+                                         "disk) is not supported yet; load it in memory, or remove whole experts with "
+                                         "--structure experts")
+                owner, leaf = self._experts_owner(block)
+                setattr(owner, leaf, unfuse(experts))
+                swapped.append((owner, leaf))
+            yield
+        finally:
+            for owner, leaf in swapped:
+                setattr(owner, leaf, refuse(getattr(owner, leaf)))
+
+    def _experts_owner(self, block: nn.Module) -> tuple[nn.Module, str]:
+        parent, _, leaf = self.moe.experts.rpartition(".")
+        return (_get_path(block, parent) if parent else block), leaf
+
+    def expert_group(self, name: str) -> tuple | None:
+        """For a linear name inside a block: which routed expert (``("expert", e)``) or shared expert (``("shared",)``)
+        it belongs to, else None. Linears of two different groups read the same MoE input and never each other's
+        outputs, so one being pruned does not make the other's inputs stale."""
+        if self.moe is None:
+            return None
+        head = f"{self.moe.experts}."
+        if name.startswith(head):
+            return ("expert", name[len(head):].split(".", 1)[0])
+        if any(name.startswith(f"{s}.") for s in self.moe.shared):
+            return ("shared",)
+        return None
 
     def mid_norm(self, block: nn.Module) -> nn.Module:
         """The norm that reads the residual stream after the attention sublayer (its input is ``h + attn(h)``)."""
@@ -292,11 +346,12 @@ def _get_path(root: nn.Module, path: str):
 
 
 def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full name -> weight of every prunable linear, in block order."""
+    """Full name -> weight of every prunable linear (and routed expert matrix, see ``ArchitectureAdapter.weights``), in
+    block order."""
     adapter = get_adapter(model)
     prefix = adapter.block_prefix(model)
     out = {}
     for i, block in enumerate(adapter.blocks(model)):
-        for name, linear in adapter.linears(block).items():
-            out[f"{prefix}.{i}.{name}"] = linear.weight
+        for name, weight in adapter.weights(block).items():
+            out[f"{prefix}.{i}.{name}"] = weight
     return out

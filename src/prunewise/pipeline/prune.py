@@ -8,6 +8,7 @@ a :class:`PruneResult` whose ``masks`` say exactly what was removed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
@@ -71,26 +72,34 @@ def targeted_numels(model: nn.Module, recipe) -> dict[str, int]:
     return keep
 
 
-def check_moe_targets(model: nn.Module, adapter, recipe, structure) -> None:
-    """On a mixture-of-experts model: weight-level structures reach the linears (attention, a dense layer's MLP, a
-    shared expert), not the fused routed experts, so a run that would leave most weights untouched without saying
-    so is refused unless ``--targets`` names what to prune; the experts structure never removes a shared expert."""
+def check_moe_targets(model: nn.Module, adapter, recipe, parts, stream=None) -> bool:
+    """On a mixture-of-experts model: whether a weight-level run reaches inside the routed experts (its targets name
+    their matrices, ``mlp.experts.{e}.gate_proj`` ...; the default targets do), refusing in one line what cannot run
+    there yet (a low-rank correction, a model streamed from disk); the experts structure never removes a shared
+    expert."""
     if adapter.moe is None or not any(adapter.experts_of(b) is not None for b in adapter.blocks(model)):
-        return
+        return False
+    structure = parts.structure
+    prefix = adapter.block_prefix(model)
     if structure.key == "experts":
         for name in adapter.moe.shared:
-            if recipe.targets != ".*" and re.search(recipe.targets, f"{adapter.block_prefix(model)}.0.{name}"):
+            if recipe.targets != ".*" and re.search(recipe.targets, f"{prefix}.0.{name}"):
                 raise PrunewiseError(f"--targets {recipe.targets!r} names the shared expert ({name}), which is not a "
                                      "routed expert: --structure experts removes routed experts only; drop --targets")
-        return
-    if structure.weight_level and recipe.targets == ".*":
-        routed = sum(p.numel() for b in adapter.blocks(model) if (e := adapter.experts_of(b)) is not None
-                     for p in e.parameters())
-        share = routed / sum(p.numel() for p in model.parameters())
-        raise PrunewiseError(f"this {model.config.model_type} model keeps {share:.0%} of its weights in fused routed "
-                             f"experts, which {structure.name} pruning does not reach yet; remove whole experts with "
-                             "--structure experts, or prune the linears only (attention, shared expert) by naming them "
-                             f"with --targets, e.g. --targets {adapter.attention_module}")
+        return False
+    if not structure.weight_level:
+        return False
+    inside = any(re.search(recipe.targets, n) and not (recipe.ignore and re.search(recipe.ignore, n))
+                 for n in prunable_weights(model)
+                 if (adapter.expert_group(n[len(prefix) + 1:].partition(".")[2]) or ("",))[0] == "expert")
+    if inside and stream is not None:
+        raise PrunewiseError(f"{structure.name} pruning inside the routed experts does not stream from disk yet; "
+                             "load the model in memory (drop --offload disk), remove whole experts with --structure "
+                             f"experts, or prune the other linears with --ignore {adapter.moe.experts!r}")
+    if inside and any(c.adds_lowrank for c in parts.compensation):
+        raise PrunewiseError("a low-rank correction (eora) cannot be kept beside the fused routed experts of a stock "
+                             f"checkpoint; drop eora, or leave the experts out with --ignore {adapter.moe.experts!r}")
+    return inside
 
 
 def budget_share(recipe, model: nn.Module, numels: dict[str, int]) -> float:
@@ -179,8 +188,14 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
         model, tokenizer = load_model(recipe.model, recipe.dtype)
     adapter = get_adapter(model)
     parts = recipe.parts()
+    # inside routed experts the walk sees each expert's matrices as linears; they are fused back before returning
+    inside = check_moe_targets(model, adapter, recipe, parts, stream)
+    with adapter.unfused(model) if inside else contextlib.nullcontext():
+        return _prune(recipe, model, tokenizer, progress, stream, adapter, parts)
+
+
+def _prune(recipe, model, tokenizer, progress, stream, adapter, parts) -> PruneResult:
     structure = parts.structure
-    check_moe_targets(model, adapter, recipe, structure)
     placement = placement_for(model, recipe, parts)
     numels = targeted_numels(model, recipe)
     if recipe.budget:  # a parameter/byte budget becomes the share of the targeted weights to remove
@@ -238,6 +253,8 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
     # how the walk went: block passes in all (one per block is the floor), windows per chunk, chunks taking turns
     report["walk"] = {"passes": engine.passes, "chunk_size": engine.chunk_size, "turns": engine.turns,
                       "within_block": "sequential" if recipe.sequential else "parallel", "propagate": recipe.propagate}
+    if engine.unreached:  # routed experts no calibration token reached: pruned by magnitude (LinearStats.unreached)
+        report["walk"]["unreached"] = [f"{visitor.prefix}.{i}.{n}" for i, n in engine.unreached]
     lowrank = visitor.lowrank if len(visitor.lowrank) else None
     if lowrank is not None:
         report["adapter"] = {"kind": "lora", "folder": ADAPTER_FOLDER, **lowrank.summary(next(model.parameters()).dtype)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from ..data.recovery import recovery_windows
 from ..engine.train import TrainSettings, train
 from ..errors import PrunewiseError
 from ..models.loading import load_model
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_folder(output: str | None) -> Path | None:
@@ -32,11 +35,20 @@ def _pruned_linears(model, masks) -> tuple[dict, dict]:
     weights = prunable_weights(model)
     linears = {n: m for n, m in model.named_modules() if n in weights}
     if masks is not None and masks.has_weight_masks:
-        missing = [n for n in masks.weight_names() if n not in linears]
+        missing = [n for n in masks.weight_names() if n not in weights]
         if missing:
             raise PrunewiseError(f"the mask set names {missing[0]}, which this model does not have; use the mask set "
                                  "saved with this pruned model")
         keep = dict(masks.weight_masks())
+        # a routed expert's matrices are slices of fused parameters, not linears: recovery leaves them frozen (their
+        # zeros with them) and trains the linears; their zeros are checked here like the others'
+        for name in [n for n in keep if n not in linears]:
+            mask = keep.pop(name)
+            if tuple(mask.shape) != tuple(weights[name].shape) or \
+                    bool(weights[name].detach()[mask.to(weights[name].device)].ne(0).any()):
+                raise PrunewiseError(f"{name} does not carry its mask (shape, or non-zero weights where it says pruned); "
+                                     "use the mask set saved with this pruned model")
+            log.info("%s: a routed expert's matrix, kept frozen by recovery", name)
         for name, mask in keep.items():
             if tuple(mask.shape) != tuple(linears[name].weight.shape):
                 raise PrunewiseError(f"the mask of {name} is {tuple(mask.shape)} but the weight is "
