@@ -1,4 +1,5 @@
-"""Weight-level pruning inside the fused routed experts of the stock transformers MoE families."""
+"""Inside the fused routed experts of the stock transformers MoE families: weight-level pruning, and whole experts
+removed from a checkpoint streamed from disk."""
 
 from __future__ import annotations
 
@@ -239,3 +240,45 @@ def test_recovery_after_pruning_inside_the_experts_trains_the_linears_and_keeps_
         if ".experts." in name:
             assert torch.equal(w, before[name]), name  # a fused expert matrix: frozen
     assert any(not torch.equal(after[n], before[n]) for n in after if "self_attn" in n)  # the linears trained
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_experts_removed_from_a_streamed_checkpoint_equal_the_in_memory_prune_and_reload_stock(tmp_path, family):
+    """The source saved as transformers 5 saves it (each expert's matrices apart, Mixtral's legacy module names),
+    sharded, in bfloat16: streamed with --offload disk, the output is a complete sharded checkpoint whose fused
+    expert tensors hold exactly the kept experts, equal to the in-memory prune's."""
+    from safetensors.torch import load_file
+
+    from prunewise.api import prune, run
+    from prunewise.core.masks import MaskSet
+
+    folder = tmp_path / family
+    tiny_moe(family).to(torch.bfloat16).save_pretrained(folder, max_shard_size="100KB")
+    tiny_tokenizer().save_pretrained(folder)
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+    on_disk = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not any(k.endswith("gate_up_proj") for k in on_disk)  # per expert on disk
+    fields = dict(model=str(folder), calibration=write_paragraphs(tmp_path / "calib.txt", 1), nsamples=4, seqlen=32,
+                  evaluation=[], score="reap", structure="experts", sparsity=0.5, completions=False)
+    out = tmp_path / "out"
+    report = run(make_recipe(**fields, offload="disk", output=str(out)), progress=False)
+    assert report["offload"]["mode"] == "disk"
+    memory = prune(make_recipe(**fields), progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = {}
+    for shard in sorted(set(index.values())):
+        shards.update(load_file(out / shard))
+    assert set(index) == set(shards)  # every shard opens, the index names every tensor and only those
+    want = dict(memory.model.named_parameters())
+    assert set(shards) == set(want) - ({"lm_head.weight"} if memory.model.config.tie_word_embeddings else set())
+    assert all(torch.equal(shards[k], want[k].detach()) for k in shards)
+    dense = dict(tiny_moe(family).to(torch.bfloat16).named_parameters())
+    keep = MaskSet.load(out / "masks.safetensors").units
+    for i, units in keep.items():
+        name = f"model.layers.{i}.mlp.experts.gate_up_proj"
+        assert shards[name].shape[0] == 4 and torch.equal(shards[name], dense[name][units["experts"]])
+    ids = torch.randint(4, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    done = subprocess.run([sys.executable, "-c", RELOAD_FUSED, json.dumps(ids.tolist()),
+                           json.dumps([[str(out), str(tmp_path / "l.pt")]])], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (torch.load(tmp_path / "l.pt")["logits"] - _logits(memory.model, ids)).abs().max().item() < 1e-5

@@ -136,10 +136,25 @@ class Stream:
         self.shell += [m for m in model.children() if m is not decoder and not any(x is decoder for x in m.modules())]
 
     def _read(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        mapping = {full: checkpoint_name(self.model, full, self.tensors)
-                   for full in parameter_names(module, self.names[id(module)])}
+        mapping, fused = {}, {}
+        for full in parameter_names(module, self.names[id(module)]):
+            source = None if full in self.tensors else self.adapter.disk_sources(full, self.tensors)
+            if isinstance(source, list):  # a fused expert tensor, kept per expert on disk
+                fused[full] = source
+            else:
+                mapping[full] = source or checkpoint_name(self.model, full, self.tensors)
         raw = self.tensors.read(sorted(set(mapping.values())))
-        return {full: raw[name] for full, name in mapping.items()}
+        out = {full: raw[name] for full, name in mapping.items()}
+        for full, per_expert in fused.items():  # expert by expert into one tensor: never all the pieces beside it
+            whole = None
+            for e, names in enumerate(per_expert):
+                pieces = self.tensors.read(names)
+                part = torch.cat([pieces[n] for n in names]) if len(names) > 1 else pieces[names[0]]
+                if whole is None:
+                    whole = part.new_empty(len(per_expert), *part.shape)
+                whole[e] = part
+            out[full] = whole
+        return out
 
     def load(self, module: nn.Module, prefetch: nn.Module | None = None) -> None:
         """Give ``module`` its tensors (the prefetched ones when it was announced), and start reading ``prefetch``."""

@@ -41,6 +41,12 @@ class MoELayout:
     router: str = "mlp.gate"
     count_key: str = "num_experts"  # the config field holding the routed-expert count (its canonical name)
     shared: tuple[str, ...] = ()    # modules of a shared expert and its gate (kept whole by the experts structure)
+    # checkpoints on disk (what transformers 5 saves, and the hub holds) keep each expert's matrices apart:
+    # ``{disk_experts}.{e}.{gate|up|down}.weight``, and may name the MoE module otherwise (``disk_renames``: the
+    # in-memory piece of a name and its piece on disk); fused names are read from them (a streamed model)
+    disk_experts: str = "mlp.experts"
+    disk_parts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    disk_renames: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,30 @@ class ArchitectureAdapter:
         parent, _, leaf = self.moe.experts.rpartition(".")
         return (_get_path(block, parent) if parent else block), leaf
 
+    def disk_sources(self, full: str, present) -> str | list[list[str]] | None:
+        """Where parameter ``full`` (a full in-memory name) lives in a checkpoint whose names ``present`` holds: a name
+        on disk (a renamed module), or for a fused expert tensor, per expert the names concatenated along the first
+        dimension (gate rows then up rows for ``gate_up_proj``) and stacked; None when neither applies."""
+        if self.moe is None:
+            return None
+        for memory, disk in self.moe.disk_renames:
+            renamed = full.replace(f".{memory}.", f".{disk}.", 1)
+            if renamed != full and renamed in present:
+                return renamed
+        fused = f".{self.moe.experts}."
+        head, sep, leaf = full.rpartition(fused)
+        if not sep or leaf not in ("gate_up_proj", "down_proj"):
+            return None
+        gate, up, down = self.moe.disk_parts
+        parts = (gate, up) if leaf == "gate_up_proj" else (down,)
+        out = []
+        for e in range(1 << 20):
+            names = [f"{head}.{self.moe.disk_experts}.{e}.{part}.weight" for part in parts]
+            if names[0] not in present:
+                break
+            out.append(names)
+        return out or None
+
     def expert_group(self, name: str) -> tuple | None:
         """For a linear name inside a block: which routed expert (``("expert", e)``) or shared expert (``("shared",)``)
         it belongs to, else None. Linears of two different groups read the same MoE input and never each other's
@@ -314,7 +344,9 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
     ArchitectureAdapter("gemma", ("gemma", "gemma2"), bias_flags={}),
     ArchitectureAdapter("gemma3", ("gemma3", "gemma3_text"), bias_flags={"o_proj_bias": "attention_bias"}),
     # mixtures of experts: attention linears are weight-level units; routed experts are the experts structure's
-    ArchitectureAdapter("mixtral", ("mixtral",), bias_flags={}, moe=MoELayout(count_key="num_local_experts")),
+    ArchitectureAdapter("mixtral", ("mixtral",), bias_flags={},
+                        moe=MoELayout(count_key="num_local_experts", disk_experts="block_sparse_moe.experts",
+                                      disk_parts=("w1", "w3", "w2"), disk_renames=(("mlp", "block_sparse_moe"),))),
     ArchitectureAdapter("qwen2_moe", ("qwen2_moe",), linear_names=QWEN2_MOE_LINEARS, bias_flags={},
                         moe=MoELayout(shared=("mlp.shared_expert", "mlp.shared_expert_gate"))),
     ArchitectureAdapter("qwen3_moe", ("qwen3_moe",), bias_flags={}, moe=MoELayout(count_key="num_local_experts")),

@@ -11,6 +11,7 @@ import time
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..allocation.plan import AllocationPlan
 from ..core.masks import MaskSet
@@ -171,7 +172,7 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
     structure = parts.structure
     refit = parts.compensation_named("refit")
     if structure.kind == "experts":
-        return _prune_experts(model, adapter, recipe, windows, progress)
+        return _prune_experts(model, adapter, recipe, windows, progress, stream)
     blocks = adapter.blocks(model)
     prefix = adapter.block_prefix(model)
     head_dim = adapter.heads(model.config)[2]
@@ -289,11 +290,12 @@ def check_experts(model: nn.Module, adapter, sparsity: float) -> tuple[int, int,
     return count, remove, top_k
 
 
-def _prune_experts(model: nn.Module, adapter, recipe, windows: torch.Tensor | None, progress: bool):
+def _prune_experts(model: nn.Module, adapter, recipe, windows: torch.Tensor | None, progress: bool, stream=None):
     """Whole routed experts: the score ranks each MoE layer's experts from one dense pass over the calibration
     windows (the tokens the router sends each expert), the same count goes from every layer (a stock config
     holds one count), every tensor of an expert and its router row are sliced with one index. An expert no
-    calibration token reaches scores 0 under every expert score and goes first (ties: the lower index goes)."""
+    calibration token reaches scores 0 under every expert score and goes first (ties: the lower index goes).
+    With ``stream`` the pass reads each block from the shards; then each block is read again, sliced and written."""
     parts = recipe.parts()
     score = parts.score
     count, remove, top_k = check_experts(model, adapter, float(recipe.sparsity))
@@ -306,20 +308,30 @@ def _prune_experts(model: nn.Module, adapter, recipe, windows: torch.Tensor | No
     t0 = time.perf_counter()
     visitor = ExpertVisitor()
     SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="expert statistics",
-                     sequential=False).run(visitor)
+                     sequential=False, placement=placement_for(model, recipe, parts), stream=stream).run(visitor)
     timings["statistics_s"] = time.perf_counter() - t0
     # an expert's parameters: its gate, up and down matrices and its router row
     per_expert = {i: sum(t.numel() for t in adapter.expert_matrices(adapter.experts_of(blocks[i]), 0).values())
                   + adapter.router_of(blocks[i]).weight.shape[1] for i in visitor.stats}
     masks = MaskSet(structure="experts", made_for={"blocks": len(blocks), "experts": count})
     layers, modules, numels = [], {}, {}
-    for i, stats in sorted(visitor.stats.items()):
+    for i, block in enumerate(tqdm(blocks, desc="removing experts", unit="block", disable=not progress or
+                                   stream is None)):
+        if stream is not None:
+            stream.load(block, prefetch=blocks[i + 1] if i + 1 < len(blocks) else None)
+        stats = visitor.stats.get(i)
+        if stats is None:  # a dense layer of a MoE model
+            if stream is not None:
+                stream.done(block, write=True)
+            continue
         scores = score.expert_scores(stats).double()
         # lowest score goes first; among equal scores the lower index (a stable order, so ties are reproducible)
         order = torch.argsort(scores, stable=True)
         removed = order[:remove].sort().values
         keep = order[remove:].sort().values
-        adapter.keep_experts(blocks[i], keep)
+        adapter.keep_experts(block, keep)
+        if stream is not None:
+            stream.done(block, write=True)
         masks.units[i] = {"experts": keep}
         name = f"{prefix}.{i}.{adapter.moe.experts}"
         modules[name], numels[name] = remove / count, per_expert[i] * count
