@@ -44,6 +44,12 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads
     "7b-4l": (4096, 11008, 4, 32, 32),   # Llama-2-7B's block shape, 4 blocks: the per-block time without 13.8 GB
 }
 SHARD_BYTES = 2 << 30
+# mixtures of experts (hidden, expert intermediate, layers, heads, kv heads, experts, experts per token), saved as
+# transformers 5 saves them (each expert's matrices under its own names); pruned by removing half the routed experts
+MOE_SHAPES = {
+    "olmoe-7b": (2048, 1024, 16, 16, 16, 64, 8),  # OLMoE-1B-7B: 6.9B parameters, 13.8 GB in bf16
+    "olmoe-7b-2l": (2048, 1024, 2, 16, 16, 64, 8),  # its block, 2 blocks: the memory per block in a minute
+}
 
 
 def _rss_mb() -> float:
@@ -60,16 +66,25 @@ def fixture(size: str, seed: int = 0) -> Path:
     from prunewise.models.lazy import INDEX, empty_model
     from prunewise.models.loading import fetch_model
 
-    hidden, inter, layers, heads, kv = SHAPES[size]
-    folder = cache_dir("scale") / f"llama-{size}-bf16-seed{seed}"
+    folder = cache_dir("scale") / f"{'' if size in MOE_SHAPES else 'llama-'}{size}-bf16-seed{seed}"
     if (folder / INDEX).exists():
         return folder
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                         tie_word_embeddings=False, dtype="bfloat16")
+    if size in MOE_SHAPES:
+        from transformers import OlmoeConfig
+
+        hidden, inter, layers, heads, kv, experts, top_k = MOE_SHAPES[size]
+        config = OlmoeConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv, num_experts=experts,
+                             num_experts_per_tok=top_k, max_position_embeddings=4096, tie_word_embeddings=False,
+                             dtype="bfloat16")
+    else:
+        hidden, inter, layers, heads, kv = SHAPES[size]
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                             tie_word_embeddings=False, dtype="bfloat16")
     config.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(fetch_model("smollm2-135m")).save_pretrained(tmp)
     model = empty_model(tmp, torch.bfloat16)
@@ -84,9 +99,21 @@ def fixture(size: str, seed: int = 0) -> Path:
             shards.append((name, list(current)))
             current, size_now = {}, 0
 
-    for name, p in model.named_parameters():
-        t = torch.ones(p.shape, dtype=torch.bfloat16) if p.dim() == 1 else \
-            (torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+    def tensors():  # name on disk -> tensor; a fused expert tensor as its experts' matrices, expert by expert
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                yield name, torch.ones(p.shape, dtype=torch.bfloat16)
+            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                parts = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
+                rows = p.shape[1] // len(parts)
+                for e in range(p.shape[0]):
+                    for part in parts:
+                        yield (f"{name.rsplit('.', 1)[0]}.{e}.{part}.weight",
+                               (torch.randn(rows, p.shape[2], generator=gen) * 0.02).to(torch.bfloat16))
+            else:
+                yield name, (torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+
+    for name, t in tensors():
         current[name] = t
         size_now += t.numel() * 2
         total += t.numel() * 2
@@ -183,6 +210,8 @@ def run_cell(args, cell: str) -> dict:
     if cell in EXACT:
         return exact_cell(args, cell)
     size, mode = cell.rsplit("-", 1)
+    if size in MOE_SHAPES:
+        return moe_cell(args, cell, size, mode)
     t0 = time.perf_counter()
     folder = fixture(size)
     fixture_s = time.perf_counter() - t0
@@ -213,6 +242,80 @@ def run_cell(args, cell: str) -> dict:
             "module_sparsity": sorted({round(m["sparsity"], 6) for m in report["modules"].values()}), **saved}
 
 
+def moe_cell(args, cell: str, size: str, mode: str) -> dict:
+    """Half the routed experts of the random OLMoE-shaped checkpoint removed by REAP on 4 x 128 wiki tokens, streamed
+    from disk; the output read back: every shard opened, the index complete, the model stock transformers builds
+    from the saved config (on the meta device) holding exactly the saved tensors' names and shapes, and each layer's
+    saved expert tensors equal to the source's kept experts."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prunewise.api import run
+    from prunewise.core.masks import MaskSet
+    from prunewise.models.lazy import INDEX
+    from prunewise.recipe import make_recipe
+
+    t0 = time.perf_counter()
+    folder = fixture(size)
+    fixture_s = time.perf_counter() - t0
+    baseline = _rss_mb()
+    out = Path(args.scratch) / f"scale-{cell}"
+    recipe = make_recipe(model=str(folder), score="reap", structure="experts", sparsity=0.5, calibration="wiki",
+                         nsamples=4, seqlen=128, evaluation=[], completions=False,
+                         offload="disk" if mode == "disk" else "none", output=str(out), overwrite=True,
+                         dtype="bfloat16", device="cpu")
+    t0 = time.perf_counter()
+    report = run(recipe, progress=True)
+    seconds = time.perf_counter() - t0
+    peak = _rss_mb()  # before the checks below read the output back
+    hidden, inter, layers, heads, kv, experts, top_k = MOE_SHAPES[size]
+    weight_map = json.loads((out / INDEX).read_text())["weight_map"]
+    source = json.loads((folder / INDEX).read_text())["weight_map"]
+    config = AutoConfig.from_pretrained(out)
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(config)
+    want = {n: tuple(p.shape) for n, p in built.named_parameters()}
+    seen, shapes = set(), {}
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(str(out / shard), "pt") as handle:
+            for name in handle.keys():
+                seen.add(name)
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    keep = MaskSet.load(out / "masks.safetensors").units
+    exact = 0
+    for i, units in sorted(keep.items()):  # the saved experts are the source's kept ones, matrix for matrix
+        kept = units["experts"].tolist()
+        name = f"model.layers.{i}.mlp.experts"
+        with safe_open(str(out / weight_map[f"{name}.gate_up_proj"]), "pt") as handle:
+            gate_up = handle.get_tensor(f"{name}.gate_up_proj")
+        with safe_open(str(out / weight_map[f"{name}.down_proj"]), "pt") as handle:
+            down = handle.get_tensor(f"{name}.down_proj")
+        ok = gate_up.shape[0] == down.shape[0] == len(kept)
+        for j, e in enumerate(kept):
+            parts = {}
+            for part in ("gate_proj", "up_proj", "down_proj"):
+                key = f"{name}.{e}.{part}.weight"
+                with safe_open(str(folder / source[key]), "pt") as handle:
+                    parts[part] = handle.get_tensor(key)
+            ok = ok and torch.equal(gate_up[j], torch.cat([parts["gate_proj"], parts["up_proj"]])) and \
+                torch.equal(down[j], parts["down_proj"])
+        exact += bool(ok)
+        del gate_up, down
+    experts_after = config.num_experts
+    shutil.rmtree(out, ignore_errors=True)
+    return {"size": size, "mode": mode, "layers": layers, "experts_before": experts,
+            "experts_after": experts_after, "per_token": top_k,
+            "checkpoint_bytes": sum(f.stat().st_size for f in folder.glob("model*.safetensors")),
+            "parameters_before": report["structured"]["params_before"]["total"],
+            "parameters_after": report["structured"]["params_after"]["total"],
+            "baseline_rss_mb": baseline, "peak_rss_mb": peak, "seconds": seconds,
+            "prune_s": report["timings"]["prune_s"], "fixture_s": fixture_s,
+            "bytes_read": report["offload"]["bytes_read"], "bytes_written": report["offload"]["bytes_written"],
+            "shards": len(set(weight_map.values())), "index_complete": seen == set(weight_map),
+            "stock_build_matches": shapes == want, "layers_exact": exact, "layers_checked": len(keep)}
+
+
 def _read_back(row: dict) -> str:
     if "shards_opened" not in row:
         return "-"
@@ -227,8 +330,9 @@ def write_table(results: dict, path: Path) -> str:
              "read GB | written GB | output GB | sparsity per module | read back: shards, index, saved sparsity |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     exact = [r for r in results["cells"].values() if "cell" in r]
+    moe = [r for r in results["cells"].values() if "experts_before" in r]
     for row in results["cells"].values():
-        if "cell" in row:
+        if "cell" in row or "experts_before" in row:
             continue
         gb = lambda b: f"{b / 1e9:.2f}" if b else "-"  # noqa: E731
         size = row["size"] + (f" (code of {row['measured_at']})" if row.get("measured_at") else "")
@@ -243,6 +347,21 @@ def write_table(results: dict, path: Path) -> str:
             note = r.get("disk_error") or r.get("none_error") or ""
             lines.append(f"| {r['cell']} | {r.get('tensors', '-')} | {r.get('identical', '-')} | "
                          f"{r.get('none_s', 0):.0f} | {r.get('disk_s', 0):.0f} | {note} |")
+    if moe:
+        lines += ["", "Mixture of experts (random OLMoE-shaped bf16 checkpoint, each expert's matrices saved apart as "
+                  "transformers 5 saves them): half the routed experts removed by REAP on 4 x 128 wiki tokens, "
+                  "streamed from disk; the output read back.", "",
+                  "| size | mode | checkpoint GB | parameters before -> after | experts per layer | peak RSS MiB | "
+                  "baseline MiB | prune s | read GB | written GB | shards | index | stock build = saved | "
+                  "layers holding exactly the kept experts |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in moe:
+            lines.append(f"| {r['size']} | {r['mode']} | {r['checkpoint_bytes'] / 1e9:.2f} | "
+                         f"{r['parameters_before'] / 1e9:.2f}B -> {r['parameters_after'] / 1e9:.2f}B | "
+                         f"{r['experts_before']} -> {r['experts_after']} | {r['peak_rss_mb']:.0f} | "
+                         f"{r['baseline_rss_mb']:.0f} | {r['prune_s']:.0f} | {r['bytes_read'] / 1e9:.2f} | "
+                         f"{r['bytes_written'] / 1e9:.2f} | {r['shards']} | "
+                         f"{'complete' if r['index_complete'] else 'INCOMPLETE'} | {r['stock_build_matches']} | "
+                         f"{r['layers_exact']}/{r['layers_checked']} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
@@ -251,7 +370,7 @@ def write_table(results: dict, path: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cell_args(ap, HERE / "results" / "scale.json", "cells SIZE-MODE (MODE disk or memory); default from --sizes")
-    ap.add_argument("--sizes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--sizes", nargs="*", default=list(SHAPES), help=f"also {', '.join(MOE_SHAPES)} (disk only)")
     ap.add_argument("--memory", nargs="*", default=["0.5b", "1.5b", "3b"], help="sizes also pruned in memory")
     ap.add_argument("--scratch", default=str(Path.home() / ".cache" / "prunewise-scale-out"))
     ap.add_argument("--drop-fixtures", action="store_true", help="delete each checkpoint after its cells")
@@ -274,7 +393,7 @@ def main() -> None:
         results["cells"][cell] = row = run_cell_process([sys.executable, __file__, "--_cell", cell, "--scratch",
                                                          args.scratch], cell)
         print(f"{cell}: " + (f"{row.get('identical')} of {row.get('tensors')} tensors identical" if cell in EXACT
-                             else f"peak RSS {row['peak_rss_mb']:.0f} MB, {row['s_per_block']:.2f} s/block"), flush=True)
+                             else f"peak RSS {row['peak_rss_mb']:.0f} MB, {row['prune_s']:.0f} s pruning"), flush=True)
         out.write_text(json.dumps(results, indent=1))
         size = cell.rsplit("-", 1)[0]
         if args.drop_fixtures and cell not in EXACT and not any(c.startswith(size + "-") and c not in results["cells"] for c in cells):
