@@ -8,7 +8,14 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    MixtralConfig,
+    OlmoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
 
 from conftest import tiny_tokenizer, write_paragraphs
 from prunewise.core.stats import ExpertStats
@@ -25,9 +32,15 @@ FAMILIES = {
                                         shared_expert_intermediate_size=48),
     "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, num_experts=8, moe_intermediate_size=32, head_dim=16),
     "olmoe": lambda: OlmoeConfig(**COMMON, num_experts=8),
+    # grouped routing (2 groups of 4, a token's experts from its best group), latent attention, a dense first layer
+    "deepseek_v3": lambda: DeepseekV3Config(**COMMON, n_routed_experts=8, n_group=2, topk_group=1,
+                                            moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                                            q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                            v_head_dim=16),
 }
 COUNT_KEY = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_local_experts",
-             "olmoe": "num_experts"}
+             "olmoe": "num_experts", "deepseek_v3": "n_routed_experts"}
+MOE_LAYERS = {family: 1 if family == "deepseek_v3" else 2 for family in FAMILIES}  # of the 2 blocks
 
 
 def tiny_moe(family: str, seed: int = 0):
@@ -65,7 +78,8 @@ for folder, out in json.loads(sys.argv[2]):
         torch.save(model(input_ids=ids).logits, out)
     print(json.dumps(model.config.to_dict()))
 """
-RELOADED = [("mixtral", "reap"), ("qwen2_moe", "ean"), ("qwen3_moe", "frequency"), ("olmoe", "reap")]
+RELOADED = [("mixtral", "reap"), ("qwen2_moe", "ean"), ("qwen3_moe", "frequency"), ("olmoe", "reap"),
+            ("deepseek_v3", "reap")]
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +116,17 @@ def test_half_the_experts_removed_reload_with_stock_transformers_and_give_the_sa
     result = case["result"]
     adapter = get_adapter(result.model)
     assert adapter.expert_count(result.model) == 4
-    for block in adapter.blocks(result.model):
+    for block in adapter.blocks(result.model)[-MOE_LAYERS[family]:]:
         experts = adapter.experts_of(block)
         assert experts.gate_up_proj.shape[0] == experts.down_proj.shape[0] == 4
         assert adapter.router_of(block).weight.shape[0] == 4
     assert case["config"][COUNT_KEY[family]] == 4
     assert (torch.load(case["got"]) - case["want"]).abs().max().item() < 1e-5
     experts = result.report["structured"]["experts"]
-    assert experts["score"] == score and len(experts["layers"]) == 2
+    assert experts["score"] == score and len(experts["layers"]) == MOE_LAYERS[family]
     assert all(len(layer["removed"]) == 4 for layer in experts["layers"])
+    if family == "deepseek_v3":  # grouped routing: two from each group of four
+        assert all(sum(j < 4 for j in layer["removed"]) == 2 for layer in experts["layers"])
     assert result.report["achieved_sparsity"] == pytest.approx(0.5)
 
 
@@ -182,6 +198,39 @@ def test_keeping_fewer_experts_than_the_router_picks_is_refused(moe_folder):
     with pytest.raises(PrunewiseError, match=r"fewer than the 2 the router picks.*--sparsity 0\.75 or less"):
         prune(make_recipe(model=moe_folder["model"], calibration=moe_folder["calib"], nsamples=2, seqlen=16,
                           evaluation=[], structure="experts", score="reap", sparsity=0.9), progress=False)
+
+
+@pytest.mark.parametrize("moe_folder", ["deepseek_v3"], indirect=True)
+def test_removing_experts_that_would_break_a_grouped_router_is_refused_in_one_line(moe_folder):
+    from prunewise.api import prune
+
+    fields = dict(model=moe_folder["model"], calibration=moe_folder["calib"], nsamples=2, seqlen=16, evaluation=[],
+                  structure="experts", score="frequency")
+    with pytest.raises(PrunewiseError, match=r"2 groups of 4 .* same count removed from every group.*--sparsity 0\.25 "
+                                             r"or 0\.5$"):
+        prune(make_recipe(**fields, sparsity=3 / 8), progress=False)
+    with pytest.raises(PrunewiseError, match="same count removed from every group"):
+        prune(make_recipe(**fields, sparsity=0.75), progress=False)  # one per group left: a group needs two
+
+
+def test_a_grouped_router_loses_the_same_count_from_each_group_even_where_one_group_is_never_chosen(tmp_path):
+    """Router biases that keep group 1 (experts 4-7) from ever being a token's best group: every expert score puts
+    all four last, yet half the experts removed must be two of each group (removing group 1 would break the router)."""
+    from prunewise.api import prune
+
+    model = tiny_moe("deepseek_v3")
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        for block in adapter.blocks(model)[1:]:
+            adapter.router_of(block).e_score_correction_bias[4:] = -10.0
+    model.save_pretrained(tmp_path / "grouped")
+    tiny_tokenizer().save_pretrained(tmp_path / "grouped")
+    result = prune(make_recipe(model=str(tmp_path / "grouped"), calibration=write_paragraphs(tmp_path / "c.txt", 1),
+                               nsamples=4, seqlen=32, evaluation=[], structure="experts", score="frequency",
+                               sparsity=0.5), progress=False)
+    (layer,) = result.report["structured"]["experts"]["layers"]
+    assert layer["usage"][4:] == [0, 0, 0, 0] and all(u > 0 for u in layer["usage"][:4])
+    assert len(layer["removed"]) == 4 and [j >= 4 for j in layer["removed"]] == [False, False, True, True]
 
 
 def test_an_expert_score_without_the_experts_structure_is_refused():

@@ -15,7 +15,7 @@ from conftest import tiny_tokenizer, write_paragraphs
 from prunewise.errors import PrunewiseError
 from prunewise.models.adapters import get_adapter, prunable_weights
 from prunewise.recipe import make_recipe
-from test_moe import FAMILIES, _logits, planted_unreachable, tiny_moe
+from test_moe import FAMILIES, MOE_LAYERS, _logits, planted_unreachable, tiny_moe
 
 moe_folder = test_moe.moe_folder  # the tiny folders of the four families, as a fixture here too
 
@@ -73,9 +73,10 @@ def test_pruned_inside_the_experts_reload_stock_with_every_expert_at_the_sparsit
     reloaded = torch.load(case["got"])
     assert (reloaded["logits"] - case["want"]).abs().max().item() < 1e-5
     result = case["result"]
-    assert type(get_adapter(result.model).experts_of(result.model.model.layers[0])).__name__.endswith("Experts")
+    assert type(get_adapter(result.model).experts_of(result.model.model.layers[-1])).__name__.endswith("Experts")
     fused = reloaded["fused"]
-    assert {k.rsplit(".", 1)[1] for k in fused} == {"gate_up_proj", "down_proj"} and len(fused) == 4  # 2 layers
+    assert {k.rsplit(".", 1)[1] for k in fused} == {"gate_up_proj", "down_proj"}
+    assert len(fused) == 2 * MOE_LAYERS[family]
     for name, t in fused.items():
         halves = t.chunk(2, dim=1) if name.endswith("gate_up_proj") else (t,)
         for e in range(t.shape[0]):
@@ -88,7 +89,7 @@ def test_pruned_inside_the_experts_reload_stock_with_every_expert_at_the_sparsit
     dense = dict(tiny_moe(family).named_parameters())
     assert all(not torch.equal(dense[k], fused[k]) for k in fused)
     modules = result.report["modules"]
-    assert len([n for n in modules if ".experts." in n]) == 2 * 8 * 3
+    assert len([n for n in modules if ".experts." in n]) == MOE_LAYERS[family] * 8 * 3
     assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 

@@ -29,6 +29,13 @@ MLP_ROLES = ("gate", "up", "down")
 QWEN2_MOE_LINEARS = LLAMA_LINEARS + (
     "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
 
+# DeepSeek-V3's multi-head latent attention (q_proj without a query LoRA rank, else q_a_proj/q_b_proj), its dense
+# layers' MLP, and its shared experts
+DEEPSEEK_V3_LINEARS = (
+    "self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa",
+    "self_attn.kv_b_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj")
+
 
 @dataclass(frozen=True)
 class MoELayout:
@@ -290,6 +297,13 @@ class ArchitectureAdapter:
     def experts_per_token(self, model: nn.Module) -> int:
         return int(model.config.get_text_config().num_experts_per_tok)
 
+    def router_groups(self, model: nn.Module) -> tuple[int, int]:
+        """``(groups, groups chosen per token)`` of a grouped router (DeepSeek-V3: experts in ``n_group`` groups of
+        consecutive indices, each token picking its experts inside its ``topk_group`` best groups, a group scored by
+        its two best experts); ``(1, 1)`` for a plain top-k router."""
+        text = model.config.get_text_config()
+        return int(getattr(text, "n_group", None) or 1), int(getattr(text, "topk_group", None) or 1)
+
     @staticmethod
     def expert_matrices(experts: nn.Module, e: int) -> dict[str, torch.Tensor]:
         """Expert ``e``'s weights as linear-shaped views: gate and up [I, H], down [H, I]."""
@@ -351,6 +365,9 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
                         moe=MoELayout(shared=("mlp.shared_expert", "mlp.shared_expert_gate"))),
     ArchitectureAdapter("qwen3_moe", ("qwen3_moe",), bias_flags={}, moe=MoELayout(count_key="num_local_experts")),
     ArchitectureAdapter("olmoe", ("olmoe",), bias_flags={}, moe=MoELayout()),
+    # multi-head latent attention: weight-level units only (no q/k/v roles for structured attention pruning)
+    ArchitectureAdapter("deepseek_v3", ("deepseek_v3",), linear_names=DEEPSEEK_V3_LINEARS, bias_flags={},
+                        moe=MoELayout(count_key="n_routed_experts", shared=("mlp.shared_experts",))),
 )
 
 

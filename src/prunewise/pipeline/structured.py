@@ -287,7 +287,30 @@ def check_experts(model: nn.Module, adapter, sparsity: float) -> tuple[int, int,
         raise PrunewiseError(f"--sparsity {sparsity:g} keeps {count - remove} of {count} experts per layer, fewer than "
                              f"the {top_k} the router picks per token (num_experts_per_tok); use --sparsity {most:.4g} "
                              "or less")
+    groups, chosen = adapter.router_groups(model)
+    if groups > 1:  # the same count from every group, so that each group keeps its experts and its meaning
+        size = count // groups
+        kept = size - remove // groups
+        # a group is scored by its two best experts, and a token's experts come from its `topk_group` groups
+        least = max(2, -(-top_k // chosen))
+        if remove % groups or kept < least:
+            valid = [f"{r / count:g}" for r in range(groups, count, groups) if size - r // groups >= least]
+            raise PrunewiseError(f"--sparsity {sparsity:g} removes {remove} of {count} experts per layer, but this router "
+                                 f"picks experts in {groups} groups of {size} (n_group; {chosen} groups per token, "
+                                 f"{top_k} experts per token) and needs the same count removed from every group, "
+                                 f"keeping at least {least} in each; use --sparsity "
+                                 + (" or ".join(valid[:4]) if valid else "0 (no expert can go)"))
     return count, remove, top_k
+
+
+def _lowest(scores: torch.Tensor, remove: int, groups: int = 1) -> torch.Tensor:
+    """The ``remove`` experts to go (sorted indices): the lowest scores, and among equal scores the lower index (a
+    stable order: ties are reproducible); with a grouped router, ``remove / groups`` from each group of consecutive
+    indices."""
+    size = scores.numel() // groups
+    out = [g * size + torch.argsort(scores[g * size:(g + 1) * size], stable=True)[:remove // groups]
+           for g in range(groups)]
+    return torch.cat(out).sort().values
 
 
 def _prune_experts(model: nn.Module, adapter, recipe, windows: torch.Tensor | None, progress: bool, stream=None):
@@ -325,10 +348,8 @@ def _prune_experts(model: nn.Module, adapter, recipe, windows: torch.Tensor | No
                 stream.done(block, write=True)
             continue
         scores = score.expert_scores(stats).double()
-        # lowest score goes first; among equal scores the lower index (a stable order, so ties are reproducible)
-        order = torch.argsort(scores, stable=True)
-        removed = order[:remove].sort().values
-        keep = order[remove:].sort().values
+        removed = _lowest(scores, remove, adapter.router_groups(model)[0])
+        keep = torch.tensor([j for j in range(count) if j not in set(removed.tolist())], dtype=torch.long)
         adapter.keep_experts(block, keep)
         if stream is not None:
             stream.done(block, write=True)
