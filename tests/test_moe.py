@@ -233,6 +233,32 @@ def test_a_grouped_router_loses_the_same_count_from_each_group_even_where_one_gr
     assert len(layer["removed"]) == 4 and [j >= 4 for j in layer["removed"]] == [False, False, True, True]
 
 
+@pytest.mark.parametrize("moe_folder", ["deepseek_v3"], indirect=True)
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_moe_refusals_come_before_any_work_in_memory_and_streamed(moe_folder, tmp_path, monkeypatch, offload):
+    from prunewise.api import run
+    from prunewise.pipeline import run as run_module
+    from prunewise.pipeline import streamed
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the refusal")
+
+    monkeypatch.setattr(run_module, "evaluate_dense", no_work)
+    monkeypatch.setattr(streamed, "streamed_perplexity", no_work)
+    fields = dict(model=moe_folder["model"], calibration=moe_folder["calib"], nsamples=2, seqlen=16,
+                  evaluation=[write_paragraphs(tmp_path / "eval.txt", 9)], completions=False, offload=offload,
+                  output=str(tmp_path / "out"))
+    with pytest.raises(PrunewiseError, match="same count removed from every group"):
+        run(make_recipe(**fields, structure="experts", score="reap", sparsity=3 / 8), progress=False)
+    with pytest.raises(PrunewiseError, match="shared expert"):
+        run(make_recipe(**fields, structure="experts", score="reap", sparsity=0.5, targets="shared_experts"),
+            progress=False)
+    if offload == "disk":
+        with pytest.raises(PrunewiseError, match="does not stream from disk yet"):
+            run(make_recipe(**fields, score="wanda", sparsity=0.5), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_expert_score_without_the_experts_structure_is_refused():
     with pytest.raises(PrunewiseError, match="reap ranks routed experts"):
         make_recipe(model="x", score="reap", sparsity=0.5).parts()

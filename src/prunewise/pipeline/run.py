@@ -105,11 +105,17 @@ def _measure(model, tokenizer, recipe, tasks: list, progress: bool, dense: bool)
                 "completions": greedy_completions(model, tokenizer) if recipe.completions else []}
 
 
-def check_model_fits(recipe, model) -> None:
-    """What the recipe asks of this model's shapes (N:M widths, an EoRA rank, a budget), refused before any work."""
-    from .prune import budget_share, check_fits, targeted_numels
+def check_model_fits(recipe, model, streamed: bool = False) -> None:
+    """What the recipe asks of this model's shapes (N:M widths, an EoRA rank, a budget, an expert count a router can
+    lose), refused before any work (``streamed``: the model is on the meta device, read from disk)."""
+    from .prune import budget_share, check_fits, check_moe_targets, targeted_numels
+    from .structured import check_experts
 
     parts = recipe.parts()
+    adapter = get_adapter(model)
+    check_moe_targets(model, adapter, recipe, parts, stream=True if streamed else None)
+    if parts.structure.key == "experts":
+        check_experts(model, adapter, float(recipe.sparsity))
     numels = targeted_numels(model, recipe)
     check_fits(parts, model, numels)
     if recipe.budget is not None:

@@ -26,6 +26,7 @@ from ..models.adapters import get_adapter
 from ..models.lazy import CheckpointTensors, empty_model
 from ..models.loading import checkpoint_dtype, fetch_model
 from .prune import prune, targeted_numels
+from .run import check_model_fits
 
 STREAMED_ALLOCATIONS = ("uniform", "owl", "global")
 
@@ -113,6 +114,7 @@ def run_streamed(recipe, progress: bool = True) -> dict:
     dtype = source_dtype(recipe, folder)
     model = empty_model(folder, dtype)
     adapter = get_adapter(model)
+    check_model_fits(recipe, model, streamed=True)  # shapes, expert counts, what cannot stream: before any work
     itemsize = torch.empty(0, dtype=dtype).element_size()
     expected = sum(p.numel() for p in model.parameters()) * itemsize
     check_output(recipe.output, recipe.overwrite, source=recipe.model, expected_bytes=int(expected * 1.05) + (16 << 20))
