@@ -206,7 +206,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_window_args(ap, nsamples=32, eval_tokens=8192)
     ap.add_argument("--eval", nargs="+", default=["wiki-test", "code", "legal-test"])
-    ap.add_argument("--scores", nargs="+", default=["frequency", "reap", "ean"])
+    ap.add_argument("--scores", nargs="+", default=["frequency", "reap", "ean", "easyep"])
     ap.add_argument("--levels", nargs="+", default=["0.5"])
     ap.add_argument("--calibrations", nargs="+", default=list(DOMAINS))
     add_cell_args(ap, HERE / "results" / "moe.json", "build, dense/MODEL or SCORE/LEVEL/CALIBRATION")

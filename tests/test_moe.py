@@ -145,7 +145,7 @@ def planted_unreachable():
     return model
 
 
-@pytest.mark.parametrize("score", ["frequency", "reap", "ean"])
+@pytest.mark.parametrize("score", ["frequency", "reap", "ean", "easyep"])
 def test_experts_the_calibration_never_reaches_go_first_under_every_score(tmp_path, score):
     """Router rows set so that experts 1, 4 and 6 never win a top-2 slot (their logits are 0, and of the pairs
     +u/-u (experts 0, 2) and +v/-v (experts 3, 5) one logit is always positive): exactly those go at 3 of 8."""
@@ -181,6 +181,39 @@ def test_expert_stats_follow_the_routing():
     assert get_score("reap").expert_scores(stats).tolist() == pytest.approx([3.45 / 2, 2.6 / 2, 3.75 / 2, 0])
     assert get_score("frequency").expert_scores(stats).tolist() == [2, 2, 2, 0]
     assert get_score("ean").expert_scores(stats).tolist() == pytest.approx([4, 10, 9, 0])
+
+
+def test_easyep_weighs_each_routed_token_by_how_much_the_moe_sublayer_turns_its_hidden_state():
+    """The engine's EASY-EP sums against a hand computation from the stock forward of a tiny Qwen3-MoE: per token,
+    s = max(1 - cos(h, h + MoE(norm(h))), 0) with h the residual stream entering the MoE sublayer, and per routed
+    (token, expert) the gate value times the expert's output norm times s."""
+    from prunewise.engine.sequential import SequentialEngine
+    from prunewise.pipeline.structured import ExpertVisitor
+
+    model = tiny_moe("qwen3_moe")
+    adapter = get_adapter(model)
+    ids = torch.randint(4, 256, (3, 20), generator=torch.Generator().manual_seed(4))
+    block = adapter.blocks(model)[1]
+    seen = {}
+    hooks = [block.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.update(h=a[0])),
+             block.mlp.register_forward_hook(lambda m, a, o: seen.update(o=o)),
+             block.mlp.experts.register_forward_pre_hook(lambda m, a: seen.update(x=a[0], idx=a[1], w=a[2]))]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    h, o = seen["h"].reshape(-1, 64), seen["o"].reshape(-1, 64)
+    turn = (1 - torch.nn.functional.cosine_similarity(h, h + o, dim=-1)).clamp_min(0).double()
+    want = torch.zeros(8, dtype=torch.float64)
+    for t in range(seen["x"].shape[0]):
+        for k in range(seen["idx"].shape[1]):
+            j = int(seen["idx"][t, k])
+            f = adapter.expert_output(block.mlp.experts, j, seen["x"][t:t + 1]).double().norm()
+            want[j] += float(seen["w"][t, k]) * f * turn[t]
+    visitor = ExpertVisitor()
+    SequentialEngine(model, adapter, ids, 1, False, sequential=False).run(visitor)
+    assert visitor.stats[1].changed_norm.tolist() == pytest.approx(want.tolist(), rel=1e-5)
+    assert bool((want > 0).sum() >= 4)
 
 
 def test_experts_on_a_dense_model_is_refused_in_one_line(tiny_folder):

@@ -176,8 +176,9 @@ class ExpertStats:
 
     Per expert ``j`` (float64 sums over the tokens routed to it, ``X_j``): ``counts`` (|X_j|), ``gate`` (the
     routing weights ``g_j(x)`` the layer's forward applies: top-k, renormalised where the family does),
-    ``norm`` (``||f_j(x)||``, the expert's output before its gate) and ``gated_norm`` (``g_j(x) ||f_j(x)||``);
-    ``tokens`` counts every token of the layer.
+    ``norm`` (``||f_j(x)||``, the expert's output before its gate), ``gated_norm`` (``g_j(x) ||f_j(x)||``) and
+    ``changed_norm`` (``g_j(x) ||f_j(x)|| s(x)``, ``s(x)`` how much the MoE sublayer turns the token's residual
+    stream: :meth:`weigh_tokens`); ``tokens`` counts every token of the layer.
     """
 
     def __init__(self, n_experts: int) -> None:
@@ -185,7 +186,9 @@ class ExpertStats:
         self.gate = torch.zeros(n_experts, dtype=torch.float64)
         self.norm = torch.zeros(n_experts, dtype=torch.float64)
         self.gated_norm = torch.zeros(n_experts, dtype=torch.float64)
+        self.changed_norm = torch.zeros(n_experts, dtype=torch.float64)
         self.tokens = 0
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (j, tokens, g ||f||) of the last call
 
     @property
     def n_experts(self) -> int:
@@ -204,6 +207,15 @@ class ExpertStats:
             self.gate[j] += g.sum()
             self.norm[j] += norm.sum()
             self.gated_norm[j] += (g * norm).sum()
+            self._pending.append((j, token, g * norm))
+
+    def weigh_tokens(self, change: torch.Tensor) -> None:
+        """The last :meth:`add`'s tokens' ``s(x)`` [T] (EASY-EP's token contribution: ``max(1 - cos(h, h'), 0)``, ``h``
+        the residual stream entering the MoE sublayer and ``h'`` leaving it): ``changed_norm[j] += sum g ||f|| s``."""
+        change = change.double().cpu()
+        for j, token, contribution in self._pending:
+            self.changed_norm[j] += (contribution * change[token.cpu()]).sum()
+        self._pending = []
 
     def check_finite(self, where: str) -> None:
         if not (torch.isfinite(self.norm).all() and torch.isfinite(self.gated_norm).all()):

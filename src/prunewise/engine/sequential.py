@@ -412,7 +412,8 @@ class SequentialEngine:
             out = self._passes(index, block, linears, hidden, kwargs, pending, n_chunks, visitor, turns)
         finally:
             if experts is not None:
-                experts[0].remove()
+                for handle in experts[0]:
+                    handle.remove()
         if experts is not None:
             experts[2].check_finite(f"block {index}")
             visitor.visit_experts(index, experts[1], experts[2])
@@ -420,7 +421,9 @@ class SequentialEngine:
 
     def _expert_hook(self, index: int, block: nn.Module, visitor):
         """For a visitor that asks (``visit_experts``): a hook on the block's routed experts collecting, from the
-        tokens the router sends each one, its :class:`ExpertStats`. Returns (handle, experts module, stats)."""
+        tokens the router sends each one, its :class:`ExpertStats`, and two around the MLP sublayer weighing each
+        token by how much the sublayer turns its residual stream (EASY-EP's ``1 - cos(h, h')``). Returns (handles,
+        experts module, stats)."""
         if not hasattr(visitor, "visit_experts"):
             return None
         experts = self.adapter.experts_of(block)
@@ -441,7 +444,19 @@ class SequentialEngine:
                       lambda j, rows: adapter.expert_output(module, j, rows))
             self._add_time("statistics", t0, sync=False)
 
-        return experts.register_forward_pre_hook(hook, with_kwargs=True), experts, stats
+        residual = {}
+
+        def entering(module, args):  # the mid norm's input: the residual stream the MoE sublayer adds to
+            residual["h"] = args[0]
+
+        def leaving(module, args, output):
+            h = residual.pop("h").reshape(-1, output.shape[-1]).float()
+            turned = torch.nn.functional.cosine_similarity(h, h + output.reshape(h.shape).float(), dim=-1)
+            stats.weigh_tokens((1 - turned).clamp_min(0))
+
+        return ([experts.register_forward_pre_hook(hook, with_kwargs=True),
+                 adapter.mid_norm(block).register_forward_pre_hook(entering),
+                 adapter.sublayer(block, "mlp").register_forward_hook(leaving)], experts, stats)
 
     def _passes(self, index, block, linears, hidden, kwargs, pending, n_chunks, visitor, turns):
         passes = 0

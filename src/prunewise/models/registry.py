@@ -143,6 +143,17 @@ DERIVED_MODELS: dict[str, DerivedModel] = {
             options=(("experts", 8), ("top_k", 4), ("shared", 256), ("data", "wiki:0.34,code:0.33,legal:0.33"),
                      ("nsamples", 512), ("seqlen", 64), ("seed", 1234)),
         ),
+        DerivedModel(
+            name="smollm2-135m-moe16",
+            base="smollm2-135m",
+            builder="moefy",
+            family="qwen2_moe",
+            parameters="135M",
+            description="smollm2-135m-moe's recipe with sparser routing, as large MoEs route: 16 routed experts of 80 "
+            "channels, 4 per token (a quarter of the routed channels), beside the same shared expert of 256",
+            options=(("experts", 16), ("top_k", 4), ("shared", 256), ("data", "wiki:0.34,code:0.33,legal:0.33"),
+                     ("nsamples", 512), ("seqlen", 64), ("seed", 1234)),
+        ),
     )
 }
 
