@@ -9,7 +9,7 @@ Cells:
 - ``dense/MODEL``: perplexity of ``smollm2-135m`` or ``smollm2-135m-moe`` unpruned;
 - ``SCORE/LEVEL/CALIBRATION``, e.g. ``reap/0.5/code``: ``--structure experts`` with that score removing LEVEL of the
   routed experts of every layer, calibrated on ``--nsamples`` x ``--seqlen`` windows of that corpus; perplexity on
-  every evaluation set and prune seconds;
+  every evaluation set and prune seconds (``frequency+merge/...``: the removed experts merged into kept ones);
 - ``inside/SCORE/STRUCTURE/CALIBRATION``, e.g. ``inside/wanda/0.5/code`` or ``inside/sparsegpt/2:4/wiki``: a
   weight-level prune of every linear, the routed experts' matrices included (each expert from the tokens routed to
   it), at 50% (N:M: its own share);
@@ -42,7 +42,7 @@ DOMAINS = ("wiki", "code", "legal")
 
 
 def grid(args) -> list[str]:
-    cells = ["build", f"dense/{DENSE}", f"dense/{MOE}"]
+    cells = ["build", f"dense/{DENSE}", f"dense/{args.model}"]
     return cells + [f"{s}/{lv}/{c}" for lv in args.levels for c in args.calibrations for s in args.scores]
 
 
@@ -75,7 +75,7 @@ def run_cell(args, cell: str) -> dict:
     from prunewise.recipe import make_recipe
 
     if cell == "build":
-        moe, tok = load_model(MOE)
+        moe, tok = load_model(args.model)
         dense, _ = load_model(DENSE)
         ids = torch.randint(5, tok.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0))
         experts = moe.config.num_experts
@@ -101,8 +101,10 @@ def run_cell(args, cell: str) -> dict:
     if cell.startswith(("inside/", "stun/")):
         return _weight_level_cell(args, cell)
     score, level, calibration = cell.split("/")
-    recipe = make_recipe(model=MOE, score=score, structure="experts", sparsity=float(level), calibration=calibration,
-                         nsamples=args.nsamples, seqlen=args.seqlen, evaluation=args.eval, eval_tokens=args.eval_tokens)
+    score, _, merge = score.partition("+")  # e.g. frequency+merge: removed experts merged into kept ones
+    recipe = make_recipe(model=args.model, score=score, structure="experts", sparsity=float(level),
+                         calibration=calibration, nsamples=args.nsamples, seqlen=args.seqlen, evaluation=args.eval,
+                         eval_tokens=args.eval_tokens, compensation=[merge] if merge else [])
     model, tok = load_model(recipe.model)
     t0 = time.perf_counter()
     result = prune(recipe, model, tok, progress=False)
@@ -121,9 +123,9 @@ def _weight_level_cell(args, cell: str) -> dict:
     from prunewise.recipe import make_recipe
 
     kind, score, what, calibration = cell.split("/")
-    common = dict(model=MOE, calibration=calibration, nsamples=args.nsamples, seqlen=args.seqlen,
+    common = dict(model=args.model, calibration=calibration, nsamples=args.nsamples, seqlen=args.seqlen,
                   evaluation=args.eval, eval_tokens=args.eval_tokens)
-    model, tok = load_model(MOE)
+    model, tok = load_model(args.model)
     before = sum(w.numel() for w in prunable_weights(model).values())
     t0 = time.perf_counter()
     out = {"cell": cell}
@@ -150,7 +152,7 @@ def _weight_level_cell(args, cell: str) -> dict:
 
 def write_table(results: dict, out: Path, args) -> None:
     cells = results["cells"]
-    lines = [f"# Expert pruning on {MOE}", "", f"`{results.get('command', '')}`", "",
+    lines = [f"# Expert pruning on {args.model}", "", f"`{results.get('command', '')}`", "",
              f"{args.nsamples} x {args.seqlen} calibration windows; perplexity on {args.eval_tokens} tokens of each "
              f"set ({', '.join(args.eval)}); {results.get('threads')} threads.", ""]
     build = cells.get("build")
@@ -209,6 +211,7 @@ def main() -> None:
     ap.add_argument("--scores", nargs="+", default=["frequency", "reap", "ean", "easyep"])
     ap.add_argument("--levels", nargs="+", default=["0.5"])
     ap.add_argument("--calibrations", nargs="+", default=list(DOMAINS))
+    ap.add_argument("--model", default=MOE, help="the MoE to prune (smollm2-135m-moe16: 16 experts, 4 per token)")
     add_cell_args(ap, HERE / "results" / "moe.json", "build, dense/MODEL or SCORE/LEVEL/CALIBRATION")
     args = ap.parse_args()
     results = start(args, run_cell, ("nsamples", "seqlen", "eval_tokens", "eval"))
@@ -216,7 +219,7 @@ def main() -> None:
         return
     out = Path(args.out)
     cells = args.cells or grid(args)
-    keys = ("nsamples", "seqlen", "eval_tokens", "eval")  # the children evaluate on the sets asked here
+    keys = ("nsamples", "seqlen", "eval_tokens", "eval", "model")  # the children evaluate on the sets asked here
     run_missing(results, out, cells, __file__, args, keys, lambda r: r["cell"])
     write_table(results, out, args)
     print(out.with_suffix(".md").read_text())

@@ -216,6 +216,46 @@ def test_easyep_weighs_each_routed_token_by_how_much_the_moe_sublayer_turns_its_
     assert bool((want > 0).sum() >= 4)
 
 
+def test_merge_assigns_each_reached_removed_expert_to_the_kept_one_with_the_most_alike_mean_output():
+    from prunewise.compensation.merge import MergeCompensation
+
+    stats = ExpertStats(5)
+    stats.counts = torch.tensor([4.0, 2.0, 0.0, 3.0, 1.0], dtype=torch.float64)
+    mean = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.1, 1.0], [1.0, -0.2]], dtype=torch.float64)
+    stats.output_sum = mean * stats.counts.unsqueeze(1)
+    groups = MergeCompensation.assign(stats, keep=torch.tensor([0, 1]), removed=torch.tensor([2, 3, 4]))
+    assert groups == {0: [4], 1: [3]}  # expert 2 no token reached: dropped, not merged
+
+
+def test_merge_makes_each_kept_expert_the_token_weighted_average_of_its_group(tmp_path):
+    from prunewise.api import prune
+
+    model = tiny_moe("qwen3_moe")
+    adapter = get_adapter(model)
+    dense = [{n: getattr(adapter.experts_of(b), n).clone() for n in ("gate_up_proj", "down_proj")}
+             for b in adapter.blocks(model)]
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    result = prune(make_recipe(model=str(tmp_path / "m"), calibration=write_paragraphs(tmp_path / "c.txt", 1),
+                               nsamples=4, seqlen=32, evaluation=[], structure="experts", score="frequency",
+                               sparsity=0.5, compensation=["merge"]), progress=False)
+    merges = 0
+    for i, layer in enumerate(result.report["structured"]["experts"]["layers"]):
+        merged = {int(r): k for r, k in layer["merged"].items()}
+        assert set(merged) == {r for r in layer["removed"] if layer["usage"][r] > 0}
+        counts = torch.tensor(layer["usage"], dtype=torch.float64)  # shares of the routing slots: tokens / const
+        keep = [j for j in range(8) if j not in layer["removed"]]
+        experts = adapter.experts_of(adapter.blocks(result.model)[i])
+        for slot, k in enumerate(keep):
+            members = [k] + [r for r, into in merged.items() if into == k]
+            merges += len(members) - 1
+            w = counts[members] / counts[members].sum()
+            for name in ("gate_up_proj", "down_proj"):
+                want = sum(wi * dense[i][name][m].double() for wi, m in zip(w.tolist(), members))
+                assert torch.allclose(getattr(experts, name)[slot].double(), want, atol=1e-6), (i, k, name)
+    assert merges >= 4
+
+
 def test_experts_on_a_dense_model_is_refused_in_one_line(tiny_folder):
     from prunewise.api import prune
 

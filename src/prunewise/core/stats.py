@@ -178,7 +178,8 @@ class ExpertStats:
     routing weights ``g_j(x)`` the layer's forward applies: top-k, renormalised where the family does),
     ``norm`` (``||f_j(x)||``, the expert's output before its gate), ``gated_norm`` (``g_j(x) ||f_j(x)||``) and
     ``changed_norm`` (``g_j(x) ||f_j(x)|| s(x)``, ``s(x)`` how much the MoE sublayer turns the token's residual
-    stream: :meth:`weigh_tokens`); ``tokens`` counts every token of the layer.
+    stream: :meth:`weigh_tokens`) and ``output_sum`` (``sum f_j(x)``, [E, H]: the expert's mean output, HC-SMoE's
+    feature for which experts are alike); ``tokens`` counts every token of the layer.
     """
 
     def __init__(self, n_experts: int) -> None:
@@ -187,6 +188,7 @@ class ExpertStats:
         self.norm = torch.zeros(n_experts, dtype=torch.float64)
         self.gated_norm = torch.zeros(n_experts, dtype=torch.float64)
         self.changed_norm = torch.zeros(n_experts, dtype=torch.float64)
+        self.output_sum: torch.Tensor | None = None  # [E, H]: sum of f_j(x) over the tokens routed to j
         self.tokens = 0
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (j, tokens, g ||f||) of the last call
 
@@ -202,7 +204,11 @@ class ExpertStats:
                 continue
             token, slot = torch.where(index == j)
             g = weights[token, slot].double()
-            norm = output(j, x[token]).double().norm(dim=-1)
+            out = output(j, x[token]).double()
+            norm = out.norm(dim=-1)
+            if self.output_sum is None:
+                self.output_sum = torch.zeros(self.n_experts, out.shape[-1], dtype=torch.float64)
+            self.output_sum[j] += out.sum(0).cpu()
             self.counts[j] += token.numel()
             self.gate[j] += g.sum()
             self.norm[j] += norm.sum()

@@ -335,6 +335,22 @@ class ArchitectureAdapter:
             if hasattr(owner, "num_experts"):
                 owner.num_experts = int(keep.numel())
 
+    @torch.no_grad()
+    def merge_experts(self, block: nn.Module, groups: dict[int, list[int]], counts: torch.Tensor) -> None:
+        """For each kept expert ``k`` with ``groups[k]`` to merge into it: its matrices become the ``counts``-weighted
+        average of its own and theirs (every fused tensor of an expert, one index each; router rows unchanged)."""
+        experts = self.experts_of(block)
+        for k, merged in groups.items():
+            if not merged:
+                continue
+            members = [k, *merged]
+            weights = counts[members].double()
+            weights = weights / weights.sum()
+            for name in ("gate_up_proj", "down_proj"):
+                t = getattr(experts, name)
+                average = sum(w * t[m].double() for w, m in zip(weights.tolist(), members))
+                t[k] = average.to(t.dtype)
+
     def set_expert_count(self, model: nn.Module, n: int) -> None:
         setattr(model.config.get_text_config(), self.moe.count_key, int(n))
 

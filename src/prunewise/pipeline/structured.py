@@ -321,6 +321,7 @@ def _prune_experts(model: nn.Module, adapter, recipe, windows: torch.Tensor | No
     With ``stream`` the pass reads each block from the shards; then each block is read again, sliced and written."""
     parts = recipe.parts()
     score = parts.score
+    merge = parts.compensation_named("merge")
     count, remove, top_k = check_experts(model, adapter, float(recipe.sparsity))
     if windows is None:
         raise PrunewiseError(f"the {score.name} score ranks experts from calibration data; give --calibration")
@@ -350,6 +351,10 @@ def _prune_experts(model: nn.Module, adapter, recipe, windows: torch.Tensor | No
         scores = score.expert_scores(stats).double()
         removed = _lowest(scores, remove, adapter.router_groups(model)[0])
         keep = torch.tensor([j for j in range(count) if j not in set(removed.tolist())], dtype=torch.long)
+        merged = {}
+        if merge is not None:  # removed experts folded into the most alike kept ones before they are sliced away
+            merged = merge.assign(stats, keep, removed)
+            adapter.merge_experts(block, merged, stats.counts)
         adapter.keep_experts(block, keep)
         if stream is not None:
             stream.done(block, write=True)
@@ -358,7 +363,8 @@ def _prune_experts(model: nn.Module, adapter, recipe, windows: torch.Tensor | No
         modules[name], numels[name] = remove / count, per_expert[i] * count
         layers.append({"block": i, "removed": removed.tolist(), "tokens": stats.tokens,
                        "usage": (stats.counts / max(stats.tokens * top_k, 1)).tolist(),
-                       "scores": [round(float(v), 6) for v in scores], "unreached": int((stats.counts == 0).sum())})
+                       "scores": [round(float(v), 6) for v in scores], "unreached": int((stats.counts == 0).sum()),
+                       **({"merged": {str(r): k for k, rs in merged.items() for r in rs}} if merge is not None else {})})
     adapter.set_expert_count(model, count - remove)
     after = count_params(model, adapter)
     targeted = sum(numels.values())

@@ -117,7 +117,7 @@ class Experts(Structured):
     key = "experts"
     description = ("whole routed experts of every mixture-of-experts layer (--sparsity: the share of them), ranked by "
                    "an expert score on the calibration data: frequency, reap, ean")
-    works_with = {"score": ("frequency", "reap", "ean", "easyep"), "allocation": ("uniform",), "compensation": ()}
+    works_with = {"score": ("frequency", "reap", "ean", "easyep"), "allocation": ("uniform",), "compensation": ("merge",)}
     hint = ("experts are ranked by an expert score (frequency, reap, ean), the same count removed from every MoE "
             "layer (one count in a stock config)")
 
