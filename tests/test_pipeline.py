@@ -25,10 +25,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def test_every_axis_has_its_parts_and_the_listing_names_them():
     expected = {"score": {"magnitude", "wanda", "sparsegpt", "gblm", "fluctuation", "taylor", "frequency", "reap", "ean",
-                          "ria"},
+                          "easyep", "ria"},
                 "structure": {"unstructured", "n:m", "channels", "heads", "width", "sublayers", "blocks", "experts"},
                 "allocation": {"uniform", "global", "owl", "profile", "search"},
-                "compensation": {"obs", "bias", "dsnot", "eora", "alps", "admm", "refit"}, "recovery": {"lora", "distill"}}
+                "compensation": {"obs", "bias", "dsnot", "eora", "alps", "admm", "refit", "merge"}, "recovery": {"lora", "distill"}}
     for axis, names in expected.items():
         assert set(REGISTRIES[axis].names()) == names, axis
     text = listing()
@@ -46,7 +46,7 @@ def test_every_axis_has_its_parts_and_the_listing_names_them():
                                                    "width, not 2:4"),
     ({"allocation": {"name": "owl", "lambda": 0.7}}, "allocation owl: lambda: Input should be less than 0.5"),
     ({"score": {"name": "wanda", "damp": 0.1}}, "score wanda: damp: Extra inputs are not permitted"),
-    ({"compensation": ["lora"]}, "unknown compensation 'lora'; choose one of: admm, alps, bias, dsnot, eora, obs, refit"),
+    ({"compensation": ["lora"]}, "unknown compensation 'lora'; choose one of: admm, alps, bias, dsnot, eora, merge, obs, refit"),
     ({"structure": "width", "compensation": ["dsnot"]}, "compensation dsnot works with structure unstructured, n:m, not width"),
     ({"compensation": ["dsnot:7"]}, "write options as dsnot:OPTION=VALUE"),
 ])
