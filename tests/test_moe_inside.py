@@ -283,3 +283,23 @@ def test_experts_removed_from_a_streamed_checkpoint_equal_the_in_memory_prune_an
                            json.dumps([[str(out), str(tmp_path / "l.pt")]])], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (torch.load(tmp_path / "l.pt")["logits"] - _logits(memory.model, ids)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("extra", [{"score": "gblm"}, {"score": "wanda", "compensation": ["dsnot"]},
+                                   {"score": "wanda", "allocation": "owl"}])
+def test_gradients_refinement_and_allocation_work_inside_the_experts(tmp_path, extra):
+    """Parts beyond the statistics: GBLM's gradients (zero for the experts no window reaches), DSnoT's refinement
+    and OWL's per-layer levels, on the planted model whose experts 1, 4 and 6 see no token."""
+    from prunewise.api import prune
+
+    model = planted_unreachable()
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    result = prune(make_recipe(model=str(tmp_path / "m"), calibration=write_paragraphs(tmp_path / "c.txt", 1),
+                               nsamples=4, seqlen=32, evaluation=[], sparsity=0.5, **extra), progress=False)
+    weights = prunable_weights(result.model)
+    experts = {n: float((w == 0).float().mean()) for n, w in weights.items() if ".experts." in n}
+    assert len(experts) == 2 * 8 * 3 and len(result.report["walk"]["unreached"]) == 2 * 3 * 3
+    assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    planned = result.report["modules"]
+    assert all(experts[n] == pytest.approx(planned[n]["planned"], abs=0.02) for n in experts)

@@ -67,6 +67,8 @@ class DSnoTCompensation(Compensation):
         cfg = self.config
         if cfg.skip != "none" and kind == cfg.skip:
             return mask, {}
+        if stats is not None and not stats.reached:  # no calibration token reached it: nothing to refine against
+            return mask, {"unreached": True}
         if stats is None or stats.sum is None or stats.window_var is None or not stats.windows:
             raise PrunewiseError(f"dsnot on {module} needs input means and variances from calibration data")
         t0 = time.perf_counter()

@@ -76,7 +76,9 @@ def _summed(model: nn.Module, adapter, windows: torch.Tensor, chunk_size: int, p
             if not torch.isfinite(loss):
                 raise PrunewiseError("the language-model loss on the calibration data is not finite; check the weights")
             loss.backward()
-        grads = {key: lin.weight.grad.detach().clone() for key, lin in linears.items()}
+        # a linear no window reached (a routed expert the router never chose) has a zero gradient
+        grads = {key: lin.weight.grad.detach().clone() if lin.weight.grad is not None
+                 else torch.zeros_like(lin.weight) for key, lin in linears.items()}
     finally:
         for p, flag in before.items():
             p.grad = None
@@ -108,7 +110,8 @@ def _per_sample_l2(model: nn.Module, adapter, windows: torch.Tensor, progress: b
                 raise PrunewiseError("the language-model loss on the calibration data is not finite; check the weights")
             loss.backward()
             for key, lin in linears.items():
-                sums[key] += lin.weight.grad.float().pow(2)
+                if lin.weight.grad is not None:  # None: this window reached no token of it (a routed expert)
+                    sums[key] += lin.weight.grad.float().pow(2)
                 lin.weight.grad = None
     finally:
         for p, flag in before.items():
