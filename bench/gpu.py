@@ -2,7 +2,8 @@
 
 One short script for a session that is lent a GPU (CI never has one; this machine has none, so it refuses
 ``--device cuda`` with one line). For each model (smollm2-135m, qwen2.5-coder-0.5b) and score (Wanda 50%,
-SparseGPT 50%): the prune on the device in bf16 and on the CPU in fp32 on the same calibration windows,
+SparseGPT 50%; and the real-weight MoE smollm2-135m-moe, every linear and every routed expert's matrices): the prune
+on the device in bf16 and on the CPU in fp32 on the same calibration windows,
 wiki-test perplexity of each, the share of mask entries that differ, and the seconds. Then the random
 Llama-2-7B-shaped bf16 checkpoint (``bench/scale.py``'s fixture) pruned with Wanda 50% streamed from disk
 through the device: peak device memory against one block's bytes, and seconds per block. JSON and a table.
@@ -103,7 +104,8 @@ def write_table(results: dict, path: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--models", nargs="*", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
+    # smollm2-135m-moe: the real-weight MoE (built on first use), pruned inside its fused experts on the device
+    ap.add_argument("--models", nargs="*", default=["smollm2-135m", "qwen2.5-coder-0.5b", "smollm2-135m-moe"])
     ap.add_argument("--scores", nargs="*", default=["wanda", "sparsegpt"])
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--eval-tokens", type=int, default=16384)
