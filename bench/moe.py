@@ -194,6 +194,16 @@ def write_table(results: dict, out: Path, args) -> None:
                              f"on {t}; mean log-ppl over all sets REAP "
                              f"{sum(math.log(v) for v in r['perplexity'].values()) / len(r['perplexity']):.4f}, frequency "
                              f"{sum(math.log(v) for v in f['perplexity'].values()) / len(f['perplexity']):.4f}")
+    for name, a in cells.items():  # weight-level inside the experts, and STUN: the same comparison
+        if not name.startswith(("inside/", "stun/")) or name.endswith("/wiki"):
+            continue
+        domain = name.rsplit("/", 1)[1]
+        b = cells.get(name.rsplit("/", 1)[0] + "/wiki")
+        if b and domain in OWN_TEST:
+            t = OWN_TEST[domain]
+            gain = 1 - a["perplexity"][t] / b["perplexity"][t]
+            lines.append(f"- {name.rsplit('/', 1)[0]}: {domain}-calibrated {a['perplexity'][t]:.2f} vs wiki-calibrated "
+                         f"{b['perplexity'][t]:.2f} on {t} ({gain:+.1%} lower)")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
