@@ -326,6 +326,8 @@ def test_moe_refusals_come_before_any_work_in_memory_and_streamed(moe_folder, tm
     with pytest.raises(PrunewiseError, match="shared expert"):
         run(make_recipe(**fields, structure="experts", score="reap", sparsity=0.5, targets="shared_experts"),
             progress=False)
+    with pytest.raises(PrunewiseError, match="--budget is not supported with --structure experts"):
+        run(make_recipe(**fields, structure="experts", score="reap", budget="remove_params=1000"), progress=False)
     if offload == "disk":
         with pytest.raises(PrunewiseError, match="does not stream from disk yet"):
             run(make_recipe(**fields, score="wanda", sparsity=0.5), progress=False)

@@ -203,9 +203,11 @@ class ExpertStats:
             if not 0 <= j < self.n_experts:
                 continue
             token, slot = torch.where(index == j)
-            g = weights[token, slot].double()
             out = output(j, x[token]).double()
-            norm = out.norm(dim=-1)
+            # the sums live on the CPU whatever device computes (a GPU walk adds its per-expert results here)
+            g = weights[token, slot].double().cpu()
+            norm = out.norm(dim=-1).cpu()
+            token = token.cpu()
             if self.output_sum is None:
                 self.output_sum = torch.zeros(self.n_experts, out.shape[-1], dtype=torch.float64)
             self.output_sum[j] += out.sum(0).cpu()
@@ -220,7 +222,7 @@ class ExpertStats:
         the residual stream entering the MoE sublayer and ``h'`` leaving it): ``changed_norm[j] += sum g ||f|| s``."""
         change = change.double().cpu()
         for j, token, contribution in self._pending:
-            self.changed_norm[j] += (contribution * change[token.cpu()]).sum()
+            self.changed_norm[j] += (contribution * change[token]).sum()
         self._pending = []
 
     def check_finite(self, where: str) -> None:

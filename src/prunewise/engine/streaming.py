@@ -117,9 +117,9 @@ class ShardWriter:
         (self.folder / INDEX).write_text(json.dumps(index, indent=2))
 
 
-# A block stored in more bytes than this is not read ahead: a MoE block (OLMoE-1B-7B's: 0.84 GB in bf16, 1.7 GB
-# computing in float32 on a CPU) would otherwise have its successor's copy add half again to the peak; a dense 7B
-# block (0.4 GB) is still prefetched
+# A block with routed experts stored in more bytes than this is not read ahead: a MoE block (OLMoE-1B-7B's: 0.84 GB
+# in bf16, 1.7 GB computing in float32 on a CPU) would otherwise have its successor's copy add half again to the peak;
+# dense blocks are always prefetched, as before
 PREFETCH_MAX_BYTES = 512 << 20
 
 
@@ -170,7 +170,8 @@ class Stream:
             if self._pending is not None:
                 self._pending[1].result()  # never two reads at once
             data = self._read(module)
-        if prefetch is not None and self._stored_bytes(prefetch) > PREFETCH_MAX_BYTES:
+        if prefetch is not None and self.adapter.experts_of(prefetch) is not None and \
+                self._stored_bytes(prefetch) > PREFETCH_MAX_BYTES:
             prefetch = None  # read when reached: its copy beside the computing block would be the peak's largest part
         self._pending = (prefetch, self._reader.submit(self._read, prefetch)) if prefetch is not None else None
         self.bytes_read += sum(t.numel() * t.element_size() for t in data.values())

@@ -82,6 +82,10 @@ def check_moe_targets(model: nn.Module, adapter, recipe, parts, stream=None) -> 
     structure = parts.structure
     prefix = adapter.block_prefix(model)
     if structure.key == "experts":
+        if recipe.budget:
+            raise PrunewiseError("--budget is not supported with --structure experts yet (a budget counts every targeted "
+                                 "weight, the experts structure removes a share of the routed experts); give --sparsity, "
+                                 "the share of routed experts to remove")
         for name in adapter.moe.shared:
             if recipe.targets != ".*" and re.search(recipe.targets, f"{prefix}.0.{name}"):
                 raise PrunewiseError(f"--targets {recipe.targets!r} names the shared expert ({name}), which is not a "
