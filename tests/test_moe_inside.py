@@ -218,7 +218,7 @@ def test_what_cannot_run_inside_fused_experts_is_refused_in_one_line(moe_folder)
     model = tiny_moe("olmoe")
     recipe = make_recipe(**fields)
     with pytest.raises(PrunewiseError, match="does not stream from disk yet"):
-        check_moe_targets(model, get_adapter(model), recipe, recipe.parts(), stream=object())
+        check_moe_targets(model, get_adapter(model), recipe, recipe.parts(), streamed=True)
     assert check_moe_targets(model, get_adapter(model), make_recipe(**fields, ignore="experts"), recipe.parts()) is False
 
 

@@ -484,9 +484,8 @@ class SequentialEngine:
         order when nothing outside the linear's own expert changed during the pass (the routing stays as it was).
         They get :meth:`LinearStats.unreached` statistics: every input-aware score ranks their weights by magnitude and
         a reconstruction leaves their kept weights as they are. The engine lists them in ``unreached``."""
-        group = self.adapter.expert_group
         for name in [n for n in pending if n not in self._called]:
-            if self.sequential and any(group(p) is None or group(p) == group(name) for p in self._stale):
+            if self.sequential and any(self.adapter.depends(name, p) for p in self._stale):
                 continue
             linear = linears[name]
             log.info("block %d %s: no calibration token reaches it; pruned by weight magnitude", index, name)
@@ -495,13 +494,6 @@ class SequentialEngine:
                         LinearStats.unreached(linear.in_features, pending[name], device=linear.weight.device),
                         pending[name])
             del pending[name]
-
-    def _clean(self, name: str, called: list[str], stale: set[str]) -> bool:
-        """Whether ``name``'s inputs are final: no linear it depends on (called before it in this chunk, not of
-        another expert of the layer: experts read the same input, never each other's outputs) is still stale."""
-        group = self.adapter.expert_group(name)
-        return not any(p in stale for p in called
-                       if group is None or (other := self.adapter.expert_group(p)) is None or other == group)
 
     @staticmethod
     def _share_or_open(name, x, sibling, stats, owner, asked, pending) -> None:
@@ -543,7 +535,9 @@ class SequentialEngine:
                     if sibling is not None and sibling in collecting:
                         collecting[name] = collecting[sibling]   # same input: same cleanliness
                     else:
-                        collecting[name] = not self.sequential or self._clean(name, called, stale_in_pass)
+                        # clean: no linear called before it in this chunk that it depends on is still stale
+                        collecting[name] = not self.sequential or not any(
+                            p in stale_in_pass and self.adapter.depends(name, p) for p in called)
                     if collecting[name]:
                         # (a sequential sibling may be visited and out of ``pending`` already: compare what it asked)
                         self._share_or_open(name, x, sibling, stats, owner, asked, pending)

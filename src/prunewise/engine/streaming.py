@@ -154,11 +154,11 @@ class Stream:
         for full, per_expert in fused.items():  # expert by expert into one tensor: never all the pieces beside it
             whole = None
             for e, names in enumerate(per_expert):
-                pieces = self.tensors.read(names)
-                part = torch.cat([pieces[n] for n in names]) if len(names) > 1 else pieces[names[0]]
+                read = self.tensors.read(names)
+                pieces = [read[n] for n in names]
                 if whole is None:
-                    whole = part.new_empty(len(per_expert), *part.shape)
-                whole[e] = part
+                    whole = pieces[0].new_empty(len(per_expert), sum(p.shape[0] for p in pieces), *pieces[0].shape[1:])
+                torch.cat(pieces, out=whole[e])  # gate rows, then up rows, straight into place
             out[full] = whole
         return out
 
@@ -178,7 +178,7 @@ class Stream:
         materialize(module, self.names[id(module)], data, self.dtype)
 
     def _stored_bytes(self, module: nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters()) * torch.empty(0, dtype=self.dtype).element_size()
+        return sum(p.numel() for p in module.parameters()) * self.dtype.itemsize
 
     def done(self, module: nn.Module, write: bool) -> None:
         """After a module's passes: written out (``write``, with its zeros counted) and released."""

@@ -7,6 +7,7 @@ Adding a model family means adding one entry to ``ADAPTERS``. Everything else in
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunewiseError
-from .experts import EXPERT_LINEARS, UnfusedExperts, expert_views, refuse, unfuse
+from .experts import EXPERT_LINEARS, UnfusedExperts, expert_matrices, expert_views, refuse, unfuse
 
 LLAMA_LINEARS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -217,25 +218,31 @@ class ArchitectureAdapter:
         gate, up, down = self.moe.disk_parts
         parts = (gate, up) if leaf == "gate_up_proj" else (down,)
         out = []
-        for e in range(1 << 20):
+        for e in itertools.count():
             names = [f"{head}.{self.moe.disk_experts}.{e}.{part}.weight" for part in parts]
             if names[0] not in present:
-                break
+                return out or None
             out.append(names)
-        return out or None
+
+    def in_routed_expert(self, name: str) -> bool:
+        """Whether ``name`` (relative to a block) is a routed expert's matrix, ``mlp.experts.{e}.gate_proj`` ..."""
+        return self.moe is not None and name.startswith(f"{self.moe.experts}.")
 
     def expert_group(self, name: str) -> tuple | None:
         """For a linear name inside a block: which routed expert (``("expert", e)``) or shared expert (``("shared",)``)
         it belongs to, else None. Linears of two different groups read the same MoE input and never each other's
         outputs, so one being pruned does not make the other's inputs stale."""
-        if self.moe is None:
-            return None
-        head = f"{self.moe.experts}."
-        if name.startswith(head):
-            return ("expert", name[len(head):].split(".", 1)[0])
-        if any(name.startswith(f"{s}.") for s in self.moe.shared):
+        if self.in_routed_expert(name):
+            return ("expert", name[len(self.moe.experts) + 1:].split(".", 1)[0])
+        if self.moe is not None and any(name.startswith(f"{s}.") for s in self.moe.shared):
             return ("shared",)
         return None
+
+    def depends(self, name: str, earlier: str) -> bool:
+        """Whether linear ``earlier``, called before ``name`` in a block, can change ``name``'s inputs: always, unless
+        both belong to different experts of the MoE layer (routed or shared: all read the layer's input)."""
+        group, other = self.expert_group(name), self.expert_group(earlier)
+        return group is None or other is None or group == other
 
     def mid_norm(self, block: nn.Module) -> nn.Module:
         """The norm that reads the residual stream after the attention sublayer (its input is ``h + attn(h)``)."""
@@ -307,8 +314,7 @@ class ArchitectureAdapter:
     @staticmethod
     def expert_matrices(experts: nn.Module, e: int) -> dict[str, torch.Tensor]:
         """Expert ``e``'s weights as linear-shaped views: gate and up [I, H], down [H, I]."""
-        gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
-        return {"gate": gate, "up": up, "down": experts.down_proj[e]}
+        return dict(zip(("gate", "up", "down"), expert_matrices(experts, e)))
 
     @staticmethod
     def expert_output(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:

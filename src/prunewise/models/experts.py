@@ -33,6 +33,13 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
     return linear
 
 
+def expert_matrices(fused: nn.Module, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert ``e``'s gate, up and down matrices as views of the fused tensors, [out, in] as linears hold them: gate
+    and up [I, H] (the first and second half of ``gate_up_proj[e]``'s rows), down [H, I]."""
+    gate, up = fused.gate_up_proj[e].chunk(2, dim=0)
+    return gate, up, fused.down_proj[e]
+
+
 class UnfusedExperts(nn.ModuleList):
     """A fused experts module's experts as linears (``self[e].gate_proj`` ...), with the stock forward's arithmetic:
     ``experts(hidden_states, top_k_index, top_k_weights)``, each routed token through its experts' SwiGLU, scaled by
@@ -40,8 +47,7 @@ class UnfusedExperts(nn.ModuleList):
     are shared)."""
 
     def __init__(self, fused: nn.Module) -> None:
-        gate, up = fused.gate_up_proj.detach().chunk(2, dim=1)
-        super().__init__(_Expert(gate[e], up[e], fused.down_proj[e]) for e in range(fused.gate_up_proj.shape[0]))
+        super().__init__(_Expert(*expert_matrices(fused, e)) for e in range(fused.gate_up_proj.shape[0]))
         self.num_experts = len(self)
         # the stock module to restore and its activation (in lists: not children, the list holds the experts only)
         self.fused = [fused]
@@ -88,10 +94,5 @@ def refuse(unfused: UnfusedExperts) -> nn.Module:
 def expert_views(fused: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """``{prefix}.{e}.gate_proj`` ... -> views of the fused tensors, [out, in] as the linears hold them (a mask filled
     in place into a view lands in the fused parameter)."""
-    intermediate = fused.gate_up_proj.shape[1] // 2
-    out = {}
-    for e in range(fused.gate_up_proj.shape[0]):
-        out[f"{prefix}.{e}.gate_proj"] = fused.gate_up_proj[e, :intermediate]
-        out[f"{prefix}.{e}.up_proj"] = fused.gate_up_proj[e, intermediate:]
-        out[f"{prefix}.{e}.down_proj"] = fused.down_proj[e]
-    return out
+    return {f"{prefix}.{e}.{part}": matrix for e in range(fused.gate_up_proj.shape[0])
+            for part, matrix in zip(EXPERT_LINEARS, expert_matrices(fused, e))}

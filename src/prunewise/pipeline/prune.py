@@ -72,7 +72,7 @@ def targeted_numels(model: nn.Module, recipe) -> dict[str, int]:
     return keep
 
 
-def check_moe_targets(model: nn.Module, adapter, recipe, parts, stream=None) -> bool:
+def check_moe_targets(model: nn.Module, adapter, recipe, parts, streamed: bool = False) -> bool:
     """On a mixture-of-experts model: whether a weight-level run reaches inside the routed experts (its targets name
     their matrices, ``mlp.experts.{e}.gate_proj`` ...; the default targets do), refusing in one line what cannot run
     there yet (a low-rank correction, a model streamed from disk); the experts structure never removes a shared
@@ -93,10 +93,10 @@ def check_moe_targets(model: nn.Module, adapter, recipe, parts, stream=None) -> 
         return False
     if not structure.weight_level:
         return False
-    inside = any(re.search(recipe.targets, n) and not (recipe.ignore and re.search(recipe.ignore, n))
-                 for n in prunable_weights(model)
-                 if (adapter.expert_group(n[len(prefix) + 1:].partition(".")[2]) or ("",))[0] == "expert")
-    if inside and stream is not None:
+    routed = [f"{prefix}.{i}.{name}" for i, block in enumerate(adapter.blocks(model)) for name in adapter.weights(block)
+              if adapter.in_routed_expert(name)]
+    inside = any(re.search(recipe.targets, n) and not (recipe.ignore and re.search(recipe.ignore, n)) for n in routed)
+    if inside and streamed:
         raise PrunewiseError(f"{structure.name} pruning inside the routed experts does not stream from disk yet; "
                              "load the model in memory (drop --offload disk), remove whole experts with --structure "
                              f"experts, or prune the other linears with --ignore {adapter.moe.experts!r}")
@@ -193,7 +193,7 @@ def prune(recipe, model: nn.Module | None = None, tokenizer=None, progress: bool
     adapter = get_adapter(model)
     parts = recipe.parts()
     # inside routed experts the walk sees each expert's matrices as linears; they are fused back before returning
-    inside = check_moe_targets(model, adapter, recipe, parts, stream)
+    inside = check_moe_targets(model, adapter, recipe, parts, streamed=stream is not None)
     with adapter.unfused(model) if inside else contextlib.nullcontext():
         return _prune(recipe, model, tokenizer, progress, stream, adapter, parts)
 

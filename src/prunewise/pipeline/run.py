@@ -113,7 +113,7 @@ def check_model_fits(recipe, model, streamed: bool = False) -> None:
 
     parts = recipe.parts()
     adapter = get_adapter(model)
-    check_moe_targets(model, adapter, recipe, parts, stream=True if streamed else None)
+    check_moe_targets(model, adapter, recipe, parts, streamed)
     if parts.structure.key == "experts":
         check_experts(model, adapter, float(recipe.sparsity))
     numels = targeted_numels(model, recipe)

@@ -350,7 +350,9 @@ def _prune_experts(model: nn.Module, adapter, recipe, windows: torch.Tensor | No
             continue
         scores = score.expert_scores(stats).double()
         removed = _lowest(scores, remove, adapter.router_groups(model)[0])
-        keep = torch.tensor([j for j in range(count) if j not in set(removed.tolist())], dtype=torch.long)
+        kept = torch.ones(count, dtype=torch.bool)
+        kept[removed] = False
+        keep = kept.nonzero().flatten()
         merged = {}
         if merge is not None:  # removed experts folded into the most alike kept ones before they are sliced away
             merged = merge.assign(stats, keep, removed)
