@@ -40,6 +40,8 @@ PRUNE_FLAGS = {  # flag -> (recipe field, type, help)
     "--profile-unit": ("profile_unit", str, "profile allocation: block (one level per block, default) | module"),
     "--calibration": ("calibration", str, "calibration data: wiki, code, a .txt/.jsonl file, ..., "
                                           "or a mixture SOURCE:WEIGHT,... (e.g. code:0.7,wiki:0.3)"),
+    "--general-calibration": ("general_calibration", str, "dpruner: general (open-domain) calibration data, any "
+                                                          "--calibration spec (default wiki); --calibration is the domain"),
     "--nsamples": ("nsamples", int, "calibration windows"),
     "--seqlen": ("seqlen", int, "tokens per calibration window"),
     "--seed": ("seed", int, "seed of the calibration windows"),

@@ -210,6 +210,9 @@ class Recipe(BaseModel):
     plan: str | None = Field(None, description="a plan.json to reuse instead of allocating")
     calibration: str | list[MixtureItem] = Field(
         "wiki", description="a corpus spec, or a mixture: a list of {source, weight} (or 'code:0.7,wiki:0.3')")
+    general_calibration: str | list[MixtureItem] | None = Field(
+        None, description="D-Pruner's general (open-domain) calibration data, any calibration spec; default wiki "
+                          "(only for scores that read it)")
     nsamples: int = Field(64, ge=1)
     seqlen: int = Field(512, ge=2)
     seed: int = 0
@@ -252,9 +255,11 @@ class Recipe(BaseModel):
     def _axes(cls, data):
         return _normalise(data) if isinstance(data, dict) else data
 
-    @field_validator("calibration", mode="before")
+    @field_validator("calibration", "general_calibration", mode="before")
     @classmethod
-    def _calibration(cls, v):
+    def _calibration(cls, v, info):
+        if v is None and info.field_name == "general_calibration":
+            return None
         try:
             if isinstance(v, str):
                 parsed = parse_calibration(v)
@@ -339,6 +344,9 @@ class Recipe(BaseModel):
             if struct.fixed_sparsity:
                 raise ValueError("a parameter or byte budget needs unstructured sparsity (N:M fixes the sparsity)")
             parse_budget(self.budget, self.budget_dtype)
+        if self.general_calibration is not None and not parts.score.needs.general:
+            raise ValueError(f"--general-calibration is read by the dpruner score only, not {parts.score.key}: drop it, "
+                             "or use --score dpruner")
         if self.propagate == "dense" and self.within_block == "sequential":
             raise ValueError("--propagate dense gives every linear the dense block's inputs; it cannot be combined with "
                              "--within-block sequential (drop one of them)")

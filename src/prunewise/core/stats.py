@@ -24,7 +24,10 @@ class Needs:
     kept input vectors per window (TRIM's row-wise allocation); ``window_variance``: each input's
     population variance within a window, averaged over windows (DSnoT); ``gradient``: gradients of the LM
     loss w.r.t. the weight, either ``"sum"`` over the calibration windows (Taylor) or
-    ``"per_sample_l2"``, the root of the summed squared per-window gradients (GBLM-Pruner). ``experts``: per routed
+    ``"per_sample_l2"``, the root of the summed squared per-window gradients (GBLM-Pruner), or ``"folded"``: each
+    batch's gradient folded into the score's own accumulation (``Score.fold``, D-Pruner). ``general``: the score's
+    general importance (``Score.general_importance``) from Hessians of the general calibration set, given to the
+    fold (D-Pruner). ``experts``: per routed
     expert of a mixture-of-experts layer, what the router sends it (:class:`ExpertStats`; asked of the block's
     experts, not of a linear).
     """
@@ -34,7 +37,8 @@ class Needs:
     hessian: bool = False
     samples: bool = False
     window_variance: bool = False
-    gradient: Literal["sum", "per_sample_l2"] | None = None
+    gradient: Literal["sum", "per_sample_l2", "folded"] | None = None
+    general: bool = False
     experts: bool = False
 
     def __or__(self, other: Needs | None) -> Needs:
@@ -52,7 +56,7 @@ class Needs:
 
     @property
     def any(self) -> bool:
-        return self.inputs or self.gradient is not None
+        return self.inputs or self.gradient is not None or self.general
 
 
 NONE = Needs()

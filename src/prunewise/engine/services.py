@@ -8,6 +8,8 @@ silencing one sublayer (FinerCut).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -40,85 +42,101 @@ class StatsVisitor:
 
 
 def loss_gradients(model: nn.Module, adapter, windows: torch.Tensor, kind: str = "sum", chunk_size: int = 4,
-                   progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
+                   progress: bool = True, fold=None) -> dict[tuple[int, str], torch.Tensor]:
     """Gradients of the next-token loss over ``windows`` for every block linear: (block, name) -> tensor.
 
     ``kind="sum"``: the gradient of the loss summed over the windows (LLM-Pruner's Taylor score), in
     chunks of ``chunk_size`` windows. ``kind="per_sample_l2"``: GBLM-Pruner's gradient, one window at
     a time, ``sqrt(sum_s (g_s / n)^2)`` of the per-window gradients ``g_s`` of the mean loss (see
-    :func:`_per_sample_l2`). Parameters keep their ``requires_grad`` as they were; the model is left
-    in eval mode with no grads.
+    :func:`_per_sample_l2`). ``kind="folded"``: for each chunk of ``chunk_size`` windows, the gradient ``g`` of its
+    mean loss is folded into an accumulator, ``acc = fold(key, weight, g, acc)`` (D-Pruner's importance, summed
+    over batches of absolute values); returns the accumulators. Parameters keep their ``requires_grad`` as they
+    were; the model is left in eval mode with no grads.
     """
-    if kind not in ("sum", "per_sample_l2"):
-        raise PrunewiseError(f"unknown gradient kind {kind!r}; use 'sum' or 'per_sample_l2'")
+    if kind not in ("sum", "per_sample_l2", "folded"):
+        raise PrunewiseError(f"unknown gradient kind {kind!r}; use 'sum', 'per_sample_l2' or 'folded'")
+    if kind == "folded" and fold is None:
+        raise RuntimeError("folded gradients need the score's fold (see pipeline/prune.py)")
     with torch.enable_grad():  # also from inside a walk, which runs without autograd
         if kind == "per_sample_l2":
             return _per_sample_l2(model, adapter, windows, progress)
+        if kind == "folded":
+            return _folded(model, adapter, windows, chunk_size, progress, fold)
         return _summed(model, adapter, windows, chunk_size, progress)
 
 
-def _summed(model: nn.Module, adapter, windows: torch.Tensor, chunk_size: int, progress: bool) -> dict:
-    blocks = adapter.blocks(model)
-    linears = {(i, n): lin for i, b in enumerate(blocks) for n, lin in adapter.linears(b).items()}
+@contextlib.contextmanager
+def _weights_with_grads(model: nn.Module, adapter):
+    """Every block linear by (block, name), with gradients on their weights only, the model in eval mode; afterwards
+    every parameter's ``requires_grad`` and the mode are as they were, and no grads are left."""
+    linears = {(i, n): lin for i, b in enumerate(adapter.blocks(model)) for n, lin in adapter.linears(b).items()}
     wanted = {id(lin.weight) for lin in linears.values()}
     before = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in wanted)
-        p.grad = None
-    was_training = model.training
-    model.eval()
-    try:
-        bar = tqdm(range(0, windows.shape[0], chunk_size), desc="taylor gradients", unit="chunk", disable=not progress)
-        for start in bar:
-            batch = windows[start:start + chunk_size]
-            out = model(input_ids=batch, labels=batch, use_cache=False)
-            loss = out.loss * batch.shape[0]  # mean over the chunk -> sum over windows
-            if not torch.isfinite(loss):
-                raise PrunewiseError("the language-model loss on the calibration data is not finite; check the weights")
-            loss.backward()
-        # a linear no window reached (a routed expert the router never chose) has a zero gradient
-        grads = {key: lin.weight.grad.detach().clone() if lin.weight.grad is not None
-                 else torch.zeros_like(lin.weight) for key, lin in linears.items()}
-    finally:
-        for p, flag in before.items():
-            p.grad = None
-            p.requires_grad_(flag)
-        model.train(was_training)
-    return grads
-
-
-def _per_sample_l2(model: nn.Module, adapter, windows: torch.Tensor, progress: bool) -> dict:
-    """GBLM-Pruner's gradient (``gradient_computation.py``): one window at a time, the gradient ``g_s`` of its
-    mean next-token loss; returns ``sqrt(sum_s g_s^2)`` per weight, accumulated in float32. The reference's
-    ``scale`` (100) multiplies every ``g_s``, so it factors out of the root: the score applies it."""
-    blocks = adapter.blocks(model)
-    linears = {(i, n): lin for i, b in enumerate(blocks) for n, lin in adapter.linears(b).items()}
-    wanted = {id(lin.weight) for lin in linears.values()}
-    before = {p: p.requires_grad for p in model.parameters()}
-    sums = {key: torch.zeros_like(lin.weight, dtype=torch.float32) for key, lin in linears.items()}
     was_training = model.training
     model.eval()
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in wanted)
             p.grad = None
-        bar = tqdm(range(windows.shape[0]), desc="gradients per window", unit="window", disable=not progress)
-        for s in bar:
-            batch = windows[s:s + 1]
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise PrunewiseError("the language-model loss on the calibration data is not finite; check the weights")
-            loss.backward()
-            for key, lin in linears.items():
-                if lin.weight.grad is not None:  # None: this window reached no token of it (a routed expert)
-                    sums[key] += lin.weight.grad.float().pow(2)
-                lin.weight.grad = None
+        yield linears
     finally:
         for p, flag in before.items():
             p.grad = None
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+def _backward(model: nn.Module, batch: torch.Tensor, factor: float = 1.0) -> None:
+    """Backward of ``factor`` times the mean next-token loss of ``batch``; a non-finite loss is one line."""
+    loss = model(input_ids=batch, labels=batch, use_cache=False).loss * factor
+    if not torch.isfinite(loss):
+        raise PrunewiseError("the language-model loss on the calibration data is not finite; check the weights")
+    loss.backward()
+
+
+def _summed(model: nn.Module, adapter, windows: torch.Tensor, chunk_size: int, progress: bool) -> dict:
+    with _weights_with_grads(model, adapter) as linears:
+        bar = tqdm(range(0, windows.shape[0], chunk_size), desc="taylor gradients", unit="chunk", disable=not progress)
+        for start in bar:
+            batch = windows[start:start + chunk_size]
+            _backward(model, batch, batch.shape[0])  # mean over the chunk -> sum over windows
+        # a linear no window reached (a routed expert the router never chose) has a zero gradient
+        return {key: lin.weight.grad.detach().clone() if lin.weight.grad is not None
+                else torch.zeros_like(lin.weight) for key, lin in linears.items()}
+
+
+def _per_sample_l2(model: nn.Module, adapter, windows: torch.Tensor, progress: bool) -> dict:
+    """GBLM-Pruner's gradient (``gradient_computation.py``): one window at a time, the gradient ``g_s`` of its
+    mean next-token loss; returns ``sqrt(sum_s g_s^2)`` per weight, accumulated in float32. The reference's
+    ``scale`` (100) multiplies every ``g_s``, so it factors out of the root: the score applies it."""
+    with _weights_with_grads(model, adapter) as linears:
+        sums = {key: torch.zeros_like(lin.weight, dtype=torch.float32) for key, lin in linears.items()}
+        bar = tqdm(range(windows.shape[0]), desc="gradients per window", unit="window", disable=not progress)
+        for s in bar:
+            _backward(model, windows[s:s + 1])
+            for key, lin in linears.items():
+                if lin.weight.grad is not None:  # None: this window reached no token of it (a routed expert)
+                    sums[key] += lin.weight.grad.float().pow(2)
+                lin.weight.grad = None
     return {key: v.sqrt() for key, v in sums.items()}
+
+
+def _folded(model: nn.Module, adapter, windows: torch.Tensor, chunk_size: int, progress: bool, fold) -> dict:
+    """Per chunk of windows, the gradient of its mean next-token loss (windows of equal length: the mean of the
+    windows' mean losses, one window's backward at a time) folded into the caller's accumulators."""
+    with _weights_with_grads(model, adapter) as linears:
+        acc: dict = {key: None for key in linears}
+        bar = tqdm(range(0, windows.shape[0], chunk_size), desc="domain gradients", unit="batch", disable=not progress)
+        for start in bar:
+            batch = windows[start:start + chunk_size]
+            for s in range(batch.shape[0]):  # one window at a time (its activations only); grads add up to the batch's
+                _backward(model, batch[s:s + 1], 1 / batch.shape[0])
+            for key, lin in linears.items():
+                if lin.weight.grad is not None:  # None: no token of this batch reached it (a routed expert)
+                    acc[key] = fold(key, lin.weight, lin.weight.grad, acc[key])
+                lin.weight.grad = None
+        return {key: v if v is not None else torch.zeros_like(lin.weight, dtype=torch.float32)
+                for (key, v), lin in zip(acc.items(), linears.values())}
 
 
 class InfluenceVisitor:

@@ -34,7 +34,7 @@ from ..models.adapters import get_adapter, prunable_weights
 from ..models.loading import load_model
 from .parts import placement_for
 from .structured import prune_structured
-from .visitor import PruneVisitor
+from .visitor import GeneralVisitor, PruneVisitor
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def check_fits(parts, model: nn.Module, numels: dict[str, int]) -> None:
 
 
 def allocation_context(model, recipe, parts, numels, windows, progress: bool, tokenizer=None,
-                       stream=None) -> AllocationContext:
+                       stream=None, gradients: dict | None = None) -> AllocationContext:
     """What the allocation part gets: the model, the composed pruner, the targets, windows and engine services."""
     from ..allocation.profile import weights_fingerprint
     from ..models.loading import model_fingerprint  # noqa: F401  (the profile cache keys on the weights)
@@ -140,8 +140,10 @@ def allocation_context(model, recipe, parts, numels, windows, progress: bool, to
     placement = placement_for(model, recipe, parts)
 
     def engine(win, desc: str, sequential: bool = False) -> SequentialEngine:
-        return SequentialEngine(model, adapter, win, recipe.chunk_size, progress, desc=desc, sequential=sequential,
-                                placement=placement, stream=stream)
+        e = SequentialEngine(model, adapter, win, recipe.chunk_size, progress, desc=desc, sequential=sequential,
+                             placement=placement, stream=stream)
+        e.gradients = gradients  # computed once before allocating (D-Pruner's folded gradients), or None
+        return e
 
     remote = None
     if recipe.ray:
@@ -160,15 +162,34 @@ def search_replica(recipe):
     return model, parts.pruner(get_adapter(model)), parts.structure
 
 
+def general_regularised_gradients(model, adapter, recipe, score, tokenizer, windows, placement, progress: bool,
+                                  timings: dict) -> dict:
+    """D-Pruner's importance of every block linear: the score's general importance from a dense pass over
+    ``recipe.general_calibration`` (default wiki), then the domain windows' per-batch gradients folded with it."""
+    t0 = time.perf_counter()
+    general_windows = calibration_spec_windows(tokenizer, recipe.general_calibration or "wiki", recipe.nsamples,
+                                               recipe.seqlen, recipe.seed)
+    visitor = GeneralVisitor(score)
+    SequentialEngine(model, adapter, general_windows, recipe.chunk_size, progress, desc=f"{score.name} general",
+                     sequential=False, placement=placement, propagate="dense").run(visitor)
+    general = visitor.general
+    timings["general_importance_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gradients = loss_gradients(model, adapter, windows, "folded", chunk_size=score.config.batch, progress=progress,
+                               fold=lambda key, w, g, acc: score.fold(w, g, general[key], acc))
+    timings["gradients_s"] = time.perf_counter() - t0
+    return gradients
+
+
 def build_plan(model, recipe, numels, windows, progress: bool, files: dict | None = None,
-               tokenizer=None, stream=None) -> AllocationPlan:
+               tokenizer=None, stream=None, gradients: dict | None = None) -> AllocationPlan:
     """The allocation plan the recipe asks for: a saved plan, or the allocation part's."""
     if recipe.plan:
         plan = AllocationPlan.load(recipe.plan)
         plan.check_matches(numels)
         return plan
     parts = recipe.parts()
-    ctx = allocation_context(model, recipe, parts, numels, windows, progress, tokenizer, stream)
+    ctx = allocation_context(model, recipe, parts, numels, windows, progress, tokenizer, stream, gradients)
     plan = parts.allocation.allocate(ctx)
     if files is not None:
         files.update(ctx.files)
@@ -226,9 +247,13 @@ def _prune(recipe, model, tokenizer, progress, stream, adapter, parts) -> PruneR
     if not structure.weight_level:
         return _prune_units(recipe, parts, model, tokenizer, adapter, numels, windows, timings, progress, stream)
 
+    gradients = None
+    if pruner.needs.general:  # D-Pruner: general importance, then the domain gradients it regularises
+        gradients = general_regularised_gradients(model, adapter, recipe, parts.score, tokenizer, windows, placement,
+                                                  progress, timings)
     t0 = time.perf_counter()
     files: dict = {}
-    plan = build_plan(model, recipe, numels, windows, progress, files, tokenizer, stream)
+    plan = build_plan(model, recipe, numels, windows, progress, files, tokenizer, stream, gradients)
     timings["allocation_s"] = time.perf_counter() - t0
 
     visitor = PruneVisitor(pruner, structure, plan, adapter.block_prefix(model), rowwise=rowwise)
@@ -239,7 +264,9 @@ def _prune(recipe, model, tokenizer, progress, stream, adapter, parts) -> PruneR
     engine = SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc=f"{parts.score.name} prune",
                               sequential=recipe.sequential, placement=placement, stream=stream,
                               propagate=recipe.propagate)
-    if pruner.needs.gradient:
+    if gradients is not None:
+        engine.gradients = gradients
+    elif pruner.needs.gradient:
         engine.gradients = loss_gradients(model, adapter, windows, pruner.needs.gradient,
                                           chunk_size=min(recipe.chunk_size or 4, 4), progress=progress)
         timings["gradients_s"] = time.perf_counter() - t0

@@ -24,8 +24,15 @@ from .prune import PruneResult, prune
 
 def check_data(recipe) -> None:
     """Refuse evaluation corpora that overlap any calibration corpus, before any work."""
+    general = recipe.general_calibration or ("wiki" if recipe.parts().score.needs.general else None)
     for name in recipe.evaluation:
-        check_calibration_overlap(recipe.calibration, get_corpus(name, "evaluation"))
+        corpus = get_corpus(name, "evaluation")
+        check_calibration_overlap(recipe.calibration, corpus)
+        if general is not None:  # D-Pruner's general set must not share text with an evaluation set either
+            try:
+                check_calibration_overlap(general, corpus)
+            except PrunewiseError as exc:
+                raise PrunewiseError(f"--general-calibration: {exc} (the general set, not --calibration)") from None
 
 
 def dense_key(model_spec: str, dtype: torch.dtype = torch.float32) -> str | None:

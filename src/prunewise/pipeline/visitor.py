@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from torch import nn
 
 from ..allocation.plan import AllocationPlan
@@ -80,3 +81,24 @@ class PruneVisitor:
     def end_block(self, i: int, block: nn.Module) -> None:
         if self.pack_masks:
             self.masks.pack()
+
+
+class GeneralVisitor:
+    """A dense pass over the general calibration set keeping each linear's general importance (D-Pruner's ``G``),
+    on the host, from Hessians that are dropped as soon as each block is done."""
+
+    modifies_weights = False
+
+    def __init__(self, score) -> None:
+        self.score = score
+        self.general: dict[tuple[int, str], torch.Tensor] = {}
+
+    def needs(self, i: int, name: str) -> Needs:
+        return Needs(hessian=True)
+
+    def visit(self, i: int, name: str, linear: nn.Linear, stats: LinearStats | None) -> None:
+        check_weight(f"block {i} {name}", linear.weight)
+        self.general[(i, name)] = self.score.general_importance(linear.weight.data, stats, f"block {i} {name}").cpu()
+
+    def end_block(self, i: int, block: nn.Module) -> None:
+        pass

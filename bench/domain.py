@@ -1,0 +1,171 @@
+"""Pruning for a domain, measured: the domain's own test perplexity beside general retention (wiki-test), one-shot.
+
+A cell is DOMAIN/METHOD/SEED, e.g. ``code/wanda:code/0`` or ``legal/dpruner/0``. DOMAIN is the user's domain (code:
+the standard library, its test files held out; legal: legal documents, legal-test held out). METHOD is
+``SCORE:CALIBRATION`` with CALIBRATION ``wiki`` (general), ``domain`` (the domain's calibration split) or ``mix``
+(half each, ``DOMAIN:0.5,wiki:0.5``), or ``dpruner[:OPTION=VALUE,...]`` (D-Pruner: general importance from wiki,
+gradients from the domain; options are the score's, e.g. ``dpruner:loss_scale=1``). Every cell prunes
+smollm2-135m to ``--sparsity`` unstructured in its own process with ``--nsamples`` x ``--seqlen`` windows drawn with
+SEED and reports the perplexity on every ``--eval`` set and its prune seconds. The table marks, per domain, the
+cells on the trade-off front (no other one-shot cell of that domain is better on both the domain's test set and
+wiki-test) and each cell's domain perplexity against the domain-calibrated cell of its score; a PNG plots the
+front. JSON after every cell (an interrupted run resumes), markdown beside it.
+
+    python bench/domain.py                                  # the default grid (~3 min a Wanda cell, ~8 a D-Pruner cell)
+    python bench/domain.py --cells code/dpruner/0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cells import add_cell_args, run_missing, start  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DOMAIN_TEST = {"code": "code", "legal": "legal-test"}  # each domain's held-out test set
+METHODS = ("wanda:wiki", "wanda:domain", "wanda:mix", "dpruner")
+
+
+def calibration_of(domain: str, which: str) -> str:
+    return {"wiki": "wiki", "domain": domain, "mix": f"{domain}:0.5,wiki:0.5"}[which]
+
+
+def run_cell(args, cell: str) -> dict:
+    from prunewise.api import evaluate, prune
+    from prunewise.models.loading import load_model
+    from prunewise.recipe import make_recipe
+
+    domain, method, seed = cell.split("/")
+    name, _, rest = method.partition(":")
+    if name == "dpruner":
+        options = dict(kv.split("=") for kv in rest.split(",") if kv)
+        score = {"name": "dpruner", **{k: float(v) for k, v in options.items()}}
+        calibration, general = domain, "wiki"
+    else:
+        score, calibration, general = name, calibration_of(domain, rest), None
+    recipe = make_recipe(model=args.model, score=score, sparsity=args.sparsity, calibration=calibration,
+                         general_calibration=general, nsamples=args.nsamples, seqlen=args.seqlen, seed=int(seed),
+                         evaluation=args.eval, eval_tokens=args.eval_tokens)
+    model, tok = load_model(recipe.model)
+    t0 = time.perf_counter()
+    result = prune(recipe, model, tok, progress=False)
+    seconds = time.perf_counter() - t0
+    ppl = evaluate(model, tok, args.eval, args.eval_tokens, 512, progress=False)
+    timings = {k: v for k, v in result.report["timings"].items() if not k.startswith("prune.")}
+    return {"cell": cell, "prune_s": seconds, "achieved": result.report["achieved_sparsity"], "perplexity": ppl,
+            "timings": timings, "peak_rss_mb": result.report["peak_rss_mb"]}
+
+
+def dense_row(args) -> dict:
+    from prunewise.api import evaluate
+    from prunewise.models.loading import load_model
+
+    model, tok = load_model(args.model)
+    return evaluate(model, tok, args.eval, args.eval_tokens, 512, dense_spec=args.model, progress=False)
+
+
+def analyse(results: dict) -> dict:
+    """Per cell: on the front of its domain (wiki-test vs the domain's test set), and the domain perplexity against
+    the domain-calibrated cell of the same score and seed (D-Pruner against Wanda's)."""
+    out = {}
+    cells = results["cells"]
+    for key, r in cells.items():
+        domain, method, seed = key.split("/")
+        test = DOMAIN_TEST[domain]
+        d, w = r["perplexity"][test], r["perplexity"]["wiki-test"]
+        rivals = [o for k, o in cells.items() if k != key and k.split("/")[0] == domain]
+        dominated_by = [o["cell"] for o in rivals if o["perplexity"][test] < d and o["perplexity"]["wiki-test"] < w]
+        score = method.partition(":")[0]
+        ref = cells.get(f"{domain}/{'wanda' if score == 'dpruner' else score}:domain/{seed}")
+        out[key] = {"front": not dominated_by, "dominated_by": dominated_by,
+                    "vs_domain_calibrated": None if ref is None else d / ref["perplexity"][test] - 1}
+    return out
+
+
+def table(results: dict, args) -> str:
+    sets = args.eval
+    notes = analyse(results)
+    head = ["cell"] + [f"ppl {s}" for s in sets] + ["on the front", "domain ppl vs domain-calibrated", "prune s",
+                                                   "peak RSS MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             "| dense | " + " | ".join(f"{results['dense'][s]:.2f}" for s in sets) + " | - | - | - | - |"]
+    for key in sorted(results["cells"]):
+        r, n = results["cells"][key], notes[key]
+        vs = "-" if n["vs_domain_calibrated"] is None else f"{100 * n['vs_domain_calibrated']:+.1f}%"
+        front = "yes" if n["front"] else "no (" + ", ".join(n["dominated_by"]) + ")"
+        lines.append(f"| {key} | " + " | ".join(f"{r['perplexity'][s]:.2f}" for s in sets) +
+                     f" | {front} | {vs} | {r['prune_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = sorted({k.split("/")[0] for k in results["cells"]})
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4.5), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        test = DOMAIN_TEST[domain]
+        for key, r in sorted(results["cells"].items()):
+            if key.split("/")[0] != domain:
+                continue
+            x, y = r["perplexity"]["wiki-test"], r["perplexity"][test]
+            ax.scatter(x, y, s=30)
+            ax.annotate(key.split("/")[1], (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("wiki-test perplexity (general)")
+        ax.set_ylabel(f"{test} perplexity (domain)")
+        ax.set_title(f"{domain}: {args_sparsity(results)} unstructured, smollm2-135m")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def args_sparsity(results: dict) -> str:
+    return f"{100 * results['settings']['sparsity']:.0f}%"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--domains", nargs="+", default=["code", "legal"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--seeds", nargs="+", default=["0"])
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--eval", nargs="+", default=["wiki-test", "code", "legal-test"])
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    add_cell_args(ap, HERE / "results" / "domain.json", "cells DOMAIN/METHOD/SEED")
+    args = ap.parse_args()
+    keys = ("model", "sparsity", "nsamples", "seqlen", "eval_tokens", "eval")
+    results = start(args, run_cell, keys)
+    if results is None:
+        return
+    import json
+
+    out = Path(args.out)
+    if "dense" not in results:
+        results["dense"] = dense_row(args)
+        out.write_text(json.dumps(results, indent=1))
+    grid = [f"{d}/{m}/{s}" for d in args.domains for m in args.methods for s in args.seeds]
+    run_missing(results, out, args.cells or grid, __file__, args, keys,
+                lambda r: " ".join(f"{s} {v:.2f}" for s, v in r["perplexity"].items()) + f", {r['prune_s']:.1f} s")
+    results["analysis"] = analyse(results)
+    out.write_text(json.dumps(results, indent=1))
+    plot(results, out.with_suffix(".png"))
+    md = out.with_suffix(".md")
+    md.write_text(f"# Pruning for a domain, one-shot\n\n`{results['command']}` ({results['threads']} threads; "
+                  f"{args.nsamples} x {args.seqlen} calibration windows, {args.eval_tokens} evaluation tokens per set)"
+                  f"\n\n{table(results, args)}\n\n![front]({out.with_suffix('.png').name})\n")
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()
