@@ -11,6 +11,12 @@ cells on the trade-off front (no other one-shot cell of that domain is better on
 wiki-test) and each cell's domain perplexity against the domain-calibrated cell of its score; a PNG plots the
 front. JSON after every cell (an interrupted run resumes), markdown beside it.
 
+DOMAIN/METHOD/SEED/RECOVERY cells then recover the one-shot model on the domain's data with mask-preserving LoRA:
+``all`` trains on ``--recover-tokens`` tokens of it, ``paser`` on 20% of them chosen by PASER from the same pool
+(``--recover-select paser``: the clusters the pruning hurt most, their most degraded windows first), ``random`` on a
+random 20% of the same pool (same seed, same steps per token); both the one-shot and the recovered perplexities are
+kept, and the recovery table compares each selection with ``all``.
+
     python bench/domain.py                                  # the default grid (~3 min a Wanda cell, ~8 a D-Pruner cell)
     python bench/domain.py --cells code/dpruner/0
 """
@@ -39,7 +45,7 @@ def run_cell(args, cell: str) -> dict:
     from prunewise.models.loading import load_model
     from prunewise.recipe import make_recipe
 
-    domain, method, seed = cell.split("/")
+    domain, method, seed, *recovery = cell.split("/")
     name, _, rest = method.partition(":")
     if name == "dpruner":
         options = dict(kv.split("=") for kv in rest.split(",") if kv)
@@ -56,8 +62,23 @@ def run_cell(args, cell: str) -> dict:
     seconds = time.perf_counter() - t0
     ppl = evaluate(model, tok, args.eval, args.eval_tokens, 512, progress=False)
     timings = {k: v for k, v in result.report["timings"].items() if not k.startswith("prune.")}
-    return {"cell": cell, "prune_s": seconds, "achieved": result.report["achieved_sparsity"], "perplexity": ppl,
-            "timings": timings, "peak_rss_mb": result.report["peak_rss_mb"]}
+    row = {"cell": cell, "prune_s": seconds, "achieved": result.report["achieved_sparsity"], "perplexity": ppl,
+           "timings": timings, "peak_rss_mb": result.report["peak_rss_mb"]}
+    if recovery:
+        from prunewise.pipeline.recover import recover
+
+        select = {"all": "none", "paser": "paser", "random": "random"}[recovery[0]]
+        tokens = args.recover_tokens if select == "none" else args.recover_tokens // 5
+        part = {"name": "lora", "data": domain, "tokens": tokens, "select": select, "seed": int(seed)}
+        t0 = time.perf_counter()
+        section = recover(result, recipe.model_copy(update={"recovery": [part]}), progress=False)
+        row["recovery_s"] = time.perf_counter() - t0
+        for p in section["parts"]:
+            p.pop("adapter", None)
+        row["recovery"] = section
+        row["one_shot"] = ppl
+        row["perplexity"] = evaluate(model, tok, args.eval, args.eval_tokens, 512, progress=False)
+    return row
 
 
 def dense_row(args) -> dict:
@@ -74,10 +95,12 @@ def analyse(results: dict) -> dict:
     out = {}
     cells = results["cells"]
     for key, r in cells.items():
+        if "one_shot" in r:
+            continue
         domain, method, seed = key.split("/")
         test = DOMAIN_TEST[domain]
         d, w = r["perplexity"][test], r["perplexity"]["wiki-test"]
-        rivals = [o for k, o in cells.items() if k != key and k.split("/")[0] == domain]
+        rivals = [o for k, o in cells.items() if k != key and k.split("/")[0] == domain and "one_shot" not in o]
         dominated_by = [o["cell"] for o in rivals if o["perplexity"][test] < d and o["perplexity"]["wiki-test"] < w]
         score = method.partition(":")[0]
         ref = cells.get(f"{domain}/{'wanda' if score == 'dpruner' else score}:domain/{seed}")
@@ -93,12 +116,28 @@ def table(results: dict, args) -> str:
                                                    "peak RSS MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              "| dense | " + " | ".join(f"{results['dense'][s]:.2f}" for s in sets) + " | - | - | - | - |"]
-    for key in sorted(results["cells"]):
+    for key in sorted(k for k in results["cells"] if k in notes):
         r, n = results["cells"][key], notes[key]
         vs = "-" if n["vs_domain_calibrated"] is None else f"{100 * n['vs_domain_calibrated']:+.1f}%"
         front = "yes" if n["front"] else "no (" + ", ".join(n["dominated_by"]) + ")"
         lines.append(f"| {key} | " + " | ".join(f"{r['perplexity'][s]:.2f}" for s in sets) +
                      f" | {front} | {vs} | {r['prune_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    recovered = sorted(k for k in results["cells"] if "one_shot" in results["cells"][k])
+    if recovered:
+        head = ["cell", "recovery tokens", "windows trained"] + [f"ppl {s} one-shot -> recovered" for s in sets] + \
+               ["domain ppl vs all tokens", "recovery s"]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for key in recovered:
+            r = results["cells"][key]
+            domain = key.split("/")[0]
+            test = DOMAIN_TEST[domain]
+            part = r["recovery"]["parts"][0]
+            full = results["cells"].get("/".join(key.split("/")[:3] + ["all"]))
+            vs = "-" if full is None or key.endswith("/all") else \
+                f"{100 * (r['perplexity'][test] / full['perplexity'][test] - 1):+.1f}%"
+            lines.append(f"| {key} | {part.get('tokens', '-')} | {part.get('windows', '-')} | " +
+                         " | ".join(f"{r['one_shot'][s]:.2f} -> {r['perplexity'][s]:.2f}" for s in sets) +
+                         f" | {vs} | {r['recovery_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -113,7 +152,7 @@ def plot(results: dict, path: Path) -> None:
     for ax, domain in zip(axes[0], domains):
         test = DOMAIN_TEST[domain]
         for key, r in sorted(results["cells"].items()):
-            if key.split("/")[0] != domain:
+            if key.split("/")[0] != domain or "one_shot" in r:
                 continue
             x, y = r["perplexity"]["wiki-test"], r["perplexity"][test]
             ax.scatter(x, y, s=30)
@@ -142,9 +181,11 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--recover-tokens", type=int, default=32768, help="recovery cells: the all-tokens budget (the "
+                                                                      "selections train on a fifth of it)")
     add_cell_args(ap, HERE / "results" / "domain.json", "cells DOMAIN/METHOD/SEED")
     args = ap.parse_args()
-    keys = ("model", "sparsity", "nsamples", "seqlen", "eval_tokens", "eval")
+    keys = ("model", "sparsity", "nsamples", "seqlen", "eval_tokens", "eval", "recover_tokens")
     results = start(args, run_cell, keys)
     if results is None:
         return
