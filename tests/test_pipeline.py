@@ -25,7 +25,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def test_every_axis_has_its_parts_and_the_listing_names_them():
     expected = {"score": {"magnitude", "wanda", "sparsegpt", "gblm", "fluctuation", "taylor", "frequency", "reap", "ean",
-                          "easyep", "ria", "dpruner"},
+                          "easyep", "ria", "dpruner", "atp"},
                 "structure": {"unstructured", "n:m", "channels", "heads", "width", "sublayers", "blocks", "experts"},
                 "allocation": {"uniform", "global", "owl", "profile", "search"},
                 "compensation": {"obs", "bias", "dsnot", "eora", "alps", "admm", "refit", "merge"}, "recovery": {"lora", "distill"}}

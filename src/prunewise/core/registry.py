@@ -107,7 +107,8 @@ def refusal(chosen: dict[str, list[Part]]) -> str | None:
             for other, allowed in part.works_with.items():
                 for got in chosen.get(other, []):
                     if got.key not in allowed:
-                        return (f"{axis} {part.name} works with {other} {', '.join(allowed)}, not {got.name}"
+                        said = f"works with {other} {', '.join(allowed)}" if allowed else f"takes no {other}"
+                        return (f"{axis} {part.name} {said}, not {got.name}"
                                 + (f"; {part.hint}" if part.hint else ""))
             for other, needed in part.requires.items():
                 names = [p.key for p in chosen.get(other, [])]
@@ -131,7 +132,7 @@ def listing() -> str:
             opts = ", ".join(f"{f.alias or k}={f.default!r}" for k, f in cls.Config.model_fields.items())
             lines.append(f"  {name:<12} {cls.description}" + (f" [{opts}]" if opts else ""))
             for other, allowed in cls.works_with.items():
-                lines.append(f"  {'':<12}   only with {other} {', '.join(allowed)}")
+                lines.append(f"  {'':<12}   " + (f"only with {other} {', '.join(allowed)}" if allowed else f"no {other}"))
             for other, needed in cls.requires.items():
                 lines.append(f"  {'':<12}   needs {other} {' or '.join(needed)}")
     return "\n".join(lines)

@@ -238,6 +238,7 @@ def _prune(recipe, model, tokenizer, progress, stream, adapter, parts) -> PruneR
         needs_data = pruner.needs.any or rowwise or (not recipe.plan and parts.allocation.reads_calibration(pruner))
     else:
         needs_data = (pruner.needs.any or parts.compensation_named("bias") is not None or structure.depth
+                      or getattr(parts.score, "tunes", False)
                       or (not recipe.plan and parts.allocation.reads_calibration(pruner)))
     windows = None
     if needs_data:

@@ -121,6 +121,13 @@ def _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, 
     refit = parts.compensation_named("refit")
     compensate = parts.compensation_named("bias") is not None or refit is not None
     blocks = adapter.blocks(model)
+    if getattr(score, "tunes", False):  # ATP: the units come from gates learned while tuning (LoRA merged after)
+        from .tune import tune_units
+
+        scores, shares, timings["atp"] = tune_units(model, adapter, recipe, score, geoms, budget, structure, windows,
+                                                    progress, timings)
+        return choose_widths(geoms, scores, structure, budget, allocation="shares", heads_mode=structure.heads_mode,
+                             multiple=structure.width_multiple, shares=shares), {}
     engine = SequentialEngine(model, adapter, windows, recipe.chunk_size, progress, desc="structured statistics",
                               sequential=False, placement=placement_for(model, recipe, parts), stream=stream)
     if score.needs.gradient:
@@ -192,6 +199,8 @@ def prune_structured(model: nn.Module, adapter, recipe, windows: torch.Tensor | 
         keeps, drop_blocks, means = _depth_keeps(model, adapter, recipe, windows, geoms, budget, info, timings, progress)
     else:
         keeps, held = _width_keeps(model, adapter, recipe, windows, geoms, budget, plan, timings, progress, stream)
+        if "atp" in timings:  # what ATP's tuning did (steps, the gates' kept share, the loss history)
+            info["atp"] = timings.pop("atp")
         means = {i: (o.mean, down.mean) for i, (o, down) in held.items()}
         drop_blocks = []
     masks = MaskSet(structure=structure.name, removed_blocks=list(drop_blocks),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..core.registry import REGISTRIES
 from ..core.stats import LinearStats, check_weight
-from . import dpruner, ean, easyep, fluctuation, frequency, gblm, magnitude, reap, ria, sparsegpt, taylor, wanda  # noqa: F401  (registration)
+from . import atp, dpruner, ean, easyep, fluctuation, frequency, gblm, magnitude, reap, ria, sparsegpt, taylor, wanda  # noqa: F401  (registration)
 from .base import Score
 
 SCORES = REGISTRIES["score"].parts
