@@ -17,6 +17,11 @@ DOMAIN/METHOD/SEED/RECOVERY cells then recover the one-shot model on the domain'
 random 20% of the same pool (same seed, same steps per token); both the one-shot and the recovered perplexities are
 kept, and the recovery table compares each selection with ``all``.
 
+Structured cells (``--structured-sparsity`` of the targeted parameters, 30% by default) compare, with the same
+``--tune-tokens`` of the domain: ``DOMAIN/atp/SEED`` (ATP: channels and heads learned while tuning LoRA on the
+domain windows, then removed) and ``DOMAIN/flap+lora/SEED`` (FLAP's fluctuation, global widths, bias compensation,
+calibrated on the domain, then mask-preserving LoRA on the domain's data).
+
     python bench/domain.py                                  # the default grid (~3 min a Wanda cell, ~8 a D-Pruner cell)
     python bench/domain.py --cells code/dpruner/0
 """
@@ -34,6 +39,7 @@ from _cells import add_cell_args, run_missing, start  # noqa: E402
 HERE = Path(__file__).resolve().parent
 DOMAIN_TEST = {"code": "code", "legal": "legal-test"}  # each domain's held-out test set
 METHODS = ("wanda:wiki", "wanda:domain", "wanda:mix", "dpruner")
+STRUCTURED = ("atp", "flap+lora")  # structured cells: learned while tuning vs chosen, then tuned
 
 
 def calibration_of(domain: str, which: str) -> str:
@@ -46,6 +52,8 @@ def run_cell(args, cell: str) -> dict:
     from prunewise.recipe import make_recipe
 
     domain, method, seed, *recovery = cell.split("/")
+    if method in STRUCTURED:
+        return structured_cell(args, cell, domain, method, int(seed))
     name, _, rest = method.partition(":")
     if name == "dpruner":
         options = dict(kv.split("=") for kv in rest.split(",") if kv)
@@ -81,6 +89,39 @@ def run_cell(args, cell: str) -> dict:
     return row
 
 
+def structured_cell(args, cell: str, domain: str, method: str, seed: int) -> dict:
+    """ATP, or FLAP + bias then LoRA, at ``--structured-sparsity`` with ``--tune-tokens`` of the domain."""
+    from prunewise.api import evaluate, prune
+    from prunewise.models.loading import load_model
+    from prunewise.recipe import make_recipe
+
+    common = {"model": args.model, "structure": "width", "sparsity": args.structured_sparsity, "calibration": domain,
+              "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": seed, "evaluation": args.eval,
+              "eval_tokens": args.eval_tokens}
+    if method == "atp":
+        recipe = make_recipe(score={"name": "atp", "tokens": args.tune_tokens, "seed": seed}, **common)
+    else:
+        recipe = make_recipe(score="fluctuation", allocation="global", compensation=["bias"], **common)
+    model, tok = load_model(recipe.model)
+    t0 = time.perf_counter()
+    result = prune(recipe, model, tok, progress=False)
+    row = {"cell": cell, "prune_s": time.perf_counter() - t0, "achieved": result.report["achieved_sparsity"],
+           "params_after": result.report["structured"]["params_after"], "atp": result.report["structured"].get("atp")}
+    if row["atp"]:
+        row["atp"].pop("history", None)
+    if method != "atp":
+        from prunewise.pipeline.recover import recover
+
+        row["one_shot"] = evaluate(model, tok, args.eval, args.eval_tokens, 512, progress=False)
+        part = {"name": "lora", "data": domain, "tokens": args.tune_tokens, "seed": seed}
+        t0 = time.perf_counter()
+        section = recover(result, recipe.model_copy(update={"recovery": [part]}), progress=False)
+        row["recovery_s"] = time.perf_counter() - t0
+        row["tokens"] = section["parts"][0]["tokens"]
+    row["perplexity"] = evaluate(model, tok, args.eval, args.eval_tokens, 512, progress=False)
+    return row
+
+
 def dense_row(args) -> dict:
     from prunewise.api import evaluate
     from prunewise.models.loading import load_model
@@ -95,12 +136,13 @@ def analyse(results: dict) -> dict:
     out = {}
     cells = results["cells"]
     for key, r in cells.items():
-        if "one_shot" in r:
+        if "one_shot" in r or key.split("/")[1] in STRUCTURED:
             continue
         domain, method, seed = key.split("/")
         test = DOMAIN_TEST[domain]
         d, w = r["perplexity"][test], r["perplexity"]["wiki-test"]
-        rivals = [o for k, o in cells.items() if k != key and k.split("/")[0] == domain and "one_shot" not in o]
+        rivals = [o for k, o in cells.items() if k != key and k.split("/")[0] == domain and "one_shot" not in o
+                  and k.split("/")[1] not in STRUCTURED]
         dominated_by = [o["cell"] for o in rivals if o["perplexity"][test] < d and o["perplexity"]["wiki-test"] < w]
         score = method.partition(":")[0]
         ref = cells.get(f"{domain}/{'wanda' if score == 'dpruner' else score}:domain/{seed}")
@@ -122,7 +164,8 @@ def table(results: dict, args) -> str:
         front = "yes" if n["front"] else "no (" + ", ".join(n["dominated_by"]) + ")"
         lines.append(f"| {key} | " + " | ".join(f"{r['perplexity'][s]:.2f}" for s in sets) +
                      f" | {front} | {vs} | {r['prune_s']:.1f} | {r['peak_rss_mb']:.0f} |")
-    recovered = sorted(k for k in results["cells"] if "one_shot" in results["cells"][k])
+    recovered = sorted(k for k in results["cells"] if "one_shot" in results["cells"][k]
+                       and k.split("/")[1] not in STRUCTURED)
     if recovered:
         head = ["cell", "recovery tokens", "windows trained"] + [f"ppl {s} one-shot -> recovered" for s in sets] + \
                ["domain ppl vs all tokens", "recovery s"]
@@ -138,6 +181,17 @@ def table(results: dict, args) -> str:
             lines.append(f"| {key} | {part.get('tokens', '-')} | {part.get('windows', '-')} | " +
                          " | ".join(f"{r['one_shot'][s]:.2f} -> {r['perplexity'][s]:.2f}" for s in sets) +
                          f" | {vs} | {r['recovery_s']:.0f} |")
+    structured = sorted(k for k in results["cells"] if k.split("/")[1] in STRUCTURED)
+    if structured:
+        head = ["cell", "removed share of targeted", "parameters after"] + [f"ppl {s}" for s in sets] + \
+               ["tuning tokens", "prune (+ tuning) s", "LoRA recovery s"]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for key in structured:
+            r = results["cells"][key]
+            tokens = r["atp"]["tokens"] if r.get("atp") else r.get("tokens")
+            lines.append(f"| {key} | {r['achieved']:.3f} | {r['params_after']['total']:,} | " +
+                         " | ".join(f"{r['perplexity'][s]:.2f}" for s in sets) +
+                         f" | {tokens} | {r['prune_s']:.0f} | {r.get('recovery_s', 0):.0f} |")
     return "\n".join(lines)
 
 
@@ -152,7 +206,7 @@ def plot(results: dict, path: Path) -> None:
     for ax, domain in zip(axes[0], domains):
         test = DOMAIN_TEST[domain]
         for key, r in sorted(results["cells"].items()):
-            if key.split("/")[0] != domain or "one_shot" in r:
+            if key.split("/")[0] != domain or "one_shot" in r or key.split("/")[1] in STRUCTURED:
                 continue
             x, y = r["perplexity"]["wiki-test"], r["perplexity"][test]
             ax.scatter(x, y, s=30)
@@ -181,11 +235,16 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--structured-sparsity", type=float, default=0.3, help="structured cells: share of the targeted "
+                                                                          "parameters removed")
+    ap.add_argument("--tune-tokens", type=int, default=32768, help="structured cells: tokens ATP tunes on, and FLAP's "
+                                                                   "LoRA recovery")
     ap.add_argument("--recover-tokens", type=int, default=32768, help="recovery cells: the all-tokens budget (the "
                                                                       "selections train on a fifth of it)")
     add_cell_args(ap, HERE / "results" / "domain.json", "cells DOMAIN/METHOD/SEED")
     args = ap.parse_args()
-    keys = ("model", "sparsity", "nsamples", "seqlen", "eval_tokens", "eval", "recover_tokens")
+    keys = ("model", "sparsity", "nsamples", "seqlen", "eval_tokens", "eval", "recover_tokens", "structured_sparsity",
+            "tune_tokens")
     results = start(args, run_cell, keys)
     if results is None:
         return

@@ -45,7 +45,7 @@ def _hand_general(model, adapter, windows, damp=0.01):
     return general
 
 
-def _hand_importance(model, adapter, windows, general, batch, lam=0.1, lr=0.03, scale=2.0 ** 16):
+def _hand_importance(model, adapter, windows, general, batch, lam=0.1, lr=0.03, scale=2.0 ** 16, balance=None):
     """``code/src/lomo.py``: per batch, g = scale * grad, g' = g + lam*2*lr^2*G*g^2/1000, I += |g'w + (g'w)^2/2000 + w^3|."""
     model = copy.deepcopy(model)
     adapter = get_adapter(model)
@@ -57,7 +57,10 @@ def _hand_importance(model, adapter, windows, general, batch, lam=0.1, lr=0.03, 
         model(input_ids=chunk, labels=chunk, use_cache=False).loss.backward()
         for key, lin in linears.items():
             w, g = lin.weight.detach().double(), lin.weight.grad.double() * scale
-            g = g + lam * 2 * lr ** 2 * general[key] * g ** 2 / 1000
+            reg = 2 * lr ** 2 * general[key] * g ** 2 / 1000
+            if balance is not None:  # the default: lam makes the term balance x |g| at the median weight
+                lam = balance / float((reg / g.abs())[g != 0].float().median())
+            g = g + lam * reg
             t = g * w
             importance[key] = importance[key] + (t + t ** 2 / 2000 + w ** 3).abs()
     return importance
@@ -137,3 +140,26 @@ def test_general_calibration_refusals(setting, tmp_path):
     with pytest.raises(PrunewiseError, match="--general-calibration: .*overlap|--general-calibration: .*same text"):
         check_data(overlapping)
     check_data(recipe)  # the disjoint general set passes
+
+
+def test_dpruner_default_balances_the_regulariser_against_the_gradient(setting):
+    from prunewise.models.loading import load_model
+
+    recipe, _ = setting
+    recipe = recipe.model_copy(update={"score": {**recipe.score, "lam": None}})
+    score = recipe.parts().score
+    assert score.config.lam is None and score.config.balance == 1.0
+    model, tok = load_model(recipe.model, recipe.dtype)
+    adapter = get_adapter(model)
+    domain_windows = calibration_spec_windows(tok, recipe.calibration, 8, 32, 0)
+    got = general_regularised_gradients(model, adapter, recipe, score, tok, domain_windows,
+                                        placement_for(model, recipe, recipe.parts()), False, {})
+    general = _hand_general(model, adapter, calibration_spec_windows(tok, recipe.general_calibration, 8, 32, 0))
+    hand = _hand_importance(model, adapter, domain_windows, general, batch=4, balance=1.0)
+    # the term is as large as the gradient here, so the float32 Hessian's rounding in G shows on a few weights
+    for key in hand:
+        rel = (got[key].double() - hand[key]).abs() / hand[key].abs().clamp_min(1e-12)
+        assert float(rel.median()) < 1e-4 and float(rel.max()) < 5e-2, key
+    # and it is not the reference's lam: the regulariser is then orders of magnitude larger
+    small = _hand_importance(model, adapter, domain_windows, general, batch=4, lam=0.1)
+    assert any(float(((hand[k] - small[k]).abs() / small[k].abs().clamp_min(1e-12)).median()) > 1e-2 for k in hand)
