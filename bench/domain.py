@@ -52,7 +52,7 @@ def run_cell(args, cell: str) -> dict:
     from prunewise.recipe import make_recipe
 
     domain, method, seed, *recovery = cell.split("/")
-    if method in STRUCTURED:
+    if method.partition(":")[0] in STRUCTURED:
         return structured_cell(args, cell, domain, method, int(seed))
     name, _, rest = method.partition(":")
     if name == "dpruner":
@@ -98,8 +98,10 @@ def structured_cell(args, cell: str, domain: str, method: str, seed: int) -> dic
     common = {"model": args.model, "structure": "width", "sparsity": args.structured_sparsity, "calibration": domain,
               "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": seed, "evaluation": args.eval,
               "eval_tokens": args.eval_tokens}
-    if method == "atp":
-        recipe = make_recipe(score={"name": "atp", "tokens": args.tune_tokens, "seed": seed}, **common)
+    name, _, rest = method.partition(":")
+    if name == "atp":  # atp[:OPTION=VALUE,...]
+        options = {k: float(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}
+        recipe = make_recipe(score={"name": "atp", "tokens": args.tune_tokens, "seed": seed, **options}, **common)
     else:
         recipe = make_recipe(score="fluctuation", allocation="global", compensation=["bias"], **common)
     model, tok = load_model(recipe.model)
@@ -109,7 +111,7 @@ def structured_cell(args, cell: str, domain: str, method: str, seed: int) -> dic
            "params_after": result.report["structured"]["params_after"], "atp": result.report["structured"].get("atp")}
     if row["atp"]:
         row["atp"].pop("history", None)
-    if method != "atp":
+    if name != "atp":
         from prunewise.pipeline.recover import recover
 
         row["one_shot"] = evaluate(model, tok, args.eval, args.eval_tokens, 512, progress=False)
@@ -136,13 +138,13 @@ def analyse(results: dict) -> dict:
     out = {}
     cells = results["cells"]
     for key, r in cells.items():
-        if "one_shot" in r or key.split("/")[1] in STRUCTURED:
+        if "one_shot" in r or key.split("/")[1].partition(":")[0] in STRUCTURED:
             continue
         domain, method, seed = key.split("/")
         test = DOMAIN_TEST[domain]
         d, w = r["perplexity"][test], r["perplexity"]["wiki-test"]
         rivals = [o for k, o in cells.items() if k != key and k.split("/")[0] == domain and "one_shot" not in o
-                  and k.split("/")[1] not in STRUCTURED]
+                  and k.split("/")[1].partition(":")[0] not in STRUCTURED]
         dominated_by = [o["cell"] for o in rivals if o["perplexity"][test] < d and o["perplexity"]["wiki-test"] < w]
         score = method.partition(":")[0]
         ref = cells.get(f"{domain}/{'wanda' if score == 'dpruner' else score}:domain/{seed}")
@@ -165,7 +167,7 @@ def table(results: dict, args) -> str:
         lines.append(f"| {key} | " + " | ".join(f"{r['perplexity'][s]:.2f}" for s in sets) +
                      f" | {front} | {vs} | {r['prune_s']:.1f} | {r['peak_rss_mb']:.0f} |")
     recovered = sorted(k for k in results["cells"] if "one_shot" in results["cells"][k]
-                       and k.split("/")[1] not in STRUCTURED)
+                       and k.split("/")[1].partition(":")[0] not in STRUCTURED)
     if recovered:
         head = ["cell", "recovery tokens", "windows trained"] + [f"ppl {s} one-shot -> recovered" for s in sets] + \
                ["domain ppl vs all tokens", "recovery s"]
@@ -181,7 +183,7 @@ def table(results: dict, args) -> str:
             lines.append(f"| {key} | {part.get('tokens', '-')} | {part.get('windows', '-')} | " +
                          " | ".join(f"{r['one_shot'][s]:.2f} -> {r['perplexity'][s]:.2f}" for s in sets) +
                          f" | {vs} | {r['recovery_s']:.0f} |")
-    structured = sorted(k for k in results["cells"] if k.split("/")[1] in STRUCTURED)
+    structured = sorted(k for k in results["cells"] if k.split("/")[1].partition(":")[0] in STRUCTURED)
     if structured:
         head = ["cell", "removed share of targeted", "parameters after"] + [f"ppl {s}" for s in sets] + \
                ["tuning tokens", "prune (+ tuning) s", "LoRA recovery s"]
@@ -206,7 +208,7 @@ def plot(results: dict, path: Path) -> None:
     for ax, domain in zip(axes[0], domains):
         test = DOMAIN_TEST[domain]
         for key, r in sorted(results["cells"].items()):
-            if key.split("/")[0] != domain or "one_shot" in r or key.split("/")[1] in STRUCTURED:
+            if key.split("/")[0] != domain or "one_shot" in r or key.split("/")[1].partition(":")[0] in STRUCTURED:
                 continue
             x, y = r["perplexity"]["wiki-test"], r["perplexity"][test]
             ax.scatter(x, y, s=30)

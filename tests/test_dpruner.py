@@ -55,11 +55,17 @@ def _hand_importance(model, adapter, windows, general, batch, lam=0.1, lr=0.03, 
         chunk = windows[start:start + batch]
         model.zero_grad()
         model(input_ids=chunk, labels=chunk, use_cache=False).loss.backward()
+        if balance is not None and start == 0:  # the default: one lam, the term balance x |g| at the median weight
+            ratios = []
+            for key, lin in linears.items():
+                g = lin.weight.grad.double().flatten() * scale
+                step = -(-g.numel() // 4096)
+                r = 2 * lr ** 2 * general[key].flatten()[::step] * g[::step].abs() / 1000
+                ratios.append(r[g[::step] != 0])
+            lam = balance / float(torch.cat(ratios).median())
         for key, lin in linears.items():
             w, g = lin.weight.detach().double(), lin.weight.grad.double() * scale
             reg = 2 * lr ** 2 * general[key] * g ** 2 / 1000
-            if balance is not None:  # the default: lam makes the term balance x |g| at the median weight
-                lam = balance / float((reg / g.abs())[g != 0].float().median())
             g = g + lam * reg
             t = g * w
             importance[key] = importance[key] + (t + t ** 2 / 2000 + w ** 3).abs()

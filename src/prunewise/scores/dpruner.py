@@ -20,8 +20,9 @@ The regulariser's weight, decided on evidence (bench/results/domain.md): with th
 (``lam`` 0.1, lr 0.03, ``/ 1000``) its term is ~3e-8 of the gradient at the median weight of smollm2-135m (and as
 small on LLaMA-scale weights by the same arithmetic), so the score is first-order Taylor alone, and at 50% it is
 dominated on both the domain and wiki-test by Wanda calibrated on the domain. With the term as large as the gradient
-the general importance does what the paper says. So by default ``lam`` is set per matrix and batch to make the
-regulariser ``balance`` (1) x the gradient at the median weight; ``lam=0.1`` is the reference's.
+the general importance does what the paper says. So by default ``lam`` is one number for the model, set on the
+first batch so that the regulariser is ``balance`` (1) x the gradient at the median weight (about 3e6 here);
+``lam=0.1`` is the reference's. (Set per matrix instead, the same rule put legal's D-Pruner off the front.)
 
 Decided where the reference differs from a one-shot prune, and said in the README: the reference takes ``G``
 inside a SparseGPT sweep at 52% (later columns and blocks see updated, pruned weights); here ``G`` is taken on the
@@ -42,13 +43,14 @@ from .base import WEIGHT_LEVEL, Score
 
 REGULARISER_SCALE = 1e-3  # the reference's "/ 1000" on the regulariser's gradient
 FISHER_SCALE = 1 / 2000  # the reference's "/ 2000" on the second-order (Fisher) term
+RATIO_SAMPLES = 4096  # weights per matrix that set lam from balance
 
 
 class DPrunerConfig(PartConfig):
     lam: float | None = Field(None, ge=0, description="weight of the general-importance regulariser; 0.1 is the "
                                                      "reference's lambda_weight; default: set by balance")
-    balance: float = Field(1.0, gt=0, description="without lam: per matrix and batch, lam such that the regulariser's "
-                                                  "term is balance x the gradient at the median weight")
+    balance: float = Field(1.0, gt=0, description="without lam: lam such that, on the first batch, the regulariser's "
+                                                  "term is balance x the gradient at the median weight of the model")
     lr: float = Field(0.03, gt=0, description="learning rate in the regulariser lam * G * (lr * g)^2 (the reference's 0.03)")
     batch: int = Field(8, ge=1, description="domain windows per gradient (the reference's per-device batch, 8)")
     loss_scale: float = Field(2.0 ** 16, gt=0, description="factor on each batch's gradient: the reference's fp16 loss "
@@ -86,13 +88,30 @@ class DPrunerScore(Score):
         term = (t + t.pow(2) * FISHER_SCALE + w.pow(3)).abs()
         return term if acc is None else acc.add_(term)
 
+    resolved_lam: float | None = None  # ``lam`` from ``balance``, set by :meth:`resolve_lam` before the fold
+
+    def regulariser_ratio(self, grad: torch.Tensor, general: torch.Tensor) -> torch.Tensor:
+        """The regulariser's term over the gradient at ``lam = 1``, ``2 lr^2 / 1000 * G * |g|``, at every
+        ``ceil(n / RATIO_SAMPLES)``-th weight (a fixed stride, so a 7B model costs what a small one does)."""
+        c = self.config
+        g = grad.float().flatten() * c.loss_scale
+        G = general.float().flatten()
+        step = max(1, -(-g.numel() // RATIO_SAMPLES))
+        g, G = g[::step], G[::step]
+        return ((2 * c.lr ** 2 * REGULARISER_SCALE) * G * g.abs())[g != 0]
+
+    def resolve_lam(self, ratios: torch.Tensor) -> float:
+        """``balance / median`` of the ratios of the first batch over the whole model."""
+        median = float(ratios.median()) if ratios.numel() else 0.0
+        self.resolved_lam = self.config.balance / median if median > 0 else 0.0
+        return self.resolved_lam
+
     def lam_for(self, reg: torch.Tensor, g: torch.Tensor) -> float:
-        """``lam``, or the one that makes the regulariser ``balance`` x the gradient at the median weight."""
         if self.config.lam is not None:
             return self.config.lam
-        ratio = (reg / g.abs())[g != 0]
-        median = float(ratio.median()) if ratio.numel() else 0.0
-        return self.config.balance / median if median > 0 else 0.0
+        if self.resolved_lam is None:
+            raise RuntimeError("dpruner: resolve_lam must run before the fold when lam is not given")
+        return self.resolved_lam
 
     def importance(self, weight, stats, module: str = "?") -> torch.Tensor:
         return stats.gradient.float()
