@@ -485,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line: a TERM (or an INT that a background shell ignores) stops cleanly too
         import signal
 
+        if args.command == "sweep":  # the report's figures import pyplot after the first cell: an interrupt inside
+            from .allocation.plan import pyplot  # that import leaves matplotlib half-imported, so import it first
+
+            pyplot()
+
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, _interrupt)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
