@@ -162,13 +162,12 @@ def quantize_levels(values: torch.Tensor, levels: int, target: float) -> torch.T
 def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend, or None when matplotlib is not installed (a failed
     import of an installed matplotlib raises: it is not the same as having none)."""
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
+    try:
+        import matplotlib
+    except ImportError:
         return None
-    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # an installed matplotlib whose pyplot fails to import raises
     return plt
 
 
