@@ -29,7 +29,7 @@ class UnitGates:
             gates = self.values[i]
             if gates is None:
                 return None
-            return (args[0] * gates[0].to(args[0].dtype),) + tuple(args[1:])
+            return (args[0] * gates[0].to(args[0].device, args[0].dtype),) + tuple(args[1:])
         return hook
 
     def _head_hook(self, i: int, head_dim: int):
@@ -38,7 +38,7 @@ class UnitGates:
             if gates is None:
                 return None
             x = args[0]
-            g = gates[1].to(x.dtype).repeat_interleave(head_dim)
+            g = gates[1].to(x.device, x.dtype).repeat_interleave(head_dim)
             return (x * g,) + tuple(args[1:])
         return hook
 

@@ -102,8 +102,9 @@ class MaskedLoRA:
         gen = torch.Generator().manual_seed(self.seed + len(self.A))
         bound = 1 / math.sqrt(linear.in_features)  # kaiming_uniform_(a=sqrt(5)) on (rank, in)
         A = (torch.rand(self.rank, linear.in_features, generator=gen) * 2 - 1) * bound
-        self.A[name] = nn.Parameter(A.to(linear.weight.dtype))
-        self.B[name] = nn.Parameter(torch.zeros(linear.out_features, self.rank, dtype=linear.weight.dtype))
+        self.A[name] = nn.Parameter(A.to(linear.weight.device, linear.weight.dtype))
+        self.B[name] = nn.Parameter(torch.zeros(linear.out_features, self.rank, dtype=linear.weight.dtype,
+                                                device=linear.weight.device))
         self.modules[name] = (linear, None if keep is None else keep.to(linear.weight.device))
         A_, B_, s = self.A[name], self.B[name], self.scale
 

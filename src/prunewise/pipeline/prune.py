@@ -179,14 +179,14 @@ def general_regularised_gradients(model, adapter, recipe, score, tokenizer, wind
         ratios: list = []
 
         def probe(key, w, g, acc):
-            ratios.append(score.regulariser_ratio(g, general[key]))
+            ratios.append(score.regulariser_ratio(g, general[key].to(g.device)))
             return acc
 
         loss_gradients(model, adapter, windows[: score.config.batch], "folded", chunk_size=score.config.batch,
                        progress=False, fold=probe)
         log.info("dpruner: lam %.4g (balance %g)", score.resolve_lam(torch.cat(ratios)), score.config.balance)
     gradients = loss_gradients(model, adapter, windows, "folded", chunk_size=score.config.batch, progress=progress,
-                               fold=lambda key, w, g, acc: score.fold(w, g, general[key], acc))
+                               fold=lambda key, w, g, acc: score.fold(w, g, general[key].to(g.device), acc))
     timings["gradients_s"] = time.perf_counter() - t0
     return gradients
 

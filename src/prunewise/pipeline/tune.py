@@ -93,7 +93,7 @@ def tune_units(model, adapter, recipe, score, geoms, budget: int, structure, win
             if heads:
                 off = torch.nonzero(h.detach() < 0.5).flatten()
                 if off.numel():
-                    cols = (off[:, None] * head_dim + torch.arange(head_dim)).flatten()
+                    cols = (off[:, None] * head_dim + torch.arange(head_dim, device=off.device)).flatten()
                     sq = (_group_norms(r["q"].weight, lora, f"{i}.q", cols, 0).view(-1, head_dim).sum(1)
                           + _group_norms(r["o"].weight, lora, f"{i}.o", cols, 1).view(-1, head_dim).sum(1))
                     total, count = total + sq.sqrt().sum(), count + off.numel()

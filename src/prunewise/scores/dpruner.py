@@ -73,8 +73,9 @@ class DPrunerScore(Score):
     Config = DPrunerConfig
     needs = Needs(gradient="folded", general=True)
     default_group = "layer"
-    works_with = {"structure": WEIGHT_LEVEL}
-    hint = "dpruner ranks single weights; use it with unstructured or N:M sparsity"
+    # profile and search build their own walks, which do not get the folded gradients computed before allocating
+    works_with = {"structure": WEIGHT_LEVEL, "allocation": ("uniform", "owl", "global")}
+    hint = ("dpruner ranks single weights (unstructured or N:M) with the uniform, owl or global allocation")
 
     def general_importance(self, weight: torch.Tensor, stats, module: str = "?") -> torch.Tensor:
         """``G = w^2 / U_jj^2`` with the reference's Hessian scale ``2 / n_windows`` (dead inputs: 0)."""
