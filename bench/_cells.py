@@ -79,6 +79,22 @@ def run_missing(results: dict, out: Path, cells: list[str], script: str, args, k
         out.write_text(json.dumps(results, indent=1))
 
 
+def dense_row(args) -> dict:
+    """The dense model's perplexity on every ``args.eval`` set (cached on disk by the model's fingerprint)."""
+    from prunewise.api import evaluate
+    from prunewise.models.loading import load_model
+
+    model, tok = load_model(args.model)
+    return evaluate(model, tok, args.eval, args.eval_tokens, 512, dense_spec=args.model, progress=False)
+
+
+def dense_first(results: dict, out: Path, args) -> None:
+    """Measure the dense row once, before any cell, and save it (a resumed run keeps the one it has)."""
+    if "dense" not in results:
+        results["dense"] = dense_row(args)
+        out.write_text(json.dumps(results, indent=1))
+
+
 def window_bench_main(script: str, doc: str, default_out: Path, cells: list[str], run_cell, write_table, describe,
                       nsamples: int = 64, extra_settings=None) -> None:
     """``main()`` of a perplexity benchmark: --cells (default ``cells``, after ``dense``), the window settings, one

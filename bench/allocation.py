@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cells import add_cell_args, run_cell_process, start  # noqa: E402
+from _cells import add_cell_args, dense_row, run_cell_process, start  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CALIBRATIONS = {"wiki": "wiki", "code": "code", "mix": "code:0.5,wiki:0.5"}
@@ -94,14 +94,6 @@ def run_cell(args, cell: str) -> dict:
         out["rows_sum_to_module_counts"] = all(
             sum(int(round(x * (plan.numels[m] // len(v)))) for x in v) == counts[m] for m, v in plan.rows.items())
     return out
-
-
-def dense_row(args) -> dict:
-    from prunewise.api import evaluate
-    from prunewise.models.loading import load_model
-
-    model, tok = load_model(args.model)
-    return evaluate(model, tok, args.eval, args.eval_tokens, 512, dense_spec=args.model, progress=False)
 
 
 def table(results: dict, args) -> str:

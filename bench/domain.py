@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cells import add_cell_args, run_missing, start  # noqa: E402
+from _cells import add_cell_args, dense_first, run_missing, start  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DOMAIN_TEST = {"code": "code", "legal": "legal-test"}  # each domain's held-out test set
@@ -122,14 +122,6 @@ def structured_cell(args, cell: str, domain: str, method: str, seed: int) -> dic
         row["tokens"] = section["parts"][0]["tokens"]
     row["perplexity"] = evaluate(model, tok, args.eval, args.eval_tokens, 512, progress=False)
     return row
-
-
-def dense_row(args) -> dict:
-    from prunewise.api import evaluate
-    from prunewise.models.loading import load_model
-
-    model, tok = load_model(args.model)
-    return evaluate(model, tok, args.eval, args.eval_tokens, 512, dense_spec=args.model, progress=False)
 
 
 def analyse(results: dict) -> dict:
@@ -258,9 +250,7 @@ def main() -> None:
     import json
 
     out = Path(args.out)
-    if "dense" not in results:
-        results["dense"] = dense_row(args)
-        out.write_text(json.dumps(results, indent=1))
+    dense_first(results, out, args)
     grid = [f"{d}/{m}/{s}" for d in args.domains for m in args.methods for s in args.seeds]
     run_missing(results, out, args.cells or grid, __file__, args, keys,
                 lambda r: " ".join(f"{s} {v:.2f}" for s, v in r["perplexity"].items()) + f", {r['prune_s']:.1f} s")

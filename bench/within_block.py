@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cells import add_cell_args, run_missing, start  # noqa: E402
+from _cells import add_cell_args, dense_first, run_missing, start  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OWN_TEST = {"wiki": "wiki-test", "code": "code", "legal": "legal-test"}  # the calibration corpus's own test set
@@ -95,14 +95,6 @@ def run_cell(args, cell: str) -> dict:
             "walk": result.report.get("walk")}
 
 
-def dense_row(args) -> dict:
-    from prunewise.api import evaluate
-    from prunewise.models.loading import load_model
-
-    model, tok = load_model(args.model)
-    return evaluate(model, tok, args.eval, args.eval_tokens, 512, dense_spec=args.model, progress=False)
-
-
 def summarise(results: dict, args) -> list[dict]:
     """One row per setting and order: means and spreads over the seeds measured."""
     groups: dict[tuple, list[dict]] = {}
@@ -160,12 +152,9 @@ def main() -> None:
     results = start(args, run_cell, keys)
     if results is None:
         return
-    import json
 
     out = Path(args.out)
-    if "dense" not in results:
-        results["dense"] = dense_row(args)
-        out.write_text(json.dumps(results, indent=1))
+    dense_first(results, out, args)
     run_missing(results, out, args.cells or grid(args), __file__, args, keys,
                 lambda r: " ".join(f"{s} {v:.2f}" for s, v in r["perplexity"].items()) + f", {r['prune_s']:.1f} s")
     md = out.with_suffix(".md")

@@ -356,6 +356,13 @@ class Recipe(BaseModel):
             raise ValueError(f"sparsity {self.sparsity} is outside [0, 1); give the fraction of weights to remove, e.g. 0.5")
         return self
 
+    @property
+    def general_spec(self):
+        """The general calibration data of a score that reads it (D-Pruner): the field, default ``wiki``; else None."""
+        if not self.parts().score.needs.general:
+            return None
+        return self.general_calibration or "wiki"
+
     def _check_plan(self, struct) -> None:
         """A saved plan decides how much is removed: it must be readable, its levels in [0, 1), and a sparsity given
         beside it must be the plan's own (within 1e-4; a recipe prunewise saved carries it)."""

@@ -167,7 +167,7 @@ def general_regularised_gradients(model, adapter, recipe, score, tokenizer, wind
     """D-Pruner's importance of every block linear: the score's general importance from a dense pass over
     ``recipe.general_calibration`` (default wiki), then the domain windows' per-batch gradients folded with it."""
     t0 = time.perf_counter()
-    general_windows = calibration_spec_windows(tokenizer, recipe.general_calibration or "wiki", recipe.nsamples,
+    general_windows = calibration_spec_windows(tokenizer, recipe.general_spec, recipe.nsamples,
                                                recipe.seqlen, recipe.seed)
     visitor = GeneralVisitor(score)
     SequentialEngine(model, adapter, general_windows, recipe.chunk_size, progress, desc=f"{score.name} general",

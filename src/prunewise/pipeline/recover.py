@@ -28,6 +28,22 @@ def checkpoint_folder(output: str | None) -> Path | None:
     return out.parent / f".{out.name}.recovery"
 
 
+def run_key(recipe, windows: torch.Tensor, **extra) -> str:
+    """What a training run's checkpoints must match to be resumed: the recipe (not where it writes), the first
+    windows of its data and ``extra``."""
+    return hashlib.sha256(json.dumps({"recipe": json.loads(recipe.model_dump_json(exclude={"output", "overwrite"})),
+                                      **extra, "data": windows[:4].tolist()}).encode()).hexdigest()[:24]
+
+
+def drop_checkpoint(folder: Path | None, ckpt: Path | None) -> None:
+    """Remove a finished (or diverged) run's checkpoints, and the checkpoint folder once nothing else is in it."""
+    if folder is None:
+        return
+    shutil.rmtree(ckpt, ignore_errors=True)
+    if folder.exists() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def _pruned_linears(model, masks) -> tuple[dict, dict]:
     """The linears recovery trains (those the prune targeted, as they are now) and their masks."""
     from ..models.adapters import prunable_weights
@@ -139,8 +155,7 @@ def _one(part, model, tok, recipe, linears, mask_of, progress) -> dict:
             total += float(token_loss(model(input_ids=ids).logits, ids, mask))
         return total / win.val.shape[0]
 
-    key = hashlib.sha256(json.dumps({"recipe": json.loads(recipe.model_dump_json(exclude={"output", "overwrite"})),
-                                     "part": part.key, "data": win.train[:4].tolist()}).encode()).hexdigest()[:24]
+    key = run_key(recipe, win.train, part=part.key)
     folder = checkpoint_folder(recipe.output)
     ckpt = folder / part.key if folder is not None else None
     with torch.no_grad():
@@ -149,10 +164,7 @@ def _one(part, model, tok, recipe, linears, mask_of, progress) -> dict:
         log = train(params, loss_of, win.train.shape[0], val_loss, settings, checkpoint=ckpt, key=key,
                     progress=progress, desc=f"recovery {part.name}")
     except PrunewiseError:  # diverged: its checkpoints would only resume the same divergence
-        if folder is not None:
-            shutil.rmtree(ckpt, ignore_errors=True)
-            if folder.exists() and not any(folder.iterdir()):
-                folder.rmdir()
+        drop_checkpoint(folder, ckpt)
         raise
     finally:
         if teacher is not None:
@@ -167,10 +179,7 @@ def _one(part, model, tok, recipe, linears, mask_of, progress) -> dict:
         w = linears[name].weight.detach()
         if bool(w[mask.to(w.device)].ne(0).any()):
             raise PrunewiseError(f"recovery changed pruned weights of {name}; the sparsity was not kept (a bug)")
-    if folder is not None:
-        shutil.rmtree(ckpt, ignore_errors=True)
-        if folder.exists() and not any(folder.iterdir()):
-            folder.rmdir()
+    drop_checkpoint(folder, ckpt)
     return {"part": part.key, "options": part.options(), "windows": int(win.train.shape[0]),
             "tokens": int(win.train.shape[0] * cfg.seqlen), "steps": settings.steps, "val_windows": int(win.val.shape[0]),
             "val_loss_before": before, "history": log.history, "seconds": log.seconds,

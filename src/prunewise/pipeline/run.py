@@ -24,7 +24,7 @@ from .prune import PruneResult, prune
 
 def check_data(recipe) -> None:
     """Refuse evaluation corpora that overlap any calibration corpus, before any work."""
-    general = recipe.general_calibration or ("wiki" if recipe.parts().score.needs.general else None)
+    general = recipe.general_spec
     for name in recipe.evaluation:
         corpus = get_corpus(name, "evaluation")
         check_calibration_overlap(recipe.calibration, corpus)

@@ -4,8 +4,6 @@ calibration (domain) windows by the project's training loop; returns unit scores
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 
@@ -16,7 +14,7 @@ from ..engine.lowrank import MaskedLoRA
 from ..engine.train import TrainSettings, train
 from ..errors import PrunewiseError
 from ..scores.atp import hard_gumbel_gate, ratio_penalty
-from .recover import checkpoint_folder
+from .recover import checkpoint_folder, drop_checkpoint, run_key
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +119,7 @@ def tune_units(model, adapter, recipe, score, geoms, budget: int, structure, win
     params.update({f"lora.{n}": p for n, p in lora.parameters().items()})
     settings = TrainSettings(steps=steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed,
                              eval_every=max(1, steps // 4), checkpoint_every=max(1, steps // 4))
-    key = hashlib.sha256(json.dumps({"recipe": json.loads(recipe.model_dump_json(exclude={"output", "overwrite"})),
-                                     "data": windows[:4].tolist()}).encode()).hexdigest()[:24]
+    key = run_key(recipe, windows)
     folder = checkpoint_folder(recipe.output)
     ckpt = folder / "atp" if folder is not None else None
     try:
@@ -136,12 +133,7 @@ def tune_units(model, adapter, recipe, score, geoms, budget: int, structure, win
         for p, flag in was.items():
             p.requires_grad_(flag)
     lora.merge()  # hooks already gone: merge only folds the updates into the weights
-    if ckpt is not None:
-        import shutil
-
-        shutil.rmtree(ckpt, ignore_errors=True)
-        if folder.exists() and not any(folder.iterdir()):
-            folder.rmdir()
+    drop_checkpoint(folder, ckpt)
     scores, shares = _scores_and_shares(logits, geoms, budget, mlp, heads)
     gate_share = sum((int((zc > 0).sum()) * g.channel_cost if mlp else 0) +
                      (int((zh > 0).sum()) * g.query_cost if heads else 0) for (zc, zh), g in zip(logits, geoms))

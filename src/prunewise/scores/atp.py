@@ -102,6 +102,3 @@ class ATPScore(Score):
     def generator(self, channels: list[int], heads: list[int]) -> GateGenerator:
         c = self.config
         return GateGenerator(channels, heads, c.width, c.gen_scale, c.init_logit, c.seed)
-
-    def unit_element(self, weight, stats):
-        raise NotImplementedError("atp ranks units from its trained generator (pipeline/tune.py)")

@@ -91,7 +91,7 @@ class DPrunerScore(Score):
         c = self.config
         w, g = weight.detach().float(), grad.float() * c.loss_scale
         reg = (2 * c.lr ** 2 * REGULARISER_SCALE) * general * g.pow(2)  # the regulariser's term at lam = 1
-        g = g + self.lam_for(reg, g) * reg
+        g = g + self.lam * reg
         t = g * w
         term = (t + t.pow(2) * FISHER_SCALE + w.pow(3)).abs()
         return term if acc is None else acc.add_(term)
@@ -114,7 +114,9 @@ class DPrunerScore(Score):
         self.resolved_lam = self.config.balance / median if median > 0 else 0.0
         return self.resolved_lam
 
-    def lam_for(self, reg: torch.Tensor, g: torch.Tensor) -> float:
+    @property
+    def lam(self) -> float:
+        """The regulariser's weight: the option, or the one :meth:`resolve_lam` set from ``balance``."""
         if self.config.lam is not None:
             return self.config.lam
         if self.resolved_lam is None:
